@@ -1,0 +1,17 @@
+"""Evaluate a trained checkpoint: ``python evaluate.py [experiment=mnist] [ckpt_path=...]``."""
+
+import hydra
+from omegaconf import DictConfig
+
+from vebi.pipelines.evaluate import evaluate
+from vebi.utils.cli import report_user_errors
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="evaluate")
+@report_user_errors
+def main(cfg: DictConfig) -> None:
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,6 @@
+"""Classifier networks; all take [0, 1] images and normalise inside."""
+
+from vebi.models.lenet import LeNet
+from vebi.models.normalize import Normalize
+
+__all__ = ["LeNet", "Normalize"]

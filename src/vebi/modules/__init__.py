@@ -1,0 +1,3 @@
+from vebi.modules.classifier import ClassifierModule
+
+__all__ = ["ClassifierModule"]

@@ -1,0 +1,79 @@
+"""Training job: fit a classifier, keep the best checkpoint, test it, log to W&B."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from vebi.errors import VebiError
+from vebi.utils.cli import finish_loggers, wandb_run_dir
+from vebi.utils.instantiate import flat_config, instantiate_callbacks, instantiate_loggers
+
+log = logging.getLogger(__name__)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Fit ``cfg.model`` on ``cfg.data``, then test the best checkpoint on the test split.
+
+    Returns the final metrics plus ``best_checkpoint``, ``output_dir`` and ``wandb_dir``.
+    """
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)
+    model = instantiate(cfg.model)
+    model.architecture = OmegaConf.to_container(cfg.model.net, resolve=True)
+    if getattr(datamodule, "num_classes", model.hparams.num_classes) != model.hparams.num_classes:
+        raise VebiError(
+            f"the data has {datamodule.num_classes} classes but model.num_classes is "
+            f"{model.hparams.num_classes}"
+        )
+    callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    loggers = instantiate_loggers(cfg.get("logger"))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for logger in loggers:
+        logger.log_hyperparams(flat_config(cfg))
+
+    failed = True
+    try:
+        started = time.perf_counter()
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        train_seconds = time.perf_counter() - started
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if cfg.get("test"):
+            trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
+            metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+        metrics["train_seconds"] = train_seconds
+        for logger in loggers:
+            logger.log_metrics({"train_seconds": train_seconds})
+        result = {
+            **metrics,
+            "best_checkpoint": best,
+            "output_dir": str(Path(cfg.paths.output_dir)),
+            "wandb_dir": wandb_run_dir(loggers),
+        }
+        failed = False
+    finally:
+        finish_loggers(loggers, failed=failed)
+    _print_summary(result)
+    return result
+
+
+def _print_summary(result: dict[str, Any]) -> None:
+    lines = ["", "Training finished"]
+    lines.append(f"  time:             {result['train_seconds']:.0f} s")
+    if "val/acc_best" in result:
+        lines.append(f"  best val acc:     {100 * result['val/acc_best']:.2f}%")
+    if "test/acc" in result:
+        lines.append(f"  test acc:         {100 * result['test/acc']:.2f}%")
+    lines.append(f"  best checkpoint:  {result['best_checkpoint'] or '(none saved)'}")
+    lines.append(f"  run files:        {result['output_dir']}")
+    if result["wandb_dir"]:
+        lines.append(f"  W&B run:          {result['wandb_dir']}")
+    print("\n".join(lines), flush=True)

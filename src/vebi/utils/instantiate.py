@@ -1,0 +1,53 @@
+"""Helpers that turn Hydra config groups into Lightning objects."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from hydra.utils import instantiate
+from lightning import Callback
+from lightning.pytorch.loggers import Logger
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+def instantiate_group(group: DictConfig | None, kind: type) -> list[Any]:
+    """Instantiate every entry of a group like ``callbacks`` or ``logger`` that has a target."""
+    objects: list[Any] = []
+    if not group:
+        return objects
+    for name, entry in group.items():
+        if isinstance(entry, Mapping) and "_target_" in entry:
+            obj = instantiate(entry)
+            if not isinstance(obj, kind):
+                raise TypeError(f"{name}: expected a {kind.__name__}, got {type(obj).__name__}")
+            log.info("Instantiated %s <%s>", name, entry["_target_"])
+            objects.append(obj)
+    return objects
+
+
+def instantiate_callbacks(group: DictConfig | None) -> list[Callback]:
+    return instantiate_group(group, Callback)
+
+
+def instantiate_loggers(group: DictConfig | None) -> list[Logger]:
+    return instantiate_group(group, Logger)
+
+
+def flat_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as a flat ``{"a/b/c": value}`` dict, for experiment trackers."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    flat: dict[str, Any] = {}
+
+    def visit(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                visit(value, f"{prefix}/{key}" if prefix else str(key))
+        else:
+            flat[prefix] = node if isinstance(node, int | float | str | bool | None) else str(node)
+
+    visit(container, "")
+    return flat

@@ -1,0 +1,58 @@
+"""Every Hydra config composes and its objects instantiate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra.utils import instantiate
+from lightning import LightningDataModule, LightningModule, Trainer
+
+from tests.conftest import CONFIG_DIR
+
+EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+GROUP_OPTIONS = [
+    (group, p.stem)
+    for group in ("logger", "trainer", "callbacks", "data", "model")
+    for p in sorted((CONFIG_DIR / group).glob("*.yaml"))
+]
+
+
+def test_there_are_experiments() -> None:
+    assert "mnist" in EXPERIMENTS
+
+
+@pytest.mark.parametrize("config_name", ["train", "evaluate"])
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes_and_instantiates(
+    compose_cfg, config_name: str, experiment: str
+) -> None:
+    cfg = compose_cfg(config_name, [f"experiment={experiment}"])
+    assert cfg.experiment_name == experiment
+    assert isinstance(instantiate(cfg.data), LightningDataModule)
+    model = instantiate(cfg.model)
+    assert isinstance(model, LightningModule)
+    trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    assert isinstance(trainer, Trainer)
+    assert Path(cfg.paths.output_dir).is_dir()
+
+
+@pytest.mark.parametrize(("group", "option"), GROUP_OPTIONS)
+def test_group_option_composes(compose_cfg, group: str, option: str) -> None:
+    cfg = compose_cfg("train", ["experiment=mnist", f"{group}={option}"])
+    assert cfg.hydra.runtime.choices[group] == option
+
+
+def test_wandb_logger_is_offline_by_default(compose_cfg) -> None:
+    cfg = compose_cfg("train", ["experiment=mnist"])
+    assert cfg.logger.wandb.offline is True
+    assert cfg.logger.wandb.save_dir == cfg.paths.output_dir
+    online = compose_cfg("train", ["experiment=mnist", "logger.wandb.offline=false"])
+    assert online.logger.wandb.offline is False
+
+
+def test_experiment_sets_values(compose_cfg) -> None:
+    cfg = compose_cfg("train", ["experiment=mnist"])
+    assert cfg.model.net._target_ == "vebi.models.LeNet"
+    assert cfg.model.scheduler.T_max == cfg.trainer.max_epochs
+    assert cfg.callbacks.model_checkpoint.monitor == "val/acc"

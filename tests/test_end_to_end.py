@@ -1,0 +1,52 @@
+"""The README's main job, end to end: train.py experiment=mnist, then evaluate.py (slow)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import run_cli
+from tests.wandb_offline import logged_values
+from vebi import load_classifier
+from vebi.checkpoint import newest_checkpoint
+from vebi.data import MNISTDataModule
+
+
+def _percent(pattern: str, text: str) -> float:
+    match = re.search(pattern + r"\s+([0-9.]+)%", text)
+    assert match, f"no {pattern!r} line in:\n{text[-3000:]}"
+    return float(match.group(1))
+
+
+@pytest.mark.slow
+def test_mnist_experiment_reaches_99_percent(mnist_root: Path, tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    common = [f"paths.data_dir={mnist_root}", f"paths.log_dir={logs}"]
+    trained = run_cli("train.py", "experiment=mnist", *common, timeout=1800)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert _percent("test acc:", trained.stdout) >= 99.0
+
+    checkpoint = newest_checkpoint(logs / "train" / "mnist")
+    assert f"best checkpoint:  {checkpoint}" in trained.stdout
+    (wandb_dir,) = (checkpoint.parent.parent / "wandb").glob("offline-run-*")
+    assert logged_values(wandb_dir)["test/acc"][-1] >= 0.99
+
+    evaluated = run_cli("evaluate.py", "experiment=mnist", *common, timeout=600)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert str(checkpoint) in evaluated.stdout
+    assert _percent("test acc:", evaluated.stdout) >= 99.0
+    (results,) = (logs / "evaluate" / "mnist").glob("*/results.json")
+    assert json.loads(results.read_text())["metrics"]["test/acc"] >= 0.99
+
+    # the public loader on plain [0, 1] images of the 10k real test digits
+    model = load_classifier(checkpoint)
+    datamodule = MNISTDataModule(data_dir=mnist_root)
+    datamodule.setup()
+    images, labels = datamodule.data_test.tensors
+    with torch.no_grad():
+        accuracy = (model(images).argmax(1) == labels).float().mean().item()
+    assert len(labels) == 10000 and accuracy >= 0.99

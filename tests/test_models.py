@@ -1,0 +1,46 @@
+"""Models take [0, 1] images and normalise inside."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vebi.models import LeNet, Normalize
+
+
+def test_lenet_layers_and_shapes() -> None:
+    net = LeNet(num_classes=10).eval()
+    sizes = {}
+    hooks = [
+        module.register_forward_hook(lambda m, i, o, n=name: sizes.__setitem__(n, tuple(o.shape)))
+        for name, module in net.named_children()
+    ]
+    logits = net(torch.rand(3, 1, 28, 28))
+    for hook in hooks:
+        hook.remove()
+    assert logits.shape == (3, 10)
+    assert sizes["conv1"] == (3, 20, 24, 24)
+    assert sizes["pool1"] == (3, 20, 12, 12)
+    assert sizes["conv2"] == (3, 50, 8, 8)
+    assert sizes["pool2"] == (3, 50, 4, 4)
+    assert sizes["conv3"] == (3, 500, 1, 1)
+    assert sizes["conv4"] == (3, 10, 1, 1)
+    assert list(net.named_children())[0][0] == "normalize"
+
+
+def test_normalize_is_per_channel_affine() -> None:
+    norm = Normalize(mean=(0.5, 0.25, 0.0), std=(0.5, 0.25, 2.0))
+    images = torch.rand(2, 3, 4, 4)
+    expected = torch.stack(
+        [(images[:, 0] - 0.5) / 0.5, (images[:, 1] - 0.25) / 0.25, images[:, 2] / 2.0], dim=1
+    )
+    torch.testing.assert_close(norm(images), expected)
+
+
+def test_normalize_rejects_wrong_shapes() -> None:
+    with pytest.raises(ValueError, match=r"\(N, 1, H, W\)"):
+        LeNet()(torch.rand(2, 3, 28, 28))
+    with pytest.raises(ValueError, match=r"\(N, 1, H, W\)"):
+        LeNet()(torch.rand(28, 28))
+    with pytest.raises(ValueError, match="std > 0"):
+        Normalize(mean=(0.0,), std=(0.0,))

@@ -1,0 +1,63 @@
+"""Read back what an offline W&B run wrote (its ``run-<id>.wandb`` transaction log).
+
+The file is a LevelDB-style log: a 7-byte header (``:W&B``, magic, version), then 32 KiB
+blocks of chunks, each ``crc32c (4) | length (2, little-endian) | type (1) | payload``, with
+type FULL=1, FIRST=2, MIDDLE=3, LAST=4. Each reassembled record is a ``wandb.proto`` Record.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+from wandb.proto import wandb_internal_pb2
+
+BLOCK_SIZE = 32 * 1024
+HEADER = 7
+FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+
+
+def _records(data: bytes) -> list[bytes]:
+    assert data[:4] == b":W&B", "not a W&B transaction log"
+    records, pending, offset = [], b"", HEADER
+    while offset + HEADER <= len(data):
+        left_in_block = BLOCK_SIZE - offset % BLOCK_SIZE
+        if left_in_block < HEADER:  # block trailer padding
+            offset += left_in_block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[offset : offset + HEADER])
+        payload = data[offset + HEADER : offset + HEADER + length]
+        offset += HEADER + length
+        if kind == FULL:
+            records.append(payload)
+        elif kind == FIRST:
+            pending = payload
+        elif kind == MIDDLE:
+            pending += payload
+        elif kind == LAST:
+            records.append(pending + payload)
+            pending = b""
+        elif kind == 0 and length == 0:
+            offset += BLOCK_SIZE - offset % BLOCK_SIZE  # zero padding to the block end
+    return records
+
+
+def logged_values(run_dir: Path) -> dict[str, list[Any]]:
+    """Every value logged under each key, from history and summary records, in order."""
+    (log_file,) = Path(run_dir).glob("run-*.wandb")
+    values: dict[str, list[Any]] = {}
+    for payload in _records(log_file.read_bytes()):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(payload)
+        kind = record.WhichOneof("record_type")
+        items = (
+            record.history.item if kind == "history"
+            else record.summary.update if kind == "summary"
+            else []
+        )  # fmt: skip
+        for item in items:
+            key = item.key or "/".join(item.nested_key)
+            values.setdefault(key, []).append(json.loads(item.value_json))
+    return values
