@@ -74,3 +74,29 @@ def run_cli(
         timeout=timeout,
         check=False,
     )
+
+
+@pytest.fixture(scope="session")
+def short_run(mnist_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """``train.py experiment=mnist`` for one epoch on 4,000 digits, in process, with the
+    default W&B offline logger and feature mining (shared by several test modules)."""
+    from vebi.pipelines.train import train
+
+    tmp = tmp_path_factory.mktemp("short_run")
+    cfg = compose_config(
+        "train",
+        [
+            "experiment=mnist",
+            f"paths.data_dir={mnist_root}",
+            f"paths.log_dir={tmp / 'logs'}",
+            f"mining.cache_dir={tmp / 'cache'}",
+            "mining.progress=false",
+            "data.train_subset=4000",
+            "trainer.max_epochs=1",
+            "trainer.accelerator=cpu",
+        ],
+        tmp / "run",
+    )
+    result = train(cfg)
+    GlobalHydra.instance().clear()
+    return result

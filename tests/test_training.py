@@ -15,27 +15,6 @@ from vebi.errors import CheckpointError
 from vebi.pipelines.train import train
 
 
-@pytest.fixture(scope="module")
-def short_run(mnist_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """One epoch on 4,000 digits with the default W&B offline logger (shared by tests)."""
-    from tests.conftest import compose_config
-
-    tmp = tmp_path_factory.mktemp("short_run")
-    cfg = compose_config(
-        "train",
-        [
-            "experiment=mnist",
-            f"paths.data_dir={mnist_root}",
-            f"paths.log_dir={tmp / 'logs'}",
-            "data.train_subset=4000",
-            "trainer.max_epochs=1",
-            "trainer.accelerator=cpu",
-        ],
-        tmp / "run",
-    )
-    return train(cfg)
-
-
 def test_fast_dev_run_on_small_subset(compose_cfg, mnist_root: Path) -> None:
     cfg = compose_cfg(
         "train",

@@ -91,6 +91,12 @@ class MNISTDataModule(LightningDataModule):
         self.data_val = self._as_dataset(train.data[val_idx], train.targets[val_idx])
         self.data_test = self._as_dataset(test.data, test.targets)
 
+    def mining_dataset(self) -> Dataset:
+        """The training split as (image, label) without augmentation, in a fixed order."""
+        if self.data_train is None:
+            raise VebiError("the data module is not set up: call setup() first")
+        return self.data_train
+
     def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise VebiError("the data module is not set up: call setup() first")

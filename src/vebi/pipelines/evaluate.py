@@ -13,6 +13,10 @@ from omegaconf import DictConfig
 
 from vebi.checkpoint import load_classifier, newest_checkpoint
 from vebi.errors import VebiError
+from vebi.mining.miner import model_fingerprint
+from vebi.mining.relevant import RelevantFeatures
+from vebi.mining.reporting import ARTEFACT_NAME, console_summary
+from vebi.modules.classifier import ClassifierModule
 from vebi.utils.cli import finish_loggers, wandb_run_dir
 from vebi.utils.instantiate import flat_config, instantiate_loggers
 from vebi.utils.io import atomic_path
@@ -52,6 +56,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         num_test = len(datamodule.test_dataloader().dataset)
         if num_test == 0:
             raise VebiError("the test split is empty: nothing to evaluate")
+        wandb_dir = wandb_run_dir(loggers)
         failed = False
     finally:
         finish_loggers(loggers, failed=failed)
@@ -60,7 +65,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         "num_test_images": num_test,
         "metrics": {k: float(v) for k, v in metrics.items()},
         "output_dir": str(Path(cfg.paths.output_dir)),
-        "wandb_dir": wandb_run_dir(loggers),
+        "wandb_dir": wandb_dir,
     }
     _write_results(result, Path(cfg.paths.output_dir))
     acc = result["metrics"].get("test/acc")
@@ -76,7 +81,20 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         + (f"  W&B run:     {result['wandb_dir']}\n" if result["wandb_dir"] else ""),
         flush=True,
     )
+    _report_mined_features(ckpt_path, model)
     return result
+
+
+def _report_mined_features(ckpt_path: Path, model: ClassifierModule) -> None:
+    """Reload and print the relevant features mined in the checkpoint's training run, if any."""
+    path = ckpt_path.parent.parent / "mining" / ARTEFACT_NAME
+    if not path.is_file():
+        return
+    relevant = RelevantFeatures.load(path)
+    print(console_summary(relevant), flush=True)
+    print(f"  (reloaded from {path})", flush=True)
+    if relevant.fingerprint.get("model") != model_fingerprint(model.net):
+        print("  warning: these features were mined from different weights", flush=True)
 
 
 def _write_results(result: dict[str, Any], output_dir: Path) -> None:

@@ -12,6 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from vebi.errors import VebiError
+from vebi.mining.callback import FeatureMiningCallback
 from vebi.utils.cli import finish_loggers, wandb_run_dir
 from vebi.utils.instantiate import flat_config, instantiate_callbacks, instantiate_loggers
 
@@ -52,8 +53,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         metrics["train_seconds"] = train_seconds
         for logger in loggers:
             logger.log_metrics({"train_seconds": train_seconds})
+        mining = next((c for c in callbacks if isinstance(c, FeatureMiningCallback)), None)
         result = {
             **metrics,
+            "relevant_features": str(mining.artefact_path)
+            if mining and mining.artefact_path
+            else None,
             "best_checkpoint": best,
             "output_dir": str(Path(cfg.paths.output_dir)),
             "wandb_dir": wandb_run_dir(loggers),
@@ -73,6 +78,8 @@ def _print_summary(result: dict[str, Any]) -> None:
     if "test/acc" in result:
         lines.append(f"  test acc:         {100 * result['test/acc']:.2f}%")
     lines.append(f"  best checkpoint:  {result['best_checkpoint'] or '(none saved)'}")
+    if result.get("relevant_features"):
+        lines.append(f"  mined features:   {result['relevant_features']}")
     lines.append(f"  run files:        {result['output_dir']}")
     if result["wandb_dir"]:
         lines.append(f"  W&B run:          {result['wandb_dir']}")

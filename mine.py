@@ -1,0 +1,17 @@
+"""Mine the relevant features of a checkpoint: ``python mine.py ckpt_path=... [experiment=...]``."""
+
+import hydra
+from omegaconf import DictConfig
+
+from vebi.pipelines.mine import mine
+from vebi.utils.cli import report_user_errors
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="mine")
+@report_user_errors
+def main(cfg: DictConfig) -> None:
+    mine(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Activation cache: the aggregated responses X of a data set, in HDF5, resumable.
+
+Datasets: ``features`` (N x m float32, chunked by rows), ``labels``, ``predictions`` and
+``indices`` (position in the data set), all length N. Attributes: ``fingerprint`` (model
+weights + data + extraction settings), ``complete_rows``, ``layers``, ``channels``.
+
+While being written the file is ``<name>.partial``; rows are written a chunk at a time and
+``complete_rows`` is advanced only after a chunk is flushed, so an interrupted extraction
+resumes from the last complete chunk. The finished file is renamed to ``<name>``: a cache at
+the final path is always complete. A file whose fingerprint differs is never reused.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from vebi.mining.features import FeatureIndex
+
+log = logging.getLogger(__name__)
+
+
+class ActivationCache:
+    """Reader/writer of one cache file (see module doc)."""
+
+    def __init__(self, path: str | os.PathLike[str], fingerprint: str) -> None:
+        self.path = Path(path)
+        self.partial_path = self.path.with_name(self.path.name + ".partial")
+        self.fingerprint = fingerprint
+
+    # ---------------------------------------------------------------- reading
+    def is_complete(self) -> bool:
+        """True when a finished cache with this fingerprint exists."""
+        return self._matches(self.path, require_complete=True)
+
+    def _matches(self, path: Path, require_complete: bool) -> bool:
+        if not path.is_file():
+            return False
+        try:
+            with h5py.File(path, "r") as handle:
+                if handle.attrs.get("fingerprint") != self.fingerprint:
+                    return False
+                done = int(handle.attrs["complete_rows"])
+                return not require_complete or done == handle["features"].shape[0]
+        except (OSError, KeyError) as error:
+            log.warning("Ignoring unreadable activation cache %s (%s)", path, error)
+            return False
+
+    def feature_index(self) -> FeatureIndex:
+        with h5py.File(self.path, "r") as handle:
+            return FeatureIndex(
+                tuple(str(s) for s in handle.attrs["layers"]),
+                tuple(int(c) for c in handle.attrs["channels"]),
+            )
+
+    def __len__(self) -> int:
+        with h5py.File(self.path, "r") as handle:
+            return int(handle["features"].shape[0])
+
+    def iter_chunks(self, rows: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+        """Yield blocks ``{features, labels, predictions, indices}`` of the finished cache."""
+        with h5py.File(self.path, "r") as handle:
+            features = handle["features"]
+            step = rows or features.chunks[0]
+            for start in range(0, features.shape[0], step):
+                stop = min(start + step, features.shape[0])
+                yield {
+                    name: handle[name][start:stop]
+                    for name in ("features", "labels", "predictions", "indices")
+                }
+
+    def read(self, name: str) -> np.ndarray:
+        with h5py.File(self.path, "r") as handle:
+            return handle[name][...]
+
+    # ---------------------------------------------------------------- writing
+    def resume_or_create(self, num_rows: int, index: FeatureIndex, chunk_rows: int) -> int:
+        """Open the partial file for writing; return the number of rows already complete."""
+        if self._matches(self.partial_path, require_complete=False):
+            with h5py.File(self.partial_path, "r") as handle:
+                if handle["features"].shape == (num_rows, index.size):
+                    done = int(handle.attrs["complete_rows"])
+                    log.info("Resuming activation extraction at row %d of %d", done, num_rows)
+                    return done
+        self.partial_path.parent.mkdir(parents=True, exist_ok=True)
+        self.partial_path.unlink(missing_ok=True)
+        with h5py.File(self.partial_path, "w") as handle:
+            chunk = (min(chunk_rows, max(num_rows, 1)), index.size)
+            handle.create_dataset("features", (num_rows, index.size), np.float32, chunks=chunk)
+            for name in ("labels", "predictions", "indices"):
+                handle.create_dataset(name, (num_rows,), np.int64)
+            handle.attrs["fingerprint"] = self.fingerprint
+            handle.attrs["complete_rows"] = 0
+            handle.attrs["layers"] = list(index.layers)
+            handle.attrs["channels"] = list(index.channels)
+        return 0
+
+    def write_rows(self, start: int, blocks: Sequence[dict[str, np.ndarray]]) -> int:
+        """Write consecutive rows from ``start``, flush, then mark them complete."""
+        rows = {name: np.concatenate([b[name] for b in blocks]) for name in blocks[0]}
+        stop = start + len(rows["labels"])
+        with h5py.File(self.partial_path, "r+") as handle:
+            for name, values in rows.items():
+                handle[name][start:stop] = values
+            handle.flush()
+            handle.attrs["complete_rows"] = stop
+        return stop
+
+    def finish(self) -> None:
+        os.replace(self.partial_path, self.path)

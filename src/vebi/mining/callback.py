@@ -1,0 +1,68 @@
+"""A Lightning callback that mines the relevant features once training has finished."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from vebi.errors import VebiError
+from vebi.mining.miner import FeatureMiner, MiningReport
+from vebi.mining.reporting import console_summary, save_and_log
+
+log = logging.getLogger(__name__)
+
+
+def mining_datasets(datamodule: L.LightningDataModule) -> tuple[torch.utils.data.Dataset, object]:
+    """(training images without augmentation, validation images or None) of a data module.
+
+    Data modules provide ``mining_dataset()`` (training split, eval transforms); as a fallback
+    ``data_train`` is used. The validation set is ``data_val`` when present.
+    """
+    if hasattr(datamodule, "mining_dataset"):
+        dataset = datamodule.mining_dataset()
+    elif getattr(datamodule, "data_train", None) is not None:
+        dataset = datamodule.data_train
+    else:
+        raise VebiError(
+            f"{type(datamodule).__name__} offers no mining_dataset() or data_train to mine on"
+        )
+    return dataset, getattr(datamodule, "data_val", None)
+
+
+class FeatureMiningCallback(Callback):
+    """After ``fit``: mine relevant features with ``miner`` and save/log them (rank 0).
+
+    With ``use_best_checkpoint`` the weights of the best checkpoint are loaded first, so the
+    mined features belong to the model that is tested and shipped. Skipped under
+    ``fast_dev_run``.
+    """
+
+    def __init__(
+        self, miner: FeatureMiner, output_dir: str, use_best_checkpoint: bool = True
+    ) -> None:
+        self.miner = miner
+        self.output_dir = Path(output_dir)
+        self.use_best_checkpoint = use_best_checkpoint
+        self.report: MiningReport | None = None
+        self.artefact_path: Path | None = None
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.fast_dev_run:
+            log.info("fast_dev_run: feature mining skipped")
+            return
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if self.use_best_checkpoint and best:
+            state = torch.load(best, map_location=pl_module.device, weights_only=True)["state_dict"]
+            pl_module.load_state_dict(state)
+        dataset, val_dataset = mining_datasets(trainer.datamodule)
+        model = getattr(pl_module, "net", pl_module)
+        self.report = self.miner.mine(
+            model, dataset, val_dataset, getattr(pl_module, "class_names", None)
+        )
+        if trainer.is_global_zero:
+            self.artefact_path = save_and_log(self.report, self.output_dir, list(trainer.loggers))
+            print("\n" + console_summary(self.report.relevant), flush=True)

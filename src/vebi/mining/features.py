@@ -1,0 +1,250 @@
+"""Aggregated channel responses: one vector x in R^m per image (METHOD.md section 1).
+
+For each selected layer output A (N x K x H x W, or N x K for vector layers):
+
+1. a_k = per-channel statistic: ``energy`` sum_{h,w} A[h,w,k]^2 (default), ``mean`` or ``max``
+   over the spatial positions;
+2. x_k = a_k / sum_k' |a_k'|  (L1-normalise within the layer; 0 when the layer is all zero);
+3. concatenate the layers -> x in R^m;
+4. x <- x / ||x||_2  (global L2 normalisation; 0 stays 0).
+
+Steps 2 and 4 can be switched off. A :class:`FeatureIndex` maps feature ids <-> (layer, channel).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from vebi.errors import VebiError
+from vebi.models.normalize import Normalize
+
+AGGREGATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "energy": lambda a: a.pow(2).sum(dim=(2, 3)),
+    "mean": lambda a: a.mean(dim=(2, 3)),
+    "max": lambda a: a.amax(dim=(2, 3)),
+}
+#: Leaf modules whose output is never a feature layer of its own (a copy, or not a feature map).
+NON_FEATURE_MODULES = (Normalize, nn.Dropout, nn.Dropout2d, nn.Flatten, nn.Identity)
+
+
+class NonFiniteActivationError(VebiError):
+    """A layer produced NaN or Inf; the message names the layer (and the batch, when known)."""
+
+
+@dataclass(frozen=True)
+class FeatureIndex:
+    """Feature id <-> (layer name, channel), layers in forward order."""
+
+    layers: tuple[str, ...]
+    channels: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.layers) != len(self.channels) or len(set(self.layers)) != len(self.layers):
+            raise ValueError("layers must be unique and match channels")
+
+    @property
+    def size(self) -> int:
+        return sum(self.channels)
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        offsets, total = [], 0
+        for count in self.channels:
+            offsets.append(total)
+            total += count
+        return tuple(offsets)
+
+    def feature_id(self, layer: str, channel: int) -> int:
+        position = self.layers.index(layer)
+        if not 0 <= channel < self.channels[position]:
+            raise IndexError(f"layer {layer} has {self.channels[position]} channels, not {channel}")
+        return self.offsets[position] + channel
+
+    def locate(self, feature_id: int) -> tuple[str, int]:
+        if not 0 <= feature_id < self.size:
+            raise IndexError(f"feature id {feature_id} outside 0..{self.size - 1}")
+        for layer, offset, count in zip(self.layers, self.offsets, self.channels, strict=True):
+            if feature_id < offset + count:
+                return layer, feature_id - offset
+        raise AssertionError("unreachable")
+
+    def layer_of_each_feature(self) -> list[str]:
+        return [
+            layer
+            for layer, count in zip(self.layers, self.channels, strict=True)
+            for _ in range(count)
+        ]
+
+
+def _leaf_modules(model: nn.Module) -> dict[str, nn.Module]:
+    return {name: m for name, m in model.named_modules() if name and not any(m.children())}
+
+
+def trace_leaf_calls(model: nn.Module, images: torch.Tensor) -> list[tuple[str, torch.Size]]:
+    """Leaf modules in the order they run on ``images`` (each once, last call kept)."""
+    order: dict[str, torch.Size] = {}
+
+    def record(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            if isinstance(output, torch.Tensor):
+                order.pop(name, None)
+                order[name] = output.shape
+
+        return hook
+
+    with contextlib.ExitStack() as stack:
+        for name, module in _leaf_modules(model).items():
+            stack.callback(module.register_forward_hook(record(name)).remove)
+        with torch.no_grad():
+            model(images)
+    return list(order.items())
+
+
+def default_feature_layers(model: nn.Module, images: torch.Tensor) -> list[str]:
+    """Every layer output from the input up to, not including, the logits.
+
+    The logits layer is the last leaf module with parameters; it and everything after it are
+    left out, and so are modules that only copy or reshape (normalisation of the input,
+    dropout, flatten, identity). Outputs must be (N, K, H, W) or (N, K).
+    """
+    calls = trace_leaf_calls(model, images)
+    leaves = _leaf_modules(model)
+    with_params = [
+        i for i, (name, _) in enumerate(calls) if any(True for _ in leaves[name].parameters())
+    ]
+    if not with_params:
+        raise VebiError("the model has no layer with parameters: cannot tell where the logits are")
+    layers = []
+    for name, shape in calls[: with_params[-1]]:
+        if isinstance(leaves[name], NON_FEATURE_MODULES) or len(shape) not in (2, 4):
+            continue
+        layers.append(name)
+    return layers
+
+
+def check_layer_names(model: nn.Module, layers: Sequence[str]) -> None:
+    """Raise with the list of available names when a layer name is not a module of ``model``."""
+    available = dict(model.named_modules())
+    unknown = [name for name in layers if name not in available or not name]
+    if unknown:
+        names = ", ".join(name for name in available if name)
+        raise VebiError(f"unknown layer(s) {unknown}; the model's layers are: {names}")
+    if len(set(layers)) != len(layers):
+        raise VebiError(f"layers listed twice in {list(layers)}")
+
+
+class FeatureExtractor:
+    """Forward hooks that turn chosen layer outputs into the aggregated vector x (module doc).
+
+    Use as a context manager: hooks are installed on enter and removed on exit, even on error::
+
+        with FeatureExtractor(model, ["conv1", "conv2"]) as extractor:
+            x, logits = extractor(images)   # x: (N, m) float32
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Sequence[str],
+        aggregation: str = "energy",
+        normalize_layers: bool = True,
+        normalize_global: bool = True,
+    ) -> None:
+        if aggregation not in AGGREGATIONS:
+            raise VebiError(
+                f"unknown aggregation {aggregation!r}; choose from {sorted(AGGREGATIONS)}"
+            )
+        if not layers:
+            raise VebiError("no feature layers selected")
+        check_layer_names(model, layers)
+        self.model = model
+        self.layers = tuple(layers)
+        self.aggregation = aggregation
+        self.normalize_layers = normalize_layers
+        self.normalize_global = normalize_global
+        self._responses: dict[str, torch.Tensor] = {}
+        self._stack: contextlib.ExitStack | None = None
+        self.batch_label = ""
+        #: channels per layer, known after the first call
+        self.index: FeatureIndex | None = None
+
+    def _aggregate(self, name: str, output: torch.Tensor) -> torch.Tensor:
+        activations = output.detach()
+        if activations.ndim == 2:
+            activations = activations[:, :, None, None]
+        if activations.ndim != 4:
+            raise VebiError(
+                f"layer {name} outputs shape {tuple(output.shape)}; need (N,K,H,W) or (N,K)"
+            )
+        if not torch.isfinite(activations).all():
+            raise NonFiniteActivationError(
+                f"layer {name} produced NaN/Inf activations{self.batch_label}: check the input "
+                "images (NaN pixels?) and the model weights"
+            )
+        response = AGGREGATIONS[self.aggregation](activations.float())
+        if self.normalize_layers:
+            total = response.abs().sum(dim=1, keepdim=True)
+            response = torch.where(
+                total > 0, response / total.clamp_min(1e-30), torch.zeros_like(response)
+            )
+        return response
+
+    def _hook(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
+            self._responses[name] = self._aggregate(name, output)
+
+        return hook
+
+    def __enter__(self) -> FeatureExtractor:
+        modules = dict(self.model.named_modules())
+        self._stack = contextlib.ExitStack()
+        for name in self.layers:
+            handle = modules[name].register_forward_hook(self._hook(name))
+            self._stack.callback(handle.remove)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._stack is not None:
+            self._stack.close()
+            self._stack = None
+        self._responses.clear()
+
+    @torch.no_grad()
+    def __call__(
+        self, images: torch.Tensor, batch_label: str = ""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward ``images``; return (x (N, m) float32, logits)."""
+        if self._stack is None:
+            raise RuntimeError("use FeatureExtractor as a context manager")
+        if not torch.isfinite(images).all():
+            raise NonFiniteActivationError(f"the input images{batch_label} contain NaN/Inf")
+        self.batch_label = batch_label
+        self._responses.clear()
+        logits = self.model(images)
+        missing = [name for name in self.layers if name not in self._responses]
+        if missing:
+            raise VebiError(f"layers {missing} did not run in the forward pass")
+        responses = [self._responses[name] for name in self.layers]
+        self.index = FeatureIndex(self.layers, tuple(r.shape[1] for r in responses))
+        x = torch.cat(responses, dim=1)
+        if self.normalize_global:
+            norm = x.norm(dim=1, keepdim=True)
+            x = torch.where(norm > 0, x / norm.clamp_min(1e-30), torch.zeros_like(x))
+        return x, logits
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode and restore its previous mode afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)

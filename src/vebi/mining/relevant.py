@@ -1,0 +1,181 @@
+"""RelevantFeatures: the mined weights W and the class-relevant features they select."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from vebi.errors import VebiError
+from vebi.mining.features import FeatureIndex
+from vebi.utils.io import atomic_path
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class RelevantFeature:
+    """One relevant feature of a class: channel ``channel`` of layer ``layer``, weight w_c[f]."""
+
+    feature_id: int
+    layer: str
+    channel: int
+    weight: float
+    rank: int
+
+
+@dataclass
+class RelevantFeatures:
+    """W (m x C) of the mu-lasso and the settings that produced it.
+
+    Relevant features of class c are those with ``W[f, c] > tolerance``, ranked by weight.
+    ``fingerprint`` identifies the checkpoint weights and data set they were mined from.
+    """
+
+    weights: np.ndarray
+    index: FeatureIndex
+    class_names: list[str]
+    mu: float
+    aggregation: str = "energy"
+    normalize_layers: bool = True
+    normalize_global: bool = True
+    nonnegative: bool = True
+    label_source: str = "ground_truth"
+    tolerance: float = 1e-6
+    class_counts: list[int] = field(default_factory=list)
+    fingerprint: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.weights = np.asarray(self.weights, dtype=np.float64)
+        if self.weights.shape != (self.index.size, len(self.class_names)):
+            raise VebiError(
+                f"weights {self.weights.shape} do not match {self.index.size} features x "
+                f"{len(self.class_names)} classes"
+            )
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        return self.index.layers
+
+    def relevant(self, class_id: int) -> list[RelevantFeature]:
+        """The relevant features of ``class_id``, highest weight first."""
+        column = self.weights[:, class_id]
+        chosen = np.flatnonzero(column > self.tolerance)
+        chosen = chosen[np.argsort(-column[chosen], kind="stable")]
+        return [
+            RelevantFeature(int(f), *self.index.locate(int(f)), float(column[f]), rank)
+            for rank, f in enumerate(chosen)
+        ]
+
+    def relevant_mask(self) -> np.ndarray:
+        """Boolean (m, C): feature f is relevant for class c."""
+        return self.weights > self.tolerance
+
+    def per_layer_counts(self) -> dict[str, list[int]]:
+        """Number of relevant features of each class in each layer."""
+        mask = self.relevant_mask()
+        counts = {}
+        for layer, offset, size in zip(
+            self.index.layers, self.index.offsets, self.index.channels, strict=True
+        ):
+            counts[layer] = mask[offset : offset + size].sum(axis=0).astype(int).tolist()
+        return counts
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        """The sparse classifier argmax_c x^T w_c for features (N, m)."""
+        return np.argmax(np.asarray(features) @ self.weights, axis=1)
+
+    # ------------------------------------------------------------------ files
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write ``path`` (HDF5) and ``<stem>.json`` / ``<stem>.md`` summaries, each atomically."""
+        path = Path(path)
+        with atomic_path(path) as tmp, h5py.File(tmp, "w") as handle:
+            handle.create_dataset("weights", data=self.weights)
+            handle.attrs["format_version"] = FORMAT_VERSION
+            handle.attrs["meta"] = json.dumps(self._meta())
+        with atomic_path(path.with_suffix(".json")) as tmp:
+            tmp.write_text(json.dumps(self.summary(), indent=2))
+        with atomic_path(path.with_suffix(".md")) as tmp:
+            tmp.write_text(self.markdown())
+        return path
+
+    def _meta(self) -> dict[str, Any]:
+        return {
+            "layers": list(self.index.layers),
+            "channels": list(self.index.channels),
+            "class_names": list(self.class_names),
+            "mu": self.mu,
+            "aggregation": self.aggregation,
+            "normalize_layers": self.normalize_layers,
+            "normalize_global": self.normalize_global,
+            "nonnegative": self.nonnegative,
+            "label_source": self.label_source,
+            "tolerance": self.tolerance,
+            "class_counts": list(self.class_counts),
+            "fingerprint": dict(self.fingerprint),
+            "metrics": dict(self.metrics),
+        }
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> RelevantFeatures:
+        path = Path(path)
+        if not path.is_file():
+            raise VebiError(
+                f"no relevant-features file at {path}: mine them first (python mine.py ...)"
+            )
+        try:
+            with h5py.File(path, "r") as handle:
+                weights = handle["weights"][...]
+                meta = json.loads(handle.attrs["meta"])
+        except (OSError, KeyError, json.JSONDecodeError) as error:
+            raise VebiError(f"{path} is not a readable relevant-features file: {error}") from error
+        index = FeatureIndex(tuple(meta.pop("layers")), tuple(meta.pop("channels")))
+        return cls(weights=weights, index=index, **meta)
+
+    def summary(self) -> dict[str, Any]:
+        meta = self._meta()
+        meta["relevant"] = {
+            name: [
+                {"layer": f.layer, "channel": f.channel, "weight": round(f.weight, 6)}
+                for f in self.relevant(c)
+            ]
+            for c, name in enumerate(self.class_names)
+        }
+        meta["per_layer_counts"] = self.per_layer_counts()
+        return meta
+
+    def markdown(self, top: int = 10) -> str:
+        lines = [
+            "# Relevant features",
+            "",
+            f"mu = {self.mu}, aggregation = {self.aggregation}, {self.index.size} features in "
+            f"{len(self.index.layers)} layers ({', '.join(self.index.layers)}).",
+            "",
+        ]
+        if self.metrics:
+            lines += ["| metric | value |", "|---|---|"]
+            lines += [f"| {k} | {v:.4f} |" for k, v in self.metrics.items()]
+            lines.append("")
+        lines += [
+            f"| class | # relevant | top features (layer/channel: weight, up to {top}) |",
+            "|---|---|---|",
+        ]
+        for c, name in enumerate(self.class_names):
+            features = self.relevant(c)
+            shown = ", ".join(f"{f.layer}/{f.channel}: {f.weight:.3f}" for f in features[:top])
+            lines.append(f"| {name} | {len(features)} | {shown} |")
+        lines += ["", "| layer | " + " | ".join(self.class_names) + " |"]
+        lines.append("|---" * (len(self.class_names) + 1) + "|")
+        for layer, counts in self.per_layer_counts().items():
+            lines.append(f"| {layer} | " + " | ".join(str(n) for n in counts) + " |")
+        return "\n".join(lines) + "\n"

@@ -1,0 +1,248 @@
+"""The mu-lasso of METHOD.md section 2, solved with cvxpy on a working set of features.
+
+For each class c, with G = X^T X (m x m) and b_c = X^T y_c:
+
+    w_c = argmin_w  w^T G w - 2 b_c^T w     s.t.  ||w||_1 <= mu  (and w >= 0 by default),
+
+which equals argmin ||X w - y_c||^2 under the same constraints (the dropped y^T y is constant).
+
+Exact and fast: cvxpy (Clarabel by default) solves the problem restricted to a small working
+set S, then the optimality (KKT) conditions are checked on all m features. With gradient
+g = 2 (G w - b) and lambda >= 0 the multiplier of the L1 bound, w is optimal iff
+
+* non-negative: g_j = -lambda where w_j > 0 and g_j >= -lambda where w_j = 0;
+* signed:       g_j = -lambda sign(w_j) where w_j != 0 and |g_j| <= lambda where w_j = 0.
+
+Features outside S that violate these (beyond a small tolerance) join S, and the loop repeats
+until none does, so the restricted optimum is the optimum of the full problem.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import cvxpy as cp
+import numpy as np
+
+from vebi.errors import VebiError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SOLVERS: tuple[str, ...] = ("CLARABEL", "SCS")
+
+
+class SolverFailedError(VebiError):
+    """Every configured solver failed on a problem."""
+
+
+@dataclass
+class LassoSolution:
+    """W (m x C) and how it was obtained."""
+
+    weights: np.ndarray
+    objective: np.ndarray  # w_c^T G w_c - 2 b_c^T w_c per class
+    solver_used: list[str]
+    iterations: list[int]
+    working_set_sizes: list[int]
+    max_kkt_violation: list[float]
+    seconds: float
+    failures: list[str] = field(default_factory=list)
+
+
+def lasso_objective(gram: np.ndarray, cross: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Per-class w^T G w - 2 b^T w for W (m x C)."""
+    weights = weights.reshape(len(gram), -1)
+    cross = cross.reshape(len(gram), -1)
+    return np.einsum("ic,ic->c", weights, gram @ weights) - 2.0 * np.einsum(
+        "ic,ic->c", cross, weights
+    )
+
+
+def _restricted_solve(
+    gram: np.ndarray,
+    cross: np.ndarray,
+    mu: float,
+    nonnegative: bool,
+    solvers: Sequence[str],
+    solver_options: Mapping[str, Mapping[str, Any]],
+    failures: list[str],
+) -> tuple[np.ndarray, str]:
+    size = len(cross)
+    w = cp.Variable(size, nonneg=nonnegative)
+    bound = cp.sum(w) <= mu if nonnegative else cp.norm1(w) <= mu
+    objective = cp.Minimize(cp.quad_form(w, cp.psd_wrap(gram)) - 2 * cross @ w)
+    problem = cp.Problem(objective, [bound])
+    for solver in solvers:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                problem.solve(solver=solver, **dict(solver_options.get(solver, {})))
+        except (cp.error.SolverError, ValueError) as error:
+            failures.append(f"{solver}: {error}")
+            log.warning("solver %s failed (%s); trying the next one", solver, error)
+            continue
+        if problem.status == cp.OPTIMAL and w.value is not None:
+            return np.asarray(w.value, dtype=np.float64), solver
+        failures.append(f"{solver}: status {problem.status}")
+        log.warning("solver %s ended with status %s; trying the next one", solver, problem.status)
+    raise SolverFailedError(
+        f"no solver solved the mu-lasso (tried {list(solvers)}): "
+        + "; ".join(failures[-len(solvers) :])
+    )
+
+
+def _kkt_violations(
+    gradient: np.ndarray, weights: np.ndarray, support: np.ndarray, nonnegative: bool
+) -> tuple[np.ndarray, float]:
+    """Violation of each feature outside the working set (> 0 means it should join)."""
+    if nonnegative:
+        multiplier = max(0.0, float(np.max(-gradient[support]))) if support.any() else 0.0
+        violation = -gradient - multiplier
+    else:
+        multiplier = float(np.max(np.abs(gradient[support]))) if support.any() else 0.0
+        violation = np.abs(gradient) - multiplier
+    violation[support] = -np.inf
+    return violation, multiplier
+
+
+def _solve_one_class(
+    gram: np.ndarray,
+    cross: np.ndarray,
+    mu: float,
+    nonnegative: bool,
+    solvers: Sequence[str],
+    solver_options: Mapping[str, Mapping[str, Any]],
+    initial_size: int,
+    tolerance: float,
+    max_iterations: int,
+    failures: list[str],
+) -> tuple[np.ndarray, str, int, int, float]:
+    m = len(cross)
+    score = cross if nonnegative else np.abs(cross)
+    working = np.zeros(m, dtype=bool)
+    working[np.argsort(-score, kind="stable")[: min(m, initial_size)]] = True
+    weights = np.zeros(m)
+    scale = tolerance * (1.0 + 2.0 * float(np.max(np.abs(cross))))
+    solver_used = ""
+    for iteration in range(1, max_iterations + 1):
+        indices = np.flatnonzero(working)
+        sub = gram[np.ix_(indices, indices)]
+        w_sub, solver_used = _restricted_solve(
+            sub, cross[indices], mu, nonnegative, solvers, solver_options, failures
+        )
+        if nonnegative:
+            w_sub = np.maximum(w_sub, 0.0)
+        weights = np.zeros(m)
+        weights[indices] = w_sub
+        gradient = 2.0 * (gram[:, indices] @ w_sub - cross)
+        violation, _ = _kkt_violations(gradient, weights, working, nonnegative)
+        worst = float(violation.max()) if (~working).any() else 0.0
+        if worst <= scale:
+            return weights, solver_used, iteration, int(working.sum()), max(worst, 0.0)
+        violators = np.flatnonzero(violation > scale)
+        grow = max(initial_size, int(working.sum()))
+        working[violators[np.argsort(-violation[violators])[:grow]]] = True
+    raise SolverFailedError(f"the working set did not converge in {max_iterations} rounds")
+
+
+def mu_lasso(
+    gram: np.ndarray,
+    cross: np.ndarray,
+    mu: float = 10.0,
+    nonnegative: bool = True,
+    solvers: Sequence[str] = DEFAULT_SOLVERS,
+    solver_options: Mapping[str, Mapping[str, Any]] | None = None,
+    initial_size: int = 32,
+    tolerance: float = 1e-7,
+    max_iterations: int = 100,
+) -> LassoSolution:
+    """Solve the mu-lasso for every column of ``cross`` (module doc); returns W (m x C).
+
+    Args:
+        gram: G = X^T X, (m, m), symmetric positive semi-definite.
+        cross: B = X^T Y, (m, C) (or (m,) for one class).
+        mu: the L1 bound, > 0.
+        nonnegative: constrain w >= 0 (project default).
+        solvers: cvxpy solvers tried in order when one fails (reported in ``failures``).
+        solver_options: per-solver keyword arguments, e.g. ``{"CLARABEL": {"max_iter": 50}}``.
+        initial_size: features in the first working set (those most correlated with y).
+        tolerance: KKT violations below ``tolerance * (1 + max|2b|)`` count as satisfied.
+    """
+    gram = np.asarray(gram, dtype=np.float64)
+    cross = np.asarray(cross, dtype=np.float64)
+    if cross.ndim == 1:
+        cross = cross[:, None]
+    m = len(gram)
+    if gram.shape != (m, m) or cross.shape[0] != m:
+        raise VebiError(f"gram must be (m, m) and cross (m, C); got {gram.shape} and {cross.shape}")
+    if not np.isfinite(mu) or mu <= 0:
+        raise VebiError(f"mu must be a positive number, got {mu}")
+    if not (np.isfinite(gram).all() and np.isfinite(cross).all()):
+        raise VebiError("the statistics G = X^T X or B = X^T Y contain NaN/Inf")
+    if not solvers:
+        raise VebiError("no solver given")
+    started = time.perf_counter()
+    solution = LassoSolution(
+        weights=np.zeros((m, cross.shape[1])),
+        objective=np.zeros(cross.shape[1]),
+        solver_used=[],
+        iterations=[],
+        working_set_sizes=[],
+        max_kkt_violation=[],
+        seconds=0.0,
+    )
+    for c in range(cross.shape[1]):
+        if not np.any(cross[:, c]):
+            # no positive sample (or all-zero features): the optimum is w = 0
+            solution.solver_used.append("none (b = 0)")
+            solution.iterations.append(0)
+            solution.working_set_sizes.append(0)
+            solution.max_kkt_violation.append(0.0)
+            continue
+        weights, solver, iterations, size, violation = _solve_one_class(
+            gram, cross[:, c], mu, nonnegative, solvers, solver_options or {}, initial_size,
+            tolerance, max_iterations, solution.failures,
+        )  # fmt: skip
+        solution.weights[:, c] = weights
+        solution.solver_used.append(solver)
+        solution.iterations.append(iterations)
+        solution.working_set_sizes.append(size)
+        solution.max_kkt_violation.append(violation)
+    solution.objective = lasso_objective(gram, cross, solution.weights)
+    solution.seconds = time.perf_counter() - started
+    return solution
+
+
+def lasso_homotopy_reference(
+    gram: np.ndarray, cross: np.ndarray, mu: float, n_samples: int, nonnegative: bool = True
+) -> np.ndarray:
+    """An independent solver: the exact LARS-lasso path (scikit-learn), read at ||w||_1 = mu.
+
+    The lasso path is piecewise linear and its L1 norm grows along it, so the constrained
+    solution lies on the segment where ||w||_1 crosses mu (or is the path's end when the bound
+    is not active). Needs scikit-learn (a dev dependency).
+    """
+    from sklearn.linear_model import lars_path_gram
+
+    cross = np.asarray(cross, dtype=np.float64).reshape(len(gram), -1)
+    weights = np.zeros_like(cross)
+    for c in range(cross.shape[1]):
+        if not np.any(cross[:, c]):
+            continue
+        _, _, coefs = lars_path_gram(
+            Xy=cross[:, c], Gram=gram, n_samples=n_samples, method="lasso", positive=nonnegative
+        )
+        norms = np.abs(coefs).sum(axis=0)
+        above = np.flatnonzero(norms >= mu)
+        if len(above) == 0:
+            weights[:, c] = coefs[:, -1]
+            continue
+        k = above[0]
+        t = (mu - norms[k - 1]) / (norms[k] - norms[k - 1])
+        weights[:, c] = coefs[:, k - 1] + t * (coefs[:, k] - coefs[:, k - 1])
+    return weights
