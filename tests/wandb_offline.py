@@ -44,13 +44,29 @@ def _records(data: bytes) -> list[bytes]:
     return records
 
 
-def logged_values(run_dir: Path) -> dict[str, list[Any]]:
-    """Every value logged under each key, from history and summary records, in order."""
+def _parsed(run_dir: Path) -> list[wandb_internal_pb2.Record]:
     (log_file,) = Path(run_dir).glob("run-*.wandb")
-    values: dict[str, list[Any]] = {}
+    records = []
     for payload in _records(log_file.read_bytes()):
         record = wandb_internal_pb2.Record()
         record.ParseFromString(payload)
+        records.append(record)
+    return records
+
+
+def logged_artifacts(run_dir: Path) -> dict[str, tuple[str, list[str]]]:
+    """Artifacts logged by the run: name -> (type, file paths in its manifest)."""
+    return {
+        r.artifact.name: (r.artifact.type, [entry.path for entry in r.artifact.manifest.contents])
+        for r in _parsed(run_dir)
+        if r.WhichOneof("record_type") == "artifact"
+    }
+
+
+def logged_values(run_dir: Path) -> dict[str, list[Any]]:
+    """Every value logged under each key, from history and summary records, in order."""
+    values: dict[str, list[Any]] = {}
+    for record in _parsed(run_dir):
         kind = record.WhichOneof("record_type")
         items = (
             record.history.item if kind == "history"

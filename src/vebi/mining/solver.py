@@ -235,8 +235,9 @@ def lasso_homotopy_reference(
         if not np.any(cross[:, c]):
             continue
         _, _, coefs = lars_path_gram(
-            Xy=cross[:, c], Gram=gram, n_samples=n_samples, method="lasso", positive=nonnegative
-        )
+            Xy=cross[:, c], Gram=gram, n_samples=n_samples, method="lasso",
+            positive=nonnegative, max_iter=10 * len(gram),
+        )  # fmt: skip
         norms = np.abs(coefs).sum(axis=0)
         above = np.flatnonzero(norms >= mu)
         if len(above) == 0:

@@ -1,0 +1,112 @@
+"""The working-set cvxpy mu-lasso against an independent solver (the exact LARS homotopy)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.mining_models import mnist_subset, seeded_lenet
+from vebi.errors import VebiError
+from vebi.mining import FeatureExtractor, lasso_homotopy_reference, mu_lasso
+from vebi.mining.solver import SolverFailedError, lasso_objective
+
+
+@pytest.fixture(scope="module")
+def mnist_statistics(mnist_root) -> tuple[np.ndarray, np.ndarray, int]:
+    """G and B of LeNet responses (all default layers, m = 1140) on 3,000 real digits."""
+    data = mnist_subset(mnist_root, 3000)
+    images, labels = data.tensors
+    model = seeded_lenet()
+    with FeatureExtractor(model, ["conv1", "pool1", "conv2", "pool2", "conv3", "relu3"]) as ex:
+        x = torch.cat([ex(images[i : i + 500])[0] for i in range(0, 3000, 500)]).double().numpy()
+    y = np.eye(10)[labels.numpy()]
+    return x.T @ x, x.T @ y, len(x)
+
+
+def _assert_agrees(gram, cross, weights, reference, mu, nonnegative) -> None:
+    ours = lasso_objective(gram, cross, weights)
+    theirs = lasso_objective(gram, cross, reference)
+    # our objective is never worse than the reference's by more than 1e-6 relative, and both
+    # reach the same optimum
+    np.testing.assert_array_less(ours - theirs, 1e-6 * np.abs(theirs))
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6)
+    assert np.all(np.abs(weights).sum(axis=0) <= mu * (1 + 1e-7))
+    if nonnegative:
+        assert weights.min() >= 0.0
+
+
+@pytest.mark.parametrize("mu", [0.5, 10.0, 40.0])
+def test_nonnegative_matches_homotopy(mnist_statistics, mu: float) -> None:
+    gram, cross, n = mnist_statistics
+    solution = mu_lasso(gram, cross, mu)
+    reference = lasso_homotopy_reference(gram, cross, mu, n)
+    _assert_agrees(gram, cross, solution.weights, reference, mu, nonnegative=True)
+    assert solution.solver_used == ["CLARABEL"] * 10 and not solution.failures
+    # the bound is active: sum w = mu
+    np.testing.assert_allclose(solution.weights.sum(axis=0), mu, rtol=1e-6)
+
+
+def test_signed_matches_homotopy(mnist_statistics) -> None:
+    gram, cross, n = mnist_statistics
+    solution = mu_lasso(gram, cross[:, :3], 2.0, nonnegative=False)
+    reference = lasso_homotopy_reference(gram, cross[:, :3], 2.0, n, nonnegative=False)
+    _assert_agrees(gram, cross[:, :3], solution.weights, reference, 2.0, nonnegative=False)
+    assert (solution.weights < -1e-6).any()  # the signed problem does use negative weights
+
+
+def test_working_set_grows_to_the_optimum(mnist_statistics) -> None:
+    gram, cross, n = mnist_statistics
+    solution = mu_lasso(gram, cross[:, :2], 10.0, initial_size=1)
+    assert min(solution.iterations) > 1  # one feature was not enough: violators were added
+    reference = lasso_homotopy_reference(gram, cross[:, :2], 10.0, n)
+    _assert_agrees(gram, cross[:, :2], solution.weights, reference, 10.0, nonnegative=True)
+    assert max(solution.max_kkt_violation) < 1e-5
+
+
+def test_bad_mu_is_refused(mnist_statistics) -> None:
+    gram, cross, _ = mnist_statistics
+    for mu in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(VebiError, match="mu must be a positive number"):
+            mu_lasso(gram, cross, mu)
+
+
+def test_bad_statistics_are_refused() -> None:
+    with pytest.raises(VebiError, match="gram must be"):
+        mu_lasso(np.eye(3), np.ones((4, 2)), 1.0)
+    gram = np.eye(3)
+    gram[0, 0] = np.nan
+    with pytest.raises(VebiError, match="NaN/Inf"):
+        mu_lasso(gram, np.ones((3, 2)), 1.0)
+
+
+def test_class_without_samples_gets_no_features(mnist_statistics) -> None:
+    gram, cross, _ = mnist_statistics
+    cross = cross.copy()
+    cross[:, 4] = 0.0
+    solution = mu_lasso(gram, cross, 10.0)
+    assert not solution.weights[:, 4].any()
+    assert solution.solver_used[4] == "none (b = 0)"
+
+
+def test_solver_failure_falls_back_and_is_reported(mnist_statistics) -> None:
+    gram, cross, _ = mnist_statistics
+    solution = mu_lasso(
+        gram, cross[:, :1], 10.0, solvers=("CLARABEL", "SCS"),
+        solver_options={"CLARABEL": {"max_iter": 1}, "SCS": {"eps_abs": 1e-9, "eps_rel": 1e-9}},
+    )  # fmt: skip
+    assert solution.solver_used == ["SCS"]
+    assert solution.failures and solution.failures[0].startswith("CLARABEL")
+    assert solution.weights.sum() == pytest.approx(10.0, rel=1e-3)
+
+
+def test_all_solvers_failing_is_an_error(mnist_statistics) -> None:
+    gram, cross, _ = mnist_statistics
+    with pytest.raises(SolverFailedError, match="no solver solved"):
+        mu_lasso(
+            gram,
+            cross[:, :1],
+            10.0,
+            solvers=("CLARABEL",),
+            solver_options={"CLARABEL": {"max_iter": 1}},
+        )
