@@ -99,6 +99,7 @@ def test_cache_reused_only_when_fingerprint_matches(mnist_root: Path, tmp_path: 
     model.seen = 0
     again = _miner(tmp_path).mine(model, data)
     assert model.seen <= 3 and again.cache_path == first.cache_path  # only probes ran
+    np.testing.assert_array_equal(again.relevant.weights, first.relevant.weights)
     other = _miner(tmp_path, aggregation="max").mine(model, data)
     assert other.cache_path != first.cache_path
     with torch.no_grad():

@@ -146,3 +146,14 @@ def test_nan_input_is_reported() -> None:
         FeatureExtractor(seeded_lenet(), ["conv1"]) as extractor,
     ):
         extractor(images, batch_label=" in batch 7")
+
+
+def test_nan_weights_are_reported_with_the_layer() -> None:
+    model = seeded_lenet()
+    with torch.no_grad():
+        model.conv2.weight[3] = float("nan")
+    with (
+        pytest.raises(NonFiniteActivationError, match="layer conv2 produced NaN/Inf .* batch 0"),
+        FeatureExtractor(model, ["conv1", "conv2", "conv3"]) as extractor,
+    ):
+        extractor(torch.rand(4, 1, 28, 28), batch_label=" in batch 0")

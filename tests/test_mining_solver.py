@@ -110,3 +110,24 @@ def test_all_solvers_failing_is_an_error(mnist_statistics) -> None:
             solvers=("CLARABEL",),
             solver_options={"CLARABEL": {"max_iter": 1}},
         )
+
+
+def test_gram_statistics_equal_the_products() -> None:
+    from vebi.mining import GramStatistics
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(700, 37, generator=generator)
+    labels = torch.randint(0, 4, (700,), generator=generator)
+    stats = GramStatistics(37, 4, row_blocks=3)
+    for start in range(0, 700, 128):  # batches of any size
+        stats.update(x[start : start + 128], labels[start : start + 128])
+    result = stats.compute()
+    x64 = x.double()
+    torch.testing.assert_close(result["gram"], x64.T @ x64, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        result["cross"], x64.T @ torch.nn.functional.one_hot(labels).double()
+    )
+    assert result["class_counts"].tolist() == torch.bincount(labels).tolist()
+    assert result["num_samples"].item() == 700
+    with pytest.raises(ValueError, match="labels outside"):
+        stats.update(x[:2], torch.tensor([0, 4]))

@@ -62,13 +62,18 @@ class ActivationCache:
         with h5py.File(self.path, "r") as handle:
             return int(handle["features"].shape[0])
 
-    def iter_chunks(self, rows: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-        """Yield blocks ``{features, labels, predictions, indices}`` of the finished cache."""
-        with h5py.File(self.path, "r") as handle:
+    def iter_chunks(
+        self, rows: int | None = None, partial: bool = False
+    ) -> Iterator[dict[str, np.ndarray]]:
+        """Yield blocks ``{features, labels, predictions, indices}`` of the finished cache, or
+        of the complete rows of the partial file (``partial=True``)."""
+        path = self.partial_path if partial else self.path
+        with h5py.File(path, "r") as handle:
             features = handle["features"]
+            total = int(handle.attrs["complete_rows"])
             step = rows or features.chunks[0]
-            for start in range(0, features.shape[0], step):
-                stop = min(start + step, features.shape[0])
+            for start in range(0, total, step):
+                stop = min(start + step, total)
                 yield {
                     name: handle[name][start:stop]
                     for name in ("features", "labels", "predictions", "indices")

@@ -25,7 +25,7 @@ from vebi.errors import VebiError
 from vebi.models.normalize import Normalize
 
 AGGREGATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "energy": lambda a: a.pow(2).sum(dim=(2, 3)),
+    "energy": lambda a: torch.linalg.vector_norm(a, dim=(2, 3)).square(),
     "mean": lambda a: a.mean(dim=(2, 3)),
     "max": lambda a: a.amax(dim=(2, 3)),
 }
@@ -182,17 +182,11 @@ class FeatureExtractor:
             raise VebiError(
                 f"layer {name} outputs shape {tuple(output.shape)}; need (N,K,H,W) or (N,K)"
             )
-        if not torch.isfinite(activations).all():
-            raise NonFiniteActivationError(
-                f"layer {name} produced NaN/Inf activations{self.batch_label}: check the input "
-                "images (NaN pixels?) and the model weights"
-            )
         response = AGGREGATIONS[self.aggregation](activations.float())
         if self.normalize_layers:
             total = response.abs().sum(dim=1, keepdim=True)
-            response = torch.where(
-                total > 0, response / total.clamp_min(1e-30), torch.zeros_like(response)
-            )
+            # 0 for an all-zero layer; NaN stays NaN so that the check below sees it
+            response = torch.where(total == 0, torch.zeros_like(response), response / total)
         return response
 
     def _hook(self, name: str) -> Callable[..., None]:
@@ -233,9 +227,21 @@ class FeatureExtractor:
         responses = [self._responses[name] for name in self.layers]
         self.index = FeatureIndex(self.layers, tuple(r.shape[1] for r in responses))
         x = torch.cat(responses, dim=1)
+        # NaN/Inf in a channel's map makes its energy/mean/max (and x) NaN/Inf too: one check
+        # of x per batch, and the per-layer search only when it fails
+        if not torch.isfinite(x).all():
+            name = next(
+                n
+                for n, r in zip(self.layers, responses, strict=True)
+                if not torch.isfinite(r).all()
+            )
+            raise NonFiniteActivationError(
+                f"layer {name} produced NaN/Inf activations{batch_label}: check the input "
+                "images (NaN pixels?) and the model weights"
+            )
         if self.normalize_global:
             norm = x.norm(dim=1, keepdim=True)
-            x = torch.where(norm > 0, x / norm.clamp_min(1e-30), torch.zeros_like(x))
+            x = torch.where(norm == 0, torch.zeros_like(x), x / norm)
         return x, logits
 
 

@@ -10,6 +10,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,8 +71,24 @@ class MiningReport:
     mu_path: list[dict[str, float]] = field(default_factory=list)
 
 
+@dataclass
+class _Run:
+    """State shared by the stages of one mining run."""
+
+    model: nn.Module
+    layers: list[str]
+    num_classes: int
+    device: torch.device
+    cache: ActivationCache
+    fingerprint: dict[str, str]
+
+
 class FeatureMiner:
     """Mines class-relevant features of a trained classifier (METHOD.md sections 1-2).
+
+    One pass over the data computes the aggregated responses x (written to a resumable
+    activation cache) and accumulates G = X^T X and B = X^T Y; the mu-lasso is then solved on
+    G and B alone. A finished cache with the same fingerprint is reused without a forward pass.
 
     Args:
         mu: the L1 bound of the mu-lasso (> 0).
@@ -103,7 +120,7 @@ class FeatureMiner:
         solver_options: dict[str, dict[str, Any]] | None = None,
         mu_candidates: Sequence[float] | None = None,
         batch_size: int = 500,
-        chunk_rows: int = 8192,
+        chunk_rows: int = 4096,
         cache_dir: str | Path | None = None,
         progress: bool = True,
     ) -> None:
@@ -146,72 +163,100 @@ class FeatureMiner:
     def _loader(self, dataset: Dataset, indices: Sequence[int]) -> DataLoader:
         return DataLoader(Subset(dataset, list(indices)), batch_size=self.batch_size, shuffle=False)
 
-    def _targets(self, labels: np.ndarray, predictions: np.ndarray) -> np.ndarray:
+    def _targets(self, labels: Any, predictions: Any) -> Any:
         return labels if self.labels == "ground_truth" else predictions
 
+    def _accumulate(self, stats: GramStatistics, block: dict[str, np.ndarray]) -> None:
+        targets = self._targets(block["labels"], block["predictions"])
+        stats.update(torch.from_numpy(block["features"]), torch.from_numpy(targets))
+
     # ------------------------------------------------------------------ stages
-    def _extract_to_cache(
-        self, model: nn.Module, layers: Sequence[str], dataset: Dataset, indices: np.ndarray,
-        cache: ActivationCache, device: torch.device, description: str,
-    ) -> None:  # fmt: skip
+    def _prepare(self, model: nn.Module, dataset: Dataset, world: tuple[int, int]) -> _Run:
+        device = next(model.parameters()).device
+        probe, _ = _images_labels(next(iter(self._loader(dataset, [0]))))
+        probe = probe.to(device)
+        layers = self.layers or default_feature_layers(model, probe)
         with self._extractor(model, layers) as extractor:
+            num_classes = int(extractor(probe, " in the first image")[1].shape[1])
+        fingerprint = {
+            "model": model_fingerprint(model),
+            "data": dataset_fingerprint(dataset),
+            "settings": json.dumps({"layers": list(layers), **self._settings()}),
+        }
+        key = hashlib.sha256(json.dumps([fingerprint, *world]).encode()).hexdigest()
+        suffix = f"-rank{world[0]}of{world[1]}" if world[1] > 1 else ""
+        cache_dir = self.cache_dir or Path(tempfile.mkdtemp(prefix="vebi-activations-"))
+        cache = ActivationCache(cache_dir / f"activations-{key[:16]}{suffix}.h5", key)
+        return _Run(model, list(layers), num_classes, device, cache, fingerprint)
+
+    def _extract(self, run: _Run, dataset: Dataset, indices: np.ndarray) -> GramStatistics:
+        """Forward the images, write the cache chunk by chunk (resumable), accumulate G, B."""
+        cache = run.cache
+        with self._extractor(run.model, run.layers) as extractor, ThreadPoolExecutor(1) as writer:
             probe, _ = _images_labels(next(iter(self._loader(dataset, indices[:1]))))
-            extractor(probe.to(device))
+            extractor(probe.to(run.device), " in the first image")
+            stats = GramStatistics(extractor.index.size, run.num_classes).to(run.device)
             done = cache.resume_or_create(len(indices), extractor.index, self.chunk_rows)
+            if done:  # replay the complete rows batch by batch: the same sums, bit for bit
+                for block in cache.iter_chunks(self.batch_size, partial=True):
+                    self._accumulate(stats, block)
             pending: list[dict[str, np.ndarray]] = []
             pending_rows, position = 0, done
-            bar = tqdm(total=len(indices), initial=done, desc=description, unit="img",
+            writing: Future | None = None
+            bar = tqdm(total=len(indices), initial=done, desc="mining features", unit="img",
                        disable=not self.progress, dynamic_ncols=True)  # fmt: skip
             with bar:
                 for number, batch in enumerate(self._loader(dataset, indices[done:])):
                     images, labels = _images_labels(batch)
                     first = done + number * self.batch_size
                     rows = f"data rows {first}..{first + len(images) - 1}"
-                    x, logits = extractor(images.to(device), f" in batch {number} ({rows})")
+                    x, logits = extractor(images.to(run.device), f" in batch {number} ({rows})")
+                    predictions = logits.argmax(1)
+                    stats.update(x, self._targets(labels.to(run.device), predictions))
                     pending.append({
                         "features": x.cpu().numpy(),
                         "labels": labels.numpy().astype(np.int64),
-                        "predictions": logits.argmax(1).cpu().numpy().astype(np.int64),
+                        "predictions": predictions.cpu().numpy().astype(np.int64),
                         "indices": indices[first : first + len(images)].astype(np.int64),
                     })  # fmt: skip
                     pending_rows += len(images)
                     bar.update(len(images))
-                    if pending_rows >= self.chunk_rows:
-                        position = cache.write_rows(position, pending)
-                        pending, pending_rows = [], 0
+                    if pending_rows >= self.chunk_rows:  # write in the background, in order
+                        if writing is not None:
+                            writing.result()
+                        writing = writer.submit(cache.write_rows, position, pending)
+                        position, pending, pending_rows = position + pending_rows, [], 0
+                if writing is not None:
+                    writing.result()
                 if pending:
                     cache.write_rows(position, pending)
         cache.finish()
+        return stats
 
-    def _extract_in_memory(
-        self, model: nn.Module, layers: Sequence[str], dataset: Dataset, device: torch.device
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _statistics_from_cache(self, run: _Run) -> GramStatistics:
+        index = run.cache.feature_index()
+        stats = GramStatistics(index.size, run.num_classes).to(run.device)
+        for block in run.cache.iter_chunks(self.batch_size):
+            self._accumulate(stats, block)
+        return stats
+
+    def _features_in_memory(self, run: _Run, dataset: Dataset) -> dict[str, np.ndarray]:
         xs, labels, predictions = [], [], []
-        with self._extractor(model, layers) as extractor:
+        with self._extractor(run.model, run.layers) as extractor:
             loader = self._loader(dataset, range(len(dataset)))
             for number, batch in enumerate(
-                tqdm(loader, desc="features (val)", disable=not self.progress)
+                tqdm(loader, desc="validation features", disable=not self.progress)
             ):
                 images, y = _images_labels(batch)
-                x, logits = extractor(
-                    images.to(device), batch_label=f" in validation batch {number}"
-                )
+                x, logits = extractor(images.to(run.device), f" in validation batch {number}")
                 xs.append(x.cpu().numpy())
                 labels.append(y.numpy())
                 predictions.append(logits.argmax(1).cpu().numpy())
-        return np.concatenate(xs), np.concatenate(labels), np.concatenate(predictions)
-
-    def _statistics(
-        self, cache: ActivationCache, num_classes: int, device: torch.device
-    ) -> dict[str, np.ndarray]:
-        index = cache.feature_index()
-        stats = GramStatistics(index.size, num_classes).to(device)
-        for block in cache.iter_chunks(rows=self.chunk_rows):
-            targets = self._targets(block["labels"], block["predictions"])
-            stats.update(
-                torch.from_numpy(block["features"]).to(device), torch.from_numpy(targets).to(device)
-            )
-        return {name: value.cpu().numpy() for name, value in stats.compute().items()}
+        return {
+            "features": np.concatenate(xs),
+            "labels": np.concatenate(labels),
+            "predictions": np.concatenate(predictions),
+        }
 
     def _solve(self, statistics: dict[str, np.ndarray], mu: float) -> LassoSolution:
         solution = mu_lasso(
@@ -221,6 +266,34 @@ class FeatureMiner:
         for failure in solution.failures:
             log.warning("mu-lasso solver fallback: %s", failure)
         return solution
+
+    def _accuracies(self, blocks: Any, weights: np.ndarray) -> tuple[float, float]:
+        """(sparse classifier accuracy, network accuracy) over blocks of cached features."""
+        weights32 = weights.astype(np.float32)
+        total = sparse = network = 0
+        for block in blocks:
+            sparse += int(np.sum(np.argmax(block["features"] @ weights32, 1) == block["labels"]))
+            network += int(np.sum(block["predictions"] == block["labels"]))
+            total += len(block["labels"])
+        return sparse / max(total, 1), network / max(total, 1)
+
+    def _choose_mu(
+        self, statistics: dict[str, np.ndarray], val: dict[str, np.ndarray] | None
+    ) -> tuple[float, LassoSolution, list[dict[str, float]]]:
+        if not self.mu_candidates:
+            return self.mu, self._solve(statistics, self.mu), []
+        if val is None:
+            raise VebiError("choosing mu from mu_candidates needs a validation set")
+        path, best = [], None
+        targets = self._targets(val["labels"], val["predictions"])
+        for candidate in self.mu_candidates:
+            solution = self._solve(statistics, candidate)
+            accuracy = float(np.mean(np.argmax(val["features"] @ solution.weights, 1) == targets))
+            path.append({"mu": candidate, "sparse_accuracy": accuracy})
+            if best is None or accuracy > best[0]:
+                best = (accuracy, candidate, solution)
+        log.info("Chose mu = %g by held-out sparse accuracy: %s", best[1], path)
+        return best[1], best[2], path
 
     # ------------------------------------------------------------------ main
     def mine(
@@ -237,104 +310,50 @@ class FeatureMiner:
         """
         if len(dataset) == 0:
             raise VebiError("the mining data set is empty")
-        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-        device = next(model.parameters()).device
+        world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         timings: dict[str, float] = {}
         with eval_mode(model):
-            probe, _ = _images_labels(next(iter(self._loader(dataset, [0]))))
-            probe = probe.to(device)
-            layers = self.layers or default_feature_layers(model, probe)
-            with self._extractor(model, layers) as extractor, torch.no_grad():
-                num_classes = int(extractor(probe)[1].shape[1])
-            names = list(class_names) if class_names else [str(c) for c in range(num_classes)]
-            if len(names) != num_classes:
-                raise VebiError(f"{len(names)} class names for a model with {num_classes} outputs")
-            fingerprint = {
-                "model": model_fingerprint(model),
-                "data": dataset_fingerprint(dataset),
-                "settings": hashlib.sha256(
-                    json.dumps({"layers": list(layers), **self._settings()}).encode()
-                ).hexdigest(),
-            }
-            cache_key = hashlib.sha256(json.dumps([fingerprint, rank, world]).encode()).hexdigest()
-            cache_dir = self.cache_dir or Path(_temporary_dir())
-            suffix = f"-rank{rank}of{world}" if world > 1 else ""
-            cache = ActivationCache(
-                cache_dir / f"activations-{cache_key[:16]}{suffix}.h5", cache_key
-            )
-
+            run = self._prepare(model, dataset, world)
+            names = list(class_names) if class_names else [str(c) for c in range(run.num_classes)]
+            if len(names) != run.num_classes:
+                raise VebiError(
+                    f"{len(names)} class names for a model with {run.num_classes} outputs"
+                )
             started = time.perf_counter()
-            indices = np.arange(rank, len(dataset), world)
-            if cache.is_complete():
-                log.info("Reusing activation cache %s", cache.path)
+            if run.cache.is_complete():
+                log.info("Reusing activation cache %s", run.cache.path)
+                stats = self._statistics_from_cache(run)
             else:
-                self._extract_to_cache(
-                    model, layers, dataset, indices, cache, device, "features (train)"
-                )
+                stats = self._extract(run, dataset, np.arange(world[0], len(dataset), world[1]))
+            statistics = {name: value.cpu().numpy() for name, value in stats.compute().items()}
             timings["extract_seconds"] = time.perf_counter() - started
+            val = self._features_in_memory(run, val_dataset) if val_dataset is not None else None
 
-            started = time.perf_counter()
-            statistics = self._statistics(cache, num_classes, device)
-            timings["statistics_seconds"] = time.perf_counter() - started
-            counts = statistics["class_counts"].astype(int)
-            for c in np.flatnonzero(counts == 0):
-                warnings.warn(
-                    f"class {names[c]!r} has no samples: its relevant set is empty", stacklevel=2
-                )
-
-            val = (
-                self._extract_in_memory(model, layers, val_dataset, device)
-                if val_dataset is not None
-                else None
+        counts = statistics["class_counts"].astype(int)
+        for c in np.flatnonzero(counts == 0):
+            warnings.warn(
+                f"class {names[c]!r} has no samples: its relevant set is empty", stacklevel=2
             )
-
-        mu_path: list[dict[str, float]] = []
-        mu = self.mu
         started = time.perf_counter()
-        if self.mu_candidates:
-            if val is None:
-                raise VebiError("choosing mu from mu_candidates needs a validation set")
-            best = None
-            for candidate in self.mu_candidates:
-                solution = self._solve(statistics, candidate)
-                accuracy = float(
-                    np.mean(
-                        np.argmax(val[0] @ solution.weights, 1) == self._targets(val[1], val[2])
-                    )
-                )
-                mu_path.append({"mu": candidate, "sparse_accuracy": accuracy})
-                if best is None or accuracy > best[0]:
-                    best = (accuracy, candidate, solution)
-            _, mu, solution = best
-            log.info("Chose mu = %g by held-out sparse accuracy: %s", mu, mu_path)
-        else:
-            solution = self._solve(statistics, mu)
+        mu, solution, mu_path = self._choose_mu(statistics, val)
         timings["solve_seconds"] = time.perf_counter() - started
 
-        metrics = {"solve_seconds": timings["solve_seconds"], "mu": mu}
-        if val is not None:
-            x_eval, labels_eval, predictions_eval = val
-            split = "val"
-        else:
-            x_eval, labels_eval, predictions_eval = (
-                cache.read(n) for n in ("features", "labels", "predictions")
-            )
-            split = "train"
-        metrics[f"sparse_accuracy_{split}"] = float(
-            np.mean(np.argmax(x_eval @ solution.weights, 1) == labels_eval)
-        )
-        metrics[f"network_accuracy_{split}"] = float(np.mean(predictions_eval == labels_eval))
+        split = "val" if val is not None else "train"
+        blocks = [val] if val is not None else run.cache.iter_chunks(self.chunk_rows)
+        sparse, network = self._accuracies(blocks, solution.weights)
+        metrics = {
+            "mu": mu,
+            "solve_seconds": timings["solve_seconds"],
+            f"sparse_accuracy_{split}": sparse,
+            f"network_accuracy_{split}": network,
+        }
         relevant = RelevantFeatures(
-            weights=solution.weights, index=cache.feature_index(), class_names=names, mu=mu,
+            weights=solution.weights, index=run.cache.feature_index(), class_names=names, mu=mu,
             nonnegative=self.nonnegative, label_source=self.labels, tolerance=self.tolerance,
-            class_counts=counts.tolist(), fingerprint=fingerprint, metrics=metrics,
+            class_counts=counts.tolist(), fingerprint=run.fingerprint, metrics=metrics,
             **self._settings(),
         )  # fmt: skip
-        kept = cache.path if self.cache_dir else None
+        kept = run.cache.path if self.cache_dir else None
         if self.cache_dir is None:
-            shutil.rmtree(cache_dir, ignore_errors=True)
+            shutil.rmtree(run.cache.path.parent, ignore_errors=True)
         return MiningReport(relevant, solution, kept, timings, mu_path)
-
-
-def _temporary_dir() -> str:
-    return tempfile.mkdtemp(prefix="vebi-activations-")
