@@ -26,6 +26,7 @@ def _percent(pattern: str, text: str) -> float:
 def test_mnist_experiment_reaches_99_percent(mnist_root: Path, tmp_path: Path) -> None:
     logs = tmp_path / "logs"
     common = [f"paths.data_dir={mnist_root}", f"paths.log_dir={logs}"]
+    common += [f"mining.cache_dir={tmp_path / 'cache'}"]
     trained = run_cli("train.py", "experiment=mnist", *common, timeout=1800)
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert _percent("test acc:", trained.stdout) >= 99.0
@@ -39,6 +40,10 @@ def test_mnist_experiment_reaches_99_percent(mnist_root: Path, tmp_path: Path) -
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert str(checkpoint) in evaluated.stdout
     assert _percent("test acc:", evaluated.stdout) >= 99.0
+    # the run ends with the mined features per class, reloaded from the training run's artefact
+    assert "Relevant features (mu = 10, 1140 features)" in evaluated.stdout
+    assert all(f"class {digit}:" in evaluated.stdout for digit in range(10))
+    assert (checkpoint.parent.parent / "mining" / "relevant_features.h5").is_file()
     (results,) = (logs / "evaluate" / "mnist").glob("*/results.json")
     assert json.loads(results.read_text())["metrics"]["test/acc"] >= 0.99
 
