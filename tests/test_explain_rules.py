@@ -1,0 +1,161 @@
+"""The backward engine against independent references (Captum, max_unpool2d, a stride-1 conv)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+from captum.attr import NeuronDeconvolution, NeuronGuidedBackprop
+from torch import nn
+
+from tests.explain_models import TinyResNet, TinyVGG, randomised
+from vebi.errors import VebiError
+from vebi.explain import backprop_feature, backward_rules
+from vebi.explain.rules import Rules
+
+
+def _half_energy(channel: int):
+    """Captum neuron selector whose gradient w.r.t. the layer output is the channel's map."""
+    return lambda output: 0.5 * output[:, channel].pow(2).flatten(1).sum(1)
+
+
+CASES = [
+    (lambda: TinyVGG(in_channels=1), (3, 1, 28, 28), "conv2"),
+    (lambda: TinyVGG(in_channels=1), (3, 1, 28, 28), "relu3"),
+    (lambda: TinyVGG(in_channels=1), (3, 1, 28, 28), "pool2"),
+    (lambda: TinyResNet(), (2, 3, 32, 32), "block1.relu2"),
+    (lambda: TinyResNet(), (2, 3, 32, 32), "block2.bn2"),
+]
+
+
+def _most_active_channel(model: nn.Module, images: torch.Tensor, layer: str) -> int:
+    captured = {}
+    module = dict(model.named_modules())[layer]
+    handle = module.register_forward_hook(lambda m, i, o: captured.__setitem__("a", o.detach()))
+    with torch.no_grad():
+        model(images)
+    handle.remove()
+    return int(captured["a"].pow(2).sum(dim=(0, 2, 3)).argmax())
+
+
+@pytest.mark.parametrize(("make", "shape", "layer"), CASES)
+@pytest.mark.parametrize(
+    ("relu", "reference"), [("deconvnet", NeuronDeconvolution), ("guided", NeuronGuidedBackprop)]
+)
+def test_standard_rules_equal_captum(make, shape, layer, relu, reference) -> None:
+    model = randomised(make())
+    images = torch.rand(*shape, generator=torch.Generator().manual_seed(1))
+    channel = _most_active_channel(model, images, layer)
+    ours = backprop_feature(
+        model, images, layer, channel, relu=relu, conv="standard", pool="standard"
+    )
+    module = dict(model.named_modules())[layer]
+    theirs = reference(model, module).attribute(images, neuron_selector=_half_energy(channel))
+    assert ours.shape == images.shape and ours.abs().sum() > 0
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_gradient_rule_equals_autograd() -> None:
+    model = randomised(TinyVGG(in_channels=1))
+    images = torch.rand(2, 1, 28, 28).requires_grad_(True)
+    output = {}
+    handle = model.conv3.register_forward_hook(lambda m, i, o: output.__setitem__("a", o))
+    model(images)
+    handle.remove()
+    (expected,) = torch.autograd.grad(0.5 * output["a"][:, 4].pow(2).sum(), images)
+    ours = backprop_feature(model, images.detach(), "conv3", 4, relu="gradient", conv="standard")
+    torch.testing.assert_close(ours, expected)
+
+
+def test_switch_unpool_equals_max_unpool_with_forward_indices() -> None:
+    pool = nn.MaxPool2d(3, stride=2, padding=1)  # overlapping windows share arg-maxes
+    model = nn.Sequential(pool).eval()
+    x = torch.rand(2, 4, 9, 9, requires_grad=True)
+    signal = torch.rand(2, 4, 5, 5)
+    with backward_rules(model, Rules(pool="switch_unpool")):
+        (ours,) = torch.autograd.grad(model(x), x, grad_outputs=signal)
+    _, indices = F.max_pool2d(x.detach(), 3, 2, 1, return_indices=True)
+    expected = F.max_unpool2d(signal, indices, 3, 2, 1, output_size=x.shape[-2:])
+    torch.testing.assert_close(ours, expected)
+    (standard,) = torch.autograd.grad(pool(x), x, grad_outputs=signal)
+    assert not torch.allclose(ours, standard)  # shared arg-maxes add up under the gradient
+
+
+@pytest.mark.parametrize(
+    ("size", "kernel", "stride", "padding"),
+    [(28, 3, 2, 1), (27, 5, 2, 2), (32, 4, 4, 0), (15, 3, 3, 1)],
+)
+def test_stride_fix_equals_upsample_then_stride1_transposed_conv(
+    size, kernel, stride, padding
+) -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 6, kernel, stride=stride, padding=padding)
+    model = nn.Sequential(conv).eval()
+    x = torch.rand(2, 3, size, size, requires_grad=True)
+    out = model(x)
+    signal = torch.rand_like(out)
+    with backward_rules(model, Rules(conv="stride_fix")):
+        (ours,) = torch.autograd.grad(model(x), x, grad_outputs=signal)
+    # by hand: the stride-1 output size, nearest upsampling, and the gradient of the stride-1
+    # convolution (= its transposed convolution), computed by autograd
+    stride1_size = size + 2 * padding - kernel + 1
+    upsampled = signal.repeat_interleave(stride, 2).repeat_interleave(stride, 3)
+    upsampled = (
+        F.interpolate(signal, size=stride1_size, mode="nearest")
+        if upsampled.shape[-1] != stride1_size
+        else upsampled
+    )
+    x1 = x.detach().clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(
+        F.conv2d(x1, conv.weight, None, 1, padding), x1, grad_outputs=upsampled
+    )
+    torch.testing.assert_close(ours, expected)
+
+
+def test_rules_restore_the_model_exactly() -> None:
+    model = torchvision.models.resnet18(num_classes=4).eval()  # in-place, re-used ReLUs
+    reference = copy.deepcopy(model)
+    images = torch.rand(2, 3, 64, 64)
+    signal = backprop_feature(model, images, "layer2.0.relu", 3)
+    assert signal.shape == images.shape and torch.isfinite(signal).all() and signal.abs().sum() > 0
+    assert all("forward" not in m.__dict__ for m in model.modules())
+    assert not any(m._forward_hooks for m in model.modules())
+    assert model.layer1[0].relu.inplace
+    torch.testing.assert_close(model(images), reference(images))
+    with pytest.raises(RuntimeError, match="boom"), backward_rules(model, Rules()):
+        raise RuntimeError("boom")
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_in_place_relus_give_the_same_signal() -> None:
+    plain = randomised(TinyVGG(in_channels=1))
+    inplace = TinyVGG(in_channels=1, inplace=True)
+    inplace.load_state_dict(plain.state_dict())
+    inplace.eval()
+    images = torch.rand(2, 1, 28, 28)
+    for layer in ("conv2", "relu2", "conv3"):
+        torch.testing.assert_close(
+            backprop_feature(inplace, images, layer, 1), backprop_feature(plain, images, layer, 1)
+        )
+
+
+def test_per_image_channels_and_errors() -> None:
+    model = randomised(TinyVGG(in_channels=1))
+    images = torch.rand(3, 1, 28, 28)
+    batched = backprop_feature(model, images, "conv3", [0, 5, 9])
+    for n, channel in enumerate([0, 5, 9]):
+        torch.testing.assert_close(
+            batched[n : n + 1], backprop_feature(model, images[n : n + 1], "conv3", channel)
+        )
+    with pytest.raises(VebiError, match="has 16 channels"):
+        backprop_feature(model, images, "conv3", 16)
+    with pytest.raises(VebiError, match="unknown layer"):
+        backprop_feature(model, images, "conv9", 0)
+    with pytest.raises(VebiError, match="unknown relu rule"):
+        backprop_feature(model, images, "conv3", 0, relu="lrp")
+    gelu = nn.Sequential(nn.Conv2d(1, 2, 3), nn.GELU(), nn.Flatten(), nn.Linear(2 * 26 * 26, 2))
+    with pytest.raises(VebiError, match="no backward rule for GELU"):
+        backprop_feature(gelu, images, "0", 0)
