@@ -18,18 +18,18 @@ class TinyVGG(nn.Sequential):
         super().__init__(
             OrderedDict(
                 normalize=Normalize((0.5,) * in_channels, (0.25,) * in_channels),
-                conv1=nn.Conv2d(in_channels, 8, 3, padding=1),
+                conv1=nn.Conv2d(in_channels, 16, 3, padding=1),
                 relu1=nn.ReLU(inplace=inplace),
-                conv2=nn.Conv2d(8, 16, 3, stride=2, padding=1),
+                conv2=nn.Conv2d(16, 32, 3, stride=2, padding=1),
                 relu2=nn.ReLU(inplace=inplace),
                 pool2=nn.MaxPool2d(3, stride=2, padding=1),
-                conv3=nn.Conv2d(16, 16, 3, stride=2, padding=1),
-                bn3=nn.BatchNorm2d(16),
+                conv3=nn.Conv2d(32, 32, 3, stride=2, padding=1),
+                bn3=nn.BatchNorm2d(32),
                 relu3=nn.ReLU(inplace=inplace),
-                gap=nn.AdaptiveAvgPool2d(1),
+                gap=nn.AdaptiveMaxPool2d(1),
                 flatten=nn.Flatten(),
                 dropout=nn.Dropout(0.2),
-                fc=nn.Linear(16, num_classes),
+                fc=nn.Linear(32, num_classes),
             )
         )
 

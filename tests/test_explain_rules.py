@@ -150,8 +150,8 @@ def test_per_image_channels_and_errors() -> None:
         torch.testing.assert_close(
             batched[n : n + 1], backprop_feature(model, images[n : n + 1], "conv3", channel)
         )
-    with pytest.raises(VebiError, match="has 16 channels"):
-        backprop_feature(model, images, "conv3", 16)
+    with pytest.raises(VebiError, match="has 32 channels"):
+        backprop_feature(model, images, "conv3", 32)
     with pytest.raises(VebiError, match="unknown layer"):
         backprop_feature(model, images, "conv9", 0)
     with pytest.raises(VebiError, match="unknown relu rule"):

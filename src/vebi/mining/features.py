@@ -213,7 +213,13 @@ class FeatureExtractor:
     def __call__(
         self, images: torch.Tensor, batch_label: str = ""
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward ``images``; return (x (N, m) float32, logits)."""
+        """Forward ``images`` without autograd; return (x (N, m) float32, logits)."""
+        return self.forward(images, batch_label)
+
+    def forward(
+        self, images: torch.Tensor, batch_label: str = ""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward ``images`` (autograd as the caller has it); return (x, logits). x is detached."""
         if self._stack is None:
             raise RuntimeError("use FeatureExtractor as a context manager")
         if not torch.isfinite(images).all():
