@@ -44,8 +44,8 @@ def test_batched_slots_equal_single_backprops(planted) -> None:
     explanation = Explainer(model, relevant, k=2, rules=rules)(images)
     for n in range(len(images)):
         for slot, feature in enumerate(explanation.features[n]):
-            signal = backprop_feature(model, images[n : n + 1], feature.layer, feature.channel,
-                                      relu="deconvnet", conv="standard", pool="standard")  # fmt: skip
+            image = images[n : n + 1]
+            signal = backprop_feature(model, image, feature.layer, feature.channel, **vars(rules))
             torch.testing.assert_close(explanation.maps[n, slot], signal_to_heatmap(signal)[0])
 
 
