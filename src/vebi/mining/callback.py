@@ -37,16 +37,26 @@ class FeatureMiningCallback(Callback):
     """After ``fit``: mine relevant features with ``miner`` and save/log them (rank 0).
 
     With ``use_best_checkpoint`` the weights of the best checkpoint are loaded first, so the
-    mined features belong to the model that is tested and shipped. Skipped under
-    ``fast_dev_run``.
+    mined features belong to the model that is tested and shipped. With ``galleries`` the
+    average visualisation of every relevant feature (over its top ``gallery_top_n`` images of
+    the class, ranked from the activation cache) goes into a gallery PNG per class, also
+    logged to W&B. Skipped under ``fast_dev_run``.
     """
 
     def __init__(
-        self, miner: FeatureMiner, output_dir: str, use_best_checkpoint: bool = True
+        self,
+        miner: FeatureMiner,
+        output_dir: str,
+        use_best_checkpoint: bool = True,
+        galleries: bool = True,
+        gallery_top_n: int = 20,
     ) -> None:
         self.miner = miner
         self.output_dir = Path(output_dir)
         self.use_best_checkpoint = use_best_checkpoint
+        self.galleries = galleries
+        self.gallery_top_n = gallery_top_n
+        self.gallery_paths: list[Path] = []
         self.report: MiningReport | None = None
         self.artefact_path: Path | None = None
 
@@ -64,5 +74,14 @@ class FeatureMiningCallback(Callback):
             model, dataset, val_dataset, getattr(pl_module, "class_names", None)
         )
         if trainer.is_global_zero:
-            self.artefact_path = save_and_log(self.report, self.output_dir, list(trainer.loggers))
+            loggers = list(trainer.loggers)
+            self.artefact_path = save_and_log(self.report, self.output_dir, loggers)
             print("\n" + console_summary(self.report.relevant), flush=True)
+            if self.galleries and self.report.cache_path is not None:
+                from vebi.explain.interpretation import interpret_and_log
+
+                self.gallery_paths = interpret_and_log(
+                    model, self.report.relevant, dataset, self.report.cache_path,
+                    self.output_dir / "galleries", loggers, self.gallery_top_n,
+                )  # fmt: skip
+                print(f"  interpretation galleries: {self.output_dir / 'galleries'}", flush=True)

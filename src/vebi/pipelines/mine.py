@@ -11,6 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from vebi.checkpoint import load_classifier
+from vebi.explain.interpretation import interpret_and_log
 from vebi.mining.callback import mining_datasets
 from vebi.mining.reporting import console_summary, save_and_log
 from vebi.pipelines.evaluate import resolve_checkpoint
@@ -40,6 +41,11 @@ def mine(cfg: DictConfig) -> dict[str, Any]:
         dataset, val_dataset = mining_datasets(datamodule)
         report = miner.mine(module.net, dataset, val_dataset, module.class_names)
         path = save_and_log(report, Path(cfg.paths.output_dir), loggers)
+        if cfg.get("galleries", True) and report.cache_path is not None:
+            interpret_and_log(
+                module.net, report.relevant, dataset, report.cache_path,
+                Path(cfg.paths.output_dir) / "galleries", loggers, cfg.get("gallery_top_n", 20),
+            )  # fmt: skip
         wandb_dir = wandb_run_dir(loggers)
         failed = False
     finally:

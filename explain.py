@@ -1,0 +1,17 @@
+"""Explain predictions: ``python explain.py [ckpt_path=...] input=<image, folder or test>``."""
+
+import hydra
+from omegaconf import DictConfig
+
+from vebi.pipelines.explain import explain
+from vebi.utils.cli import report_user_errors
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="explain")
+@report_user_errors
+def main(cfg: DictConfig) -> None:
+    explain(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Pictures: jet overlays of heatmaps on images, explanation panels, interpretation galleries."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from vebi.utils.io import atomic_path  # noqa: E402
+
+
+def to_rgb(image: torch.Tensor) -> np.ndarray:
+    """(C, H, W) image in [0, 1] -> (H, W, 3) float array (grey images repeated)."""
+    array = image.detach().cpu().float().clamp(0, 1).numpy()
+    if array.shape[0] == 1:
+        array = np.repeat(array, 3, axis=0)
+    return array[:3].transpose(1, 2, 0)
+
+
+def overlay(image: torch.Tensor, heatmap: torch.Tensor, alpha: float = 0.5) -> np.ndarray:
+    """Blend a [0, 1] heatmap, coloured with matplotlib's ``jet``, over the image (H, W, 3)."""
+    colours = plt.get_cmap("jet")(heatmap.detach().cpu().float().clamp(0, 1).numpy())[..., :3]
+    return (1 - alpha) * to_rgb(image) + alpha * colours
+
+
+def save_figure(figure: Figure, path: str | Path, dpi: int = 120) -> Path:
+    """Save atomically as PNG and close the figure."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(figure)
+    return path
+
+
+def explanation_figure(
+    image: torch.Tensor,
+    maps: torch.Tensor,
+    combined: torch.Tensor,
+    titles: Sequence[str],
+    heading: str,
+) -> Figure:
+    """Input | combined overlay | one overlay per chosen feature ("decoupled" maps)."""
+    panels = 2 + len(titles)
+    figure, axes = plt.subplots(1, panels, figsize=(2.2 * panels, 2.6), squeeze=False)
+    axes = axes[0]
+    axes[0].imshow(to_rgb(image))
+    axes[0].set_title("input", fontsize=8)
+    axes[1].imshow(overlay(image, combined))
+    axes[1].set_title("combined", fontsize=8)
+    for axis, heatmap, title in zip(axes[2:], maps, titles, strict=False):
+        axis.imshow(overlay(image, heatmap))
+        axis.set_title(title, fontsize=7)
+    for axis in axes:
+        axis.axis("off")
+    figure.suptitle(heading, fontsize=9)
+    return figure
+
+
+def gallery_figure(
+    average_maps: Sequence[torch.Tensor],
+    average_images: Sequence[torch.Tensor],
+    titles: Sequence[str],
+    heading: str,
+    columns: int = 6,
+) -> Figure:
+    """A class's relevant features: each tile the average visualisation (jet) over the average
+    of the images it was computed on, with the average image beside it, labelled."""
+    count = max(len(titles), 1)
+    columns = min(columns, count)
+    rows = (count + columns - 1) // columns
+    figure, axes = plt.subplots(
+        rows, 2 * columns, figsize=(2.4 * columns, 1.45 * rows + 0.5), squeeze=False
+    )
+    for axis in axes.flat:
+        axis.axis("off")
+    for i, (heatmap, image, title) in enumerate(
+        zip(average_maps, average_images, titles, strict=True)
+    ):
+        row, column = divmod(i, columns)
+        left, right = axes[row, 2 * column], axes[row, 2 * column + 1]
+        left.imshow(plt.get_cmap("jet")(heatmap.cpu().numpy())[..., :3])
+        left.set_title(title, fontsize=6)
+        right.imshow(to_rgb(image))
+        right.set_title("avg image", fontsize=6)
+    if not titles:
+        axes[0, 0].text(0.5, 0.5, "no relevant features", ha="center", va="center")
+    figure.suptitle(heading, fontsize=9)
+    return figure

@@ -1,0 +1,126 @@
+"""Explanation job: overlays and a JSON of the chosen features for some images."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import WandbLogger
+from omegaconf import DictConfig
+
+from vebi.checkpoint import load_classifier
+from vebi.errors import VebiError
+from vebi.explain.explainer import Explainer
+from vebi.explain.figures import explanation_figure, save_figure
+from vebi.explain.inputs import load_images
+from vebi.explain.rules import Rules
+from vebi.mining.miner import model_fingerprint
+from vebi.mining.relevant import RelevantFeatures
+from vebi.mining.reporting import ARTEFACT_NAME
+from vebi.pipelines.evaluate import resolve_checkpoint
+from vebi.utils.cli import finish_loggers, wandb_run_dir
+from vebi.utils.instantiate import flat_config, instantiate_loggers
+from vebi.utils.io import atomic_path
+
+log = logging.getLogger(__name__)
+
+
+def relevant_features_for(ckpt_path: Path, explicit: str | None) -> Path:
+    """The RelevantFeatures file: ``explicit``, else the one mined in the checkpoint's run."""
+    path = Path(explicit) if explicit else ckpt_path.parent.parent / "mining" / ARTEFACT_NAME
+    if not path.is_file():
+        raise VebiError(
+            f"no relevant features at {path}: mine them first with "
+            f"`python mine.py ckpt_path={ckpt_path}` and pass relevant_features=<its output>"
+        )
+    return path
+
+
+def _inputs(cfg: DictConfig, datamodule: Any) -> tuple[torch.Tensor, list[str], list[str]]:
+    if str(cfg.input) == "test":
+        datamodule.prepare_data()
+        datamodule.setup("test")
+        dataset = datamodule.data_test
+        count = min(int(cfg.num_images), len(dataset))
+        images = torch.stack([torch.as_tensor(dataset[i][0]) for i in range(count)])
+        return images, [f"test_{i:05d}" for i in range(count)], []
+    return load_images(cfg.input, tuple(datamodule.image_shape))
+
+
+def explain(cfg: DictConfig) -> dict[str, Any]:
+    """Explain ``cfg.input`` with the checkpoint's relevant features; write PNGs and JSON."""
+    ckpt_path = resolve_checkpoint(cfg)
+    module = load_classifier(ckpt_path)
+    relevant = RelevantFeatures.load(relevant_features_for(ckpt_path, cfg.get("relevant_features")))
+    if relevant.fingerprint.get("model") not in (None, model_fingerprint(module.net)):
+        log.warning("the relevant features were mined from other weights than %s", ckpt_path)
+    datamodule = instantiate(cfg.data)
+    images, names, skipped = _inputs(cfg, datamodule)
+    explainer = Explainer(module.net, relevant, k=int(cfg.k), rules=Rules(**cfg.rules))
+    targets = None if cfg.get("target") is None else torch.full((len(images),), int(cfg.target))
+    output_dir = Path(cfg.paths.output_dir) / "explanations"
+    loggers = instantiate_loggers(cfg.get("logger"))
+    for logger in loggers:
+        logger.log_hyperparams({**flat_config(cfg), "ckpt_path": str(ckpt_path)})
+    records, figures, failed = [], [], True
+    try:
+        for start in range(0, len(images), int(cfg.batch_size)):
+            batch = images[start : start + int(cfg.batch_size)]
+            batch_targets = None if targets is None else targets[start : start + len(batch)]
+            explanation = explainer(batch, batch_targets)
+            probabilities = explanation.logits.softmax(1)
+            for n in range(len(batch)):
+                name, class_id = names[start + n], int(explanation.classes[n])
+                chosen = explanation.features[n]
+                titles = [f"{f.layer}/{f.channel} s={f.score:.3f}" for f in chosen]
+                heading = (
+                    f"{name}: class {relevant.class_names[class_id]} "
+                    f"(p={float(probabilities[n, class_id]):.3f})"
+                    + (
+                        " - no relevant feature fired, highest-weight ones shown"
+                        if explanation.fallback[n]
+                        else ""
+                    )
+                )
+                figure = explanation_figure(batch[n], explanation.maps[n, : len(chosen)],
+                                            explanation.combined[n], titles, heading)  # fmt: skip
+                figures.append(save_figure(figure, output_dir / f"{Path(name).stem}.png"))
+                records.append({
+                    "image": name,
+                    "class": relevant.class_names[class_id],
+                    "class_id": class_id,
+                    "probability": float(probabilities[n, class_id]),
+                    "fallback": bool(explanation.fallback[n]),
+                    "features": [vars(f) for f in chosen],
+                    "figure": str(figures[-1]),
+                })  # fmt: skip
+        result = {"checkpoint": str(ckpt_path), "rules": dict(cfg.rules), "k": int(cfg.k),
+                  "explanations": records, "skipped": skipped}  # fmt: skip
+        with atomic_path(output_dir / "explanations.json") as tmp:
+            tmp.write_text(json.dumps(result, indent=2))
+        for logger in loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image("explanations", images=[str(p) for p in figures],
+                                 caption=[r["image"] for r in records])  # fmt: skip
+        wandb_dir = wandb_run_dir(loggers)
+        failed = False
+    finally:
+        finish_loggers(loggers, failed=failed)
+    lines = [f"\nExplained {len(records)} image(s) with k = {cfg.k} features ({cfg.rules.relu}, "
+             f"{cfg.rules.conv}, {cfg.rules.pool}):"]  # fmt: skip
+    for record in records:
+        features = ", ".join(
+            f"{f['layer']}/{f['channel']} ({f['score']:.3f})" for f in record["features"]
+        )
+        lines.append(f"  {record['image']}: class {record['class']} <- {features}")
+    if skipped:
+        lines.append(f"  skipped {len(skipped)} unreadable file(s): {'; '.join(skipped)}")
+    lines.append(f"  overlays and explanations.json: {output_dir}")
+    if wandb_dir:
+        lines.append(f"  W&B run: {wandb_dir}")
+    print("\n".join(lines), flush=True)
+    return result

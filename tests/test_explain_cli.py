@@ -1,0 +1,93 @@
+"""explain.py, image inputs, and interpretation galleries on the short MNIST run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import run_cli
+from tests.wandb_offline import logged_values
+from vebi.errors import VebiError
+from vebi.explain.inputs import image_to_tensor, load_images
+
+
+def test_image_conversion_any_size_and_mode(tmp_path: Path) -> None:
+    rgba = Image.fromarray(np.full((40, 60, 4), 255, dtype=np.uint8), "RGBA")
+    grey = image_to_tensor(rgba, (1, 28, 28))
+    assert grey.shape == (1, 28, 28) and torch.allclose(grey, torch.ones_like(grey))
+    palette = Image.fromarray(np.zeros((10, 10), dtype=np.uint8), "P")
+    assert image_to_tensor(palette, (3, 16, 16)).shape == (3, 16, 16)
+    Image.fromarray(np.zeros((5, 5), dtype=np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG broken")
+    images, names, skipped = load_images(tmp_path, (1, 28, 28))
+    assert images.shape == (1, 1, 28, 28) and names == ["a.png"]
+    assert sorted(s.split(":")[0] for s in skipped) == ["broken.png", "notes.txt"]
+    with pytest.raises(VebiError, match="cannot read"):
+        load_images(tmp_path / "broken.png", (1, 28, 28))
+    with pytest.raises(VebiError, match="neither an image file nor a folder"):
+        load_images(tmp_path / "missing", (1, 28, 28))
+
+
+def test_galleries_made_after_training(short_run: dict) -> None:
+    galleries = Path(short_run["output_dir"]) / "mining" / "galleries"
+    pngs = sorted(galleries.glob("class_*.png"))
+    assert len(pngs) == 10
+    with Image.open(pngs[0]) as image:
+        assert image.size[0] > 300 and image.size[1] > 100
+    values = logged_values(Path(short_run["wandb_dir"]))
+    assert values["interpretation/galleries/_type"][-1] == "images/separated"
+    assert values["interpretation/galleries/count"][-1] == 10
+
+
+def test_explain_cli_writes_overlays_and_json(
+    short_run: dict, mnist_root: Path, tmp_path: Path
+) -> None:
+    digits = tmp_path / "digits"
+    digits.mkdir()
+    Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(digits / "blank.jpg")
+    (digits / "readme.md").write_text("# not an image")
+    result = run_cli(
+        "explain.py",
+        f"ckpt_path={short_run['best_checkpoint']}",
+        f"paths.data_dir={mnist_root}",
+        f"paths.log_dir={tmp_path / 'logs'}",
+        "logger=none",
+        f"input={digits}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "skipped 1 unreadable file(s): readme.md" in result.stdout
+    result = run_cli(
+        "explain.py",
+        f"ckpt_path={short_run['best_checkpoint']}",
+        f"paths.data_dir={mnist_root}",
+        f"paths.log_dir={tmp_path / 'logs2'}",
+        "logger=none",
+        "input=test",
+        "num_images=4",
+        "k=2",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (folder,) = (tmp_path / "logs2" / "explain" / "mnist").glob("*/explanations")
+    record = json.loads((folder / "explanations.json").read_text())
+    assert [e["image"] for e in record["explanations"]] == [f"test_{i:05d}" for i in range(4)]
+    assert record["rules"] == {"relu": "guided", "conv": "stride_fix", "pool": "standard"}
+    for entry in record["explanations"]:
+        assert 1 <= len(entry["features"]) <= 2 and Path(entry["figure"]).is_file()
+    assert len(list(folder.glob("test_*.png"))) == 4
+
+
+def test_explain_cli_without_mined_features(tmp_path: Path, short_run: dict) -> None:
+    result = run_cli(
+        "explain.py",
+        f"ckpt_path={short_run['best_checkpoint']}",
+        f"relevant_features={tmp_path / 'none.h5'}",
+        f"paths.log_dir={tmp_path}",
+        "logger=none",
+    )
+    assert result.returncode == 1 and "mine them first" in result.stderr
