@@ -1,37 +1,10 @@
-"""Small VGG-style and ResNet-style nets (strided convs, overlapping pools) for the rule tests."""
+"""A small ResNet-style net (strided convs and shortcut, overlapping pool) for the rule tests;
+the VGG-style one is the project's ``vebi.models.SmallVGG``."""
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import torch
 from torch import nn
-
-from vebi.models import Normalize
-
-
-class TinyVGG(nn.Sequential):
-    """normalize, conv s1, ReLU, conv s2, ReLU, overlapping maxpool 3/2, conv s2, BN, ReLU,
-    adaptive avg pool, flatten, dropout, linear."""
-
-    def __init__(self, num_classes: int = 10, in_channels: int = 1, inplace: bool = False) -> None:
-        super().__init__(
-            OrderedDict(
-                normalize=Normalize((0.5,) * in_channels, (0.25,) * in_channels),
-                conv1=nn.Conv2d(in_channels, 16, 3, padding=1),
-                relu1=nn.ReLU(inplace=inplace),
-                conv2=nn.Conv2d(16, 32, 3, stride=2, padding=1),
-                relu2=nn.ReLU(inplace=inplace),
-                pool2=nn.MaxPool2d(3, stride=2, padding=1),
-                conv3=nn.Conv2d(32, 32, 3, stride=2, padding=1),
-                bn3=nn.BatchNorm2d(32),
-                relu3=nn.ReLU(inplace=inplace),
-                gap=nn.AdaptiveMaxPool2d(1),
-                flatten=nn.Flatten(),
-                dropout=nn.Dropout(0.2),
-                fc=nn.Linear(32, num_classes),
-            )
-        )
 
 
 class Block(nn.Module):

@@ -11,10 +11,11 @@ import torchvision
 from captum.attr import NeuronDeconvolution, NeuronGuidedBackprop
 from torch import nn
 
-from tests.explain_models import TinyResNet, TinyVGG, randomised
+from tests.explain_models import TinyResNet, randomised
 from vebi.errors import VebiError
 from vebi.explain import backprop_feature, backward_rules
 from vebi.explain.rules import Rules
+from vebi.models import SmallVGG
 
 
 def _half_energy(channel: int):
@@ -23,9 +24,9 @@ def _half_energy(channel: int):
 
 
 CASES = [
-    (lambda: TinyVGG(in_channels=1), (3, 1, 28, 28), "conv2"),
-    (lambda: TinyVGG(in_channels=1), (3, 1, 28, 28), "relu3"),
-    (lambda: TinyVGG(in_channels=1), (3, 1, 28, 28), "pool2"),
+    (lambda: SmallVGG(in_channels=1), (3, 1, 28, 28), "conv2"),
+    (lambda: SmallVGG(in_channels=1), (3, 1, 28, 28), "relu3"),
+    (lambda: SmallVGG(in_channels=1), (3, 1, 28, 28), "pool2"),
     (lambda: TinyResNet(), (2, 3, 32, 32), "block1.relu2"),
     (lambda: TinyResNet(), (2, 3, 32, 32), "block2.bn2"),
 ]
@@ -59,7 +60,7 @@ def test_standard_rules_equal_captum(make, shape, layer, relu, reference) -> Non
 
 
 def test_gradient_rule_equals_autograd() -> None:
-    model = randomised(TinyVGG(in_channels=1))
+    model = randomised(SmallVGG(in_channels=1))
     images = torch.rand(2, 1, 28, 28).requires_grad_(True)
     output = {}
     handle = model.conv3.register_forward_hook(lambda m, i, o: output.__setitem__("a", o))
@@ -131,8 +132,8 @@ def test_rules_restore_the_model_exactly() -> None:
 
 
 def test_in_place_relus_give_the_same_signal() -> None:
-    plain = randomised(TinyVGG(in_channels=1))
-    inplace = TinyVGG(in_channels=1, inplace=True)
+    plain = randomised(SmallVGG(in_channels=1))
+    inplace = SmallVGG(in_channels=1, inplace=True)
     inplace.load_state_dict(plain.state_dict())
     inplace.eval()
     images = torch.rand(2, 1, 28, 28)
@@ -143,7 +144,7 @@ def test_in_place_relus_give_the_same_signal() -> None:
 
 
 def test_per_image_channels_and_errors() -> None:
-    model = randomised(TinyVGG(in_channels=1))
+    model = randomised(SmallVGG(in_channels=1))
     images = torch.rand(3, 1, 28, 28)
     batched = backprop_feature(model, images, "conv3", [0, 5, 9])
     for n, channel in enumerate([0, 5, 9]):

@@ -6,12 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.explain_models import TinyVGG
 from tests.mining_models import mnist_subset, planted_colour_data, planted_colour_model
 from vebi.errors import VebiError
 from vebi.explain import Explainer, Rules, backprop_feature
 from vebi.explain.heatmaps import checkerboard_score, signal_to_heatmap, stride_periods
 from vebi.mining import FeatureMiner
+from vebi.models import SmallVGG
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +88,7 @@ def test_stride_fix_lowers_artefacts_on_a_trained_net(mnist_root) -> None:
     data = mnist_subset(mnist_root, 4064)
     images, labels = data.tensors
     torch.manual_seed(0)
-    model = TinyVGG(in_channels=1)
+    model = SmallVGG(in_channels=1)
     optimiser = torch.optim.Adam(model.parameters(), 3e-3)
     model.train()
     for start in [*range(0, 4000, 100)] * 2:

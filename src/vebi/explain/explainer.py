@@ -66,23 +66,23 @@ class Explainer:
         self.layers = list(dict.fromkeys(relevant.index.locate(int(f))[0] for f in used))
         # only relevant features take part (weights at or below the tolerance count as zero)
         self.weights = torch.as_tensor(relevant.weights * mask, dtype=torch.float32)
+        layer_names = relevant.index.layer_of_each_feature()
+        self._layer_id = torch.tensor([relevant.index.layers.index(n) for n in layer_names])
+        self._channel = torch.tensor(
+            [f - relevant.index.offsets[i] for f, i in enumerate(self._layer_id.tolist())]
+        )
 
-    def _choose(
-        self, x: torch.Tensor, classes: torch.Tensor
-    ) -> tuple[list[list[int]], torch.Tensor]:
+    def _choose(self, x: torch.Tensor, classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per image, up to k feature ids (N, k; -1 = none): the largest positive scores
+        s = x * w_c, or, when none is positive, the highest-weight relevant features of c."""
         weights = self.weights.to(x.device)[:, classes].T  # (N, m)
-        scores = x * weights
-        chosen, fallback = [], torch.zeros(len(x), dtype=torch.bool)
-        for n in range(len(x)):
-            positive = (scores[n] > 0).nonzero().flatten()
-            if len(positive) == 0:
-                fallback[n] = True
-                relevant = (weights[n] > self.relevant.tolerance).nonzero().flatten()
-                order = relevant[weights[n, relevant].argsort(descending=True)]
-            else:
-                order = positive[scores[n, positive].argsort(descending=True)]
-            chosen.append(order[: self.k].tolist())
-        return chosen, fallback
+        k = min(self.k, weights.shape[1])
+        top_scores, by_score = (x * weights).topk(k, dim=1)
+        top_weights, by_weight = weights.topk(k, dim=1)
+        fallback = ~(top_scores[:, :1] > 0)
+        chosen = torch.where(fallback, by_weight, by_score)
+        valid = torch.where(fallback, top_weights > self.relevant.tolerance, top_scores > 0)
+        return torch.where(valid, chosen, torch.full_like(chosen, -1)), fallback[:, 0].cpu()
 
     def __call__(self, images: torch.Tensor, targets: torch.Tensor | None = None) -> Explanation:
         relevant = self.relevant
@@ -116,10 +116,7 @@ class Explainer:
                     )
         finally:
             self.model.train(was_training)
-        features = [
-            [self._describe(f, x[n], int(classes[n])) for f in chosen[n]]
-            for n in range(len(images))
-        ]
+        features = self._describe(chosen, x, classes)
         return Explanation(
             classes=classes.detach().cpu(),
             features=features,
@@ -129,35 +126,43 @@ class Explainer:
             logits=logits.detach(),
         )
 
-    def _describe(self, feature: int, x: torch.Tensor, class_id: int) -> ChosenFeature:
-        weight = float(self.weights[feature, class_id])
-        layer, channel = self.relevant.index.locate(feature)
-        return ChosenFeature(layer, channel, float(x[feature].cpu()) * weight, weight)
+    def _describe(
+        self, chosen: torch.Tensor, x: torch.Tensor, classes: torch.Tensor
+    ) -> list[list[ChosenFeature]]:
+        ids = chosen.clamp_min(0).cpu()
+        weights = self.weights[ids, classes.cpu()[:, None]]
+        scores = x.cpu().gather(1, ids) * weights
+        layers, channels = self._layer_id[ids].tolist(), self._channel[ids].tolist()
+        names = self.relevant.index.layers
+        return [
+            [
+                ChosenFeature(
+                    names[layers[n][i]], channels[n][i], float(scores[n, i]), float(weights[n, i])
+                )
+                for i in range(chosen.shape[1])
+                if chosen[n, i] >= 0
+            ]
+            for n in range(len(chosen))
+        ]
 
-    def _backprop_slot(self, slot: int, chosen: list[list[int]], outputs: dict[str, torch.Tensor],
+    def _backprop_slot(self, slot: int, chosen: torch.Tensor, outputs: dict[str, torch.Tensor],
                        inputs: torch.Tensor, maps: torch.Tensor, last: bool) -> None:  # fmt: skip
         """One backward pass for the slot-th feature of every image (layers may differ)."""
-        per_layer: dict[str, list[tuple[int, int]]] = {}
-        for n, features in enumerate(chosen):
-            if slot < len(features):
-                layer, channel = self.relevant.index.locate(features[slot])
-                per_layer.setdefault(layer, []).append((n, channel))
-        if not per_layer:
+        features = chosen[:, slot].cpu()
+        present = features >= 0
+        if not present.any():
             return
+        layer_ids = torch.where(present, self._layer_id[features.clamp_min(0)], -1)
+        channels = self._channel[features.clamp_min(0)].to(inputs.device)
         tensors, signals = [], []
-        for layer, pairs in per_layer.items():
-            output = outputs[layer]
+        for layer_id in layer_ids[present].unique().tolist():
+            output = outputs[self.relevant.index.layers[layer_id]]
             activation = output[:, :, None, None] if output.ndim == 2 else output
-            rows = torch.tensor([n for n, _ in pairs], device=inputs.device)
-            channels = torch.zeros(len(output), dtype=torch.long, device=inputs.device)
-            channels[rows] = torch.tensor([c for _, c in pairs], device=inputs.device)
-            signal = channel_signal(activation, channels)
-            keep = torch.zeros(len(output), dtype=torch.bool, device=inputs.device)
-            keep[rows] = True
-            signal[~keep] = 0
+            mine = (layer_ids == layer_id).to(inputs.device)
+            signal = channel_signal(activation, torch.where(mine, channels, 0))
+            signal[~mine] = 0
             tensors.append(output)
             signals.append(signal.view_as(output))
         (grad,) = torch.autograd.grad(tensors, inputs, grad_outputs=signals, retain_graph=not last)
-        images_done = [n for pairs in per_layer.values() for n, _ in pairs]
-        heatmaps = signal_to_heatmap(grad)
-        maps[images_done, slot] = heatmaps[images_done]
+        rows = present.to(inputs.device)
+        maps[rows, slot] = signal_to_heatmap(grad[rows])

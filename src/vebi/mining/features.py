@@ -14,6 +14,7 @@ Steps 2 and 4 can be switched off. A :class:`FeatureIndex` maps feature ids <-> 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -52,7 +53,7 @@ class FeatureIndex:
     def size(self) -> int:
         return sum(self.channels)
 
-    @property
+    @functools.cached_property
     def offsets(self) -> tuple[int, ...]:
         offsets, total = [], 0
         for count in self.channels:

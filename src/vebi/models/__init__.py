@@ -2,5 +2,6 @@
 
 from vebi.models.lenet import LeNet
 from vebi.models.normalize import Normalize
+from vebi.models.vgg import SmallVGG
 
-__all__ = ["LeNet", "Normalize"]
+__all__ = ["LeNet", "Normalize", "SmallVGG"]
