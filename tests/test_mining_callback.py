@@ -70,7 +70,7 @@ def test_mine_cli_on_existing_checkpoint(short_run: dict, mnist_root: Path, tmp_
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Relevant features (mu = 10" in result.stdout and "class 9:" in result.stdout
-    (artefact,) = (tmp_path / "logs" / "mine" / "default").glob("*/relevant_features.h5")
+    (artefact,) = (tmp_path / "logs" / "mine" / "mnist").glob("*/relevant_features.h5")
     relevant = RelevantFeatures.load(artefact)
     assert relevant.class_counts and sum(relevant.class_counts) == 1000
     assert np.isfinite(relevant.weights).all()
