@@ -104,7 +104,28 @@ def most_active_channel(model: torch.nn.Module, images: torch.Tensor, layer: str
     return int(captured["a"].pow(2).sum(dim=(0, 2, 3)).argmax())
 
 
-def artefacts(device: str, datamodule: MNISTDataModule) -> None:
+def artefact_figure(model: torch.nn.Module, images: torch.Tensor, layer: str, channel: int,
+                    path: Path) -> None:  # fmt: skip
+    """Heatmaps of one feature on a few digits: standard vs stride_fix conv rule."""
+    import matplotlib.pyplot as plt
+
+    from vebi.explain.figures import save_figure
+
+    maps = {
+        conv: signal_to_heatmap(backprop_feature(model, images, layer, channel, conv=conv))
+        for conv in ("standard", "stride_fix")
+    }
+    figure, axes = plt.subplots(2, len(images), figsize=(1.6 * len(images), 3.6), squeeze=False)
+    for row, conv in enumerate(maps):
+        for column in range(len(images)):
+            axes[row, column].imshow(maps[conv][column].cpu(), cmap="jet")
+            axes[row, column].axis("off")
+        axes[row, 0].set_title(f"{conv} ({layer}/{channel})", fontsize=8, loc="left")
+    save_figure(figure, path)
+    print(f"  figure: {path}")
+
+
+def artefacts(device: str, datamodule: MNISTDataModule, figure: Path | None) -> None:
     images, labels = datamodule.data_train.tensors
     torch.manual_seed(0)
     model = SmallVGG(num_classes=10, in_channels=1).to(device)
@@ -136,6 +157,8 @@ def artefacts(device: str, datamodule: MNISTDataModule) -> None:
             f"  {layer:8s} {channel:7d} {scores['standard']:10.4f} {scores['stride_fix']:11.4f} "
             f"{scores['stride_fix'] / scores['standard']:7.2f}"
         )
+        if figure is not None and layer == "pool2":
+            artefact_figure(model, test_images[:6], layer, channel, figure)
 
 
 def main() -> None:
@@ -145,6 +168,9 @@ def main() -> None:
     parser.add_argument("--ckpt", default=None)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument(
+        "--figure", type=Path, default=None, help="save standard vs stride_fix maps"
+    )
     args = parser.parse_args()
     ckpt = Path(args.ckpt) if args.ckpt else newest_checkpoint(ROOT / "logs" / "train" / "mnist")
     print(f"checkpoint: {ckpt}\ndevice: {args.device}, torch threads: {torch.get_num_threads()}")
@@ -152,7 +178,7 @@ def main() -> None:
     datamodule.prepare_data()
     datamodule.setup()
     speed(ckpt, args.device, args.batch, datamodule)
-    artefacts(args.device, datamodule)
+    artefacts(args.device, datamodule, args.figure)
 
 
 if __name__ == "__main__":

@@ -44,3 +44,23 @@ def test_normalize_rejects_wrong_shapes() -> None:
         LeNet()(torch.rand(28, 28))
     with pytest.raises(ValueError, match="std > 0"):
         Normalize(mean=(0.0,), std=(0.0,))
+
+
+def test_atomic_path_writes_whole_files_with_normal_permissions(tmp_path) -> None:
+    import os
+    import stat
+
+    from vebi.utils.io import atomic_path
+
+    target = tmp_path / "out" / "file.txt"
+    with atomic_path(target) as tmp:
+        tmp.write_text("done")
+        assert not target.exists()
+    assert target.read_text() == "done"
+    mask = os.umask(0)
+    os.umask(mask)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~mask
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("interrupted")
+    assert target.read_text() == "done" and len(list(target.parent.iterdir())) == 1
