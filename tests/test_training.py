@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.payloads import TouchOnLoad
 from tests.wandb_offline import logged_values
 from vebi import load_classifier
 from vebi.checkpoint import build_network
@@ -61,18 +62,10 @@ def test_load_classifier_matches_trained_model(short_run: dict, mnist_root: Path
     assert images.min() >= 0 and images.max() <= 1  # plain [0, 1] images, no preprocessing
 
 
-class _TouchOnLoad:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
-
-
 def test_checkpoint_cannot_run_code(short_run: dict, tmp_path: Path) -> None:
     checkpoint = torch.load(short_run["best_checkpoint"], weights_only=True)
     marker = tmp_path / "code-ran"
-    checkpoint["payload"] = _TouchOnLoad(marker)
+    checkpoint["payload"] = TouchOnLoad(marker)
     evil = tmp_path / "evil.ckpt"
     torch.save(checkpoint, evil)
     with pytest.raises(CheckpointError, match="refusing to load"):

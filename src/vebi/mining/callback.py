@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from vebi.checkpoint import read_checkpoint
 from vebi.errors import VebiError
 from vebi.mining.miner import FeatureMiner, MiningReport
 from vebi.mining.reporting import console_summary, save_and_log
@@ -66,8 +67,7 @@ class FeatureMiningCallback(Callback):
             return
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if self.use_best_checkpoint and best:
-            state = torch.load(best, map_location=pl_module.device, weights_only=True)["state_dict"]
-            pl_module.load_state_dict(state)
+            pl_module.load_state_dict(read_checkpoint(best, pl_module.device)["state_dict"])
         dataset, val_dataset = mining_datasets(trainer.datamodule)
         model = getattr(pl_module, "net", pl_module)
         self.report = self.miner.mine(
