@@ -212,3 +212,15 @@ def test_ddp_two_processes_match_one(mnist_root: Path, tmp_path: Path) -> None:
         assert np.load(tmp_path / f"counts{rank}.npy").sum() == 1001
     shards = sorted((tmp_path / "cache").glob("*.h5"))
     assert sorted(p.name.split("-")[-1] for p in shards) == ["rank0of2.h5", "rank1of2.h5"]
+
+
+def test_model_fingerprint_covers_buffers_of_any_shape() -> None:
+    from vebi.mining.miner import model_fingerprint
+    from vebi.models import SmallVGG
+
+    torch.manual_seed(0)
+    model = SmallVGG(num_classes=3, in_channels=3)  # BatchNorm: a 0-dim num_batches_tracked
+    before = model_fingerprint(model)
+    assert before == model_fingerprint(model)
+    model.bn3.num_batches_tracked += 1
+    assert model_fingerprint(model) != before

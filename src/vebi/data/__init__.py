@@ -1,5 +1,14 @@
 """Data modules; each yields images in [0, 1] shaped (N, C, H, W)."""
 
+from vebi.data.an8flower import An8FlowerDataModule, An8FlowerGenerator
+from vebi.data.fashion144k import Fashion144kDataModule
+from vebi.data.image_folder import ImageFolderDataModule
 from vebi.data.mnist import MNISTDataModule
 
-__all__ = ["MNISTDataModule"]
+__all__ = [
+    "An8FlowerDataModule",
+    "An8FlowerGenerator",
+    "Fashion144kDataModule",
+    "ImageFolderDataModule",
+    "MNISTDataModule",
+]

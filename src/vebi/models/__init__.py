@@ -2,6 +2,7 @@
 
 from vebi.models.lenet import LeNet
 from vebi.models.normalize import Normalize
+from vebi.models.torchvision_models import TorchvisionClassifier
 from vebi.models.vgg import SmallVGG
 
-__all__ = ["LeNet", "Normalize", "SmallVGG"]
+__all__ = ["LeNet", "Normalize", "SmallVGG", "TorchvisionClassifier"]

@@ -62,6 +62,13 @@ class ClassifierModule(LightningModule):
         self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
         self.val_acc_best = MaxMetric()
 
+    def setup(self, stage: str) -> None:
+        """Take the data module's class names when the config gave none."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        names = getattr(datamodule, "class_names", None)
+        if self.hparams.class_names is None and names and len(names) == self.hparams.num_classes:
+            self.class_names = [str(name) for name in names]
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(images)
 
