@@ -55,3 +55,26 @@ def test_mnist_experiment_reaches_99_percent(mnist_root: Path, tmp_path: Path) -
     with torch.no_grad():
         accuracy = (model(images).argmax(1) == labels).float().mean().item()
     assert len(labels) == 10000 and accuracy >= 0.99
+
+
+@pytest.mark.slow
+def test_an8flower_double_generates_data_and_reaches_95_percent(tmp_path: Path) -> None:
+    """Generation on first use, training, mining: the issue's acceptance run."""
+    result = run_cli(
+        "train.py",
+        "experiment=an8flower_double",
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"paths.log_dir={tmp_path / 'logs'}",
+        f"mining.cache_dir={tmp_path / 'cache'}",
+        "logger=csv",
+        timeout=1800,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _percent("test acc:", result.stdout) >= 95.0
+    images = tmp_path / "data" / "an8flower_double"
+    assert len(list(images.iterdir())) == 12
+    assert len(list((tmp_path / "data" / "an8flower_double_MASK").rglob("*.png"))) == 3600
+    (artefact,) = (tmp_path / "logs" / "train" / "an8flower_double").glob(
+        "*/mining/relevant_features.h5"
+    )
+    assert artefact.is_file()
