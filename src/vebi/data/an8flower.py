@@ -30,12 +30,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from lightning import LightningDataModule
 from matplotlib.colors import hsv_to_rgb
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from vebi.data.base import SplitDataModule
 from vebi.errors import VebiError
 
 log = logging.getLogger(__name__)
@@ -290,7 +290,7 @@ class MaskedImages(Dataset):
         return self.images[index].float() / 255.0, self.labels[index], self.masks[index].float()
 
 
-class An8FlowerDataModule(LightningDataModule):
+class An8FlowerDataModule(SplitDataModule):
     """an8Flower in the published layout, as (image, label, mask) with 1 = deciding region.
 
     ``prepare_data`` generates the data with :class:`An8FlowerGenerator` when ``generate`` is
@@ -308,7 +308,6 @@ class An8FlowerDataModule(LightningDataModule):
             raise VebiError("val_fraction and test_fraction must be in (0, 1) and sum below 1")
         self.save_hyperparameters(logger=False)
         self.folder = Path(data_dir) / name
-        self.data_train = self.data_val = self.data_test = None
         self.class_names: list[str] = []
 
     @property
@@ -348,23 +347,3 @@ class An8FlowerDataModule(LightningDataModule):
         self.data_train, self.data_val, self.data_test = (
             MaskedImages(images[split[k]], labels[split[k]], masks[split[k]]) for k in ("train", "val", "test")
         )
-
-    def mining_dataset(self) -> Dataset:
-        if self.data_train is None:
-            raise VebiError("the data module is not set up: call setup() first")
-        return self.data_train
-
-    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise VebiError("the data module is not set up: call setup() first")
-        return DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=shuffle,
-                          num_workers=self.hparams.num_workers)  # fmt: skip
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.data_train, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.data_val, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.data_test, shuffle=False)

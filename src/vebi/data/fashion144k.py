@@ -25,10 +25,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from lightning import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision import transforms
 
+from vebi.data.base import SplitDataModule, image_transforms
 from vebi.data.image_folder import read_rgb
 from vebi.errors import VebiError
 
@@ -95,7 +95,7 @@ def read_fashion144k(root: str | Path, classes: Sequence[str]) -> dict[str, tupl
     return result
 
 
-class Fashion144kDataModule(LightningDataModule):
+class Fashion144kDataModule(SplitDataModule):
     """Fashion144k photos carrying exactly one of ``classes`` (tags), as (image, label)."""
 
     def __init__(self, root: str | Path, classes: Sequence[str] = DEFAULT_CLASSES, image_size: int = 224,
@@ -105,7 +105,6 @@ class Fashion144kDataModule(LightningDataModule):
         self.save_hyperparameters(logger=False)
         self.root = Path(root)
         self.class_names = list(classes)
-        self.data_train = self.data_val = self.data_test = self._train_eval = None
         self.skipped: dict[str, int] = {}
 
     @property
@@ -117,12 +116,7 @@ class Fashion144kDataModule(LightningDataModule):
         return (3, self.hparams.image_size, self.hparams.image_size)
 
     def _transforms(self, train: bool) -> transforms.Compose:
-        size = self.hparams.image_size
-        if train:
-            steps = [transforms.RandomResizedCrop(size, scale=(0.5, 1.0)), transforms.RandomHorizontalFlip()]
-        else:
-            steps = [transforms.Resize(size), transforms.CenterCrop(size)]
-        return transforms.Compose([*steps, transforms.ToTensor()])
+        return image_transforms(self.hparams.image_size, train, eval_resize=1.0)
 
     def prepare_data(self) -> None:
         if not (self.root / "photos.txt").is_file():
@@ -137,26 +131,6 @@ class Fashion144kDataModule(LightningDataModule):
             if not paths:
                 raise VebiError(f"the Fashion144k {name} split has no photo with exactly one of {self.class_names}")
         self.data_train = TaggedPhotos(*splits["train"][:2], self._transforms(True))
-        self._train_eval = TaggedPhotos(*splits["train"][:2], self._transforms(False))
+        self.data_mining = TaggedPhotos(*splits["train"][:2], self._transforms(False))
         self.data_val = TaggedPhotos(*splits["val"][:2], self._transforms(False))
         self.data_test = TaggedPhotos(*splits["test"][:2], self._transforms(False))
-
-    def mining_dataset(self) -> Dataset:
-        if self._train_eval is None:
-            raise VebiError("the data module is not set up: call setup() first")
-        return self._train_eval
-
-    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise VebiError("the data module is not set up: call setup() first")
-        return DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=shuffle,
-                          num_workers=self.hparams.num_workers)  # fmt: skip
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.data_train, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.data_val, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.data_test, shuffle=False)

@@ -6,14 +6,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from lightning import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import TensorDataset
 
+from vebi.data.base import SplitDataModule
 from vebi.data.mnist_sources import DEFAULT_SOURCES, cache_problems, ensure_mnist, raw_folder
 from vebi.errors import DataUnavailableError, VebiError
 
 
-class MNISTDataModule(LightningDataModule):
+class MNISTDataModule(SplitDataModule):
     """Real MNIST digits as ``(image, label)`` with images in [0, 1], shaped (1, 28, 28).
 
     ``prepare_data`` obtains a verified copy (torchvision's download when the network allows,
@@ -59,9 +59,6 @@ class MNISTDataModule(LightningDataModule):
         mirrors = [str(url) for url in mirrors] if mirrors else None
         self.save_hyperparameters(logger=False)
         self.data_dir = Path(data_dir)
-        self.data_train: Dataset | None = None
-        self.data_val: Dataset | None = None
-        self.data_test: Dataset | None = None
 
     def prepare_data(self) -> None:
         ensure_mnist(self.data_dir, self.hparams.sources, self.hparams.mirrors)
@@ -90,30 +87,3 @@ class MNISTDataModule(LightningDataModule):
         self.data_train = self._as_dataset(train.data[train_idx], train.targets[train_idx])
         self.data_val = self._as_dataset(train.data[val_idx], train.targets[val_idx])
         self.data_test = self._as_dataset(test.data, test.targets)
-
-    def mining_dataset(self) -> Dataset:
-        """The training split as (image, label) without augmentation, in a fixed order."""
-        if self.data_train is None:
-            raise VebiError("the data module is not set up: call setup() first")
-        return self.data_train
-
-    def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise VebiError("the data module is not set up: call setup() first")
-        return DataLoader(
-            dataset,
-            batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            num_workers=self.hparams.num_workers,
-            pin_memory=self.hparams.pin_memory,
-            persistent_workers=self.hparams.num_workers > 0,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.data_train, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.data_val, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.data_test, shuffle=False)
