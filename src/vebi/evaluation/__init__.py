@@ -1,5 +1,30 @@
-"""Evaluation of explanations: localisation metrics as torchmetrics Metrics."""
+"""Evaluators (METHOD.md section 5): relevance by ablation, the sparse classifier, and heatmap
+methods scored by localisation, faithfulness and artefacts (torchmetrics Metrics)."""
 
+from vebi.evaluation.ablation import AblationRelevance, ablated, sparse_classifier_accuracy
+from vebi.evaluation.faithfulness import (
+    CheckerboardScore,
+    DeletionArea,
+    InsertionArea,
+    perturbation_curves,
+)
+from vebi.evaluation.heatmaps import HeatmapEvaluation, TestImages
 from vebi.evaluation.localisation import MeanThresholdIoU, PointingGame, RelevanceMass, ThresholdIoU
+from vebi.evaluation.methods import HeatmapMethod
 
-__all__ = ["MeanThresholdIoU", "PointingGame", "RelevanceMass", "ThresholdIoU"]
+__all__ = [
+    "AblationRelevance",
+    "CheckerboardScore",
+    "DeletionArea",
+    "HeatmapEvaluation",
+    "HeatmapMethod",
+    "InsertionArea",
+    "MeanThresholdIoU",
+    "PointingGame",
+    "RelevanceMass",
+    "TestImages",
+    "ThresholdIoU",
+    "ablated",
+    "perturbation_curves",
+    "sparse_classifier_accuracy",
+]

@@ -1,109 +1,286 @@
-"""Evaluation job: test a trained checkpoint and record the results in the run dir and W&B."""
+"""Evaluation job: test a checkpoint, then run the evaluators of METHOD.md section 5 on it.
+
+Network accuracy (Lightning ``Trainer.test``), the sparse classifier, relevance by ablation,
+and the heatmap methods of ``evaluation.methods`` scored by localisation (where masks exist),
+deletion/insertion and the artefact score. Results go to ``results.json`` / ``results.md`` /
+PNGs in the run dir and to W&B.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from vebi.checkpoint import load_classifier, newest_checkpoint
+from vebi.checkpoint import load_classifier
 from vebi.errors import VebiError
+from vebi.evaluation.ablation import (
+    AblationRelevance,
+    sparse_classifier_accuracy,
+    summarise_ablation,
+)
+from vebi.evaluation.heatmaps import HeatmapEvaluation, TestImages, load_test_images
+from vebi.evaluation.methods import HeatmapMethod
+from vebi.evaluation.reporting import (
+    log_to_wandb,
+    panel_figure,
+    results_markdown,
+    save_figures,
+)
+from vebi.explain.heatmaps import stride_periods
+from vebi.mining.callback import mining_datasets
 from vebi.mining.miner import model_fingerprint
 from vebi.mining.relevant import RelevantFeatures
-from vebi.mining.reporting import ARTEFACT_NAME, console_summary
+from vebi.mining.reporting import console_summary, save_and_log
 from vebi.modules.classifier import ClassifierModule
+from vebi.pipelines.common import mined_features_path, resolve_checkpoint
 from vebi.utils.cli import finish_loggers, wandb_run_dir
-from vebi.utils.instantiate import flat_config, instantiate_loggers
+from vebi.utils.instantiate import device_for, flat_config, instantiate_loggers
 from vebi.utils.io import atomic_path
 
 log = logging.getLogger(__name__)
 
+EVALUATORS = ("sparse", "ablation", "localisation", "faithfulness", "artefacts")
 
-def resolve_checkpoint(cfg: DictConfig) -> Path:
-    """``cfg.ckpt_path`` if given, else the newest best checkpoint of ``cfg.experiment_name``."""
-    if cfg.get("ckpt_path"):
-        return Path(cfg.ckpt_path)
-    runs = Path(cfg.paths.log_dir) / "train" / cfg.experiment_name
-    path = newest_checkpoint(runs)
-    log.info("No ckpt_path given: using the newest checkpoint of %r", cfg.experiment_name)
-    print(f"Using the newest checkpoint of experiment {cfg.experiment_name!r}: {path}", flush=True)
-    return path
+
+def _check_classes(relevant: RelevantFeatures, module: ClassifierModule, source: Path) -> None:
+    if relevant.num_classes != module.hparams.num_classes:
+        raise VebiError(
+            f"the relevant features in {source} were mined for {relevant.num_classes} classes "
+            f"but the checkpoint predicts {module.hparams.num_classes}: pass the matching "
+            "relevant_features=... or delete the file to mine again"
+        )
+    named = module.hparams.get("class_names")
+    if named and list(map(str, named)) != list(relevant.class_names):
+        raise VebiError(
+            f"the classes of {source} ({relevant.class_names}) differ from the checkpoint's "
+            f"({list(named)}): pass the matching relevant_features=..."
+        )
+
+
+def obtain_relevant_features(
+    cfg: DictConfig, ckpt_path: Path, module: ClassifierModule, datamodule: Any, loggers: list
+) -> tuple[RelevantFeatures, Path, str]:
+    """The features to evaluate: ``relevant_features=...``, else those mined in the checkpoint's
+    training run when they used ``mining.mu``, else mined now (saved into this run's dir).
+    Returns (features, file, how they were obtained)."""
+    explicit = cfg.get("relevant_features")
+    path = Path(explicit) if explicit else mined_features_path(ckpt_path)
+    if explicit and not path.is_file():
+        raise VebiError(f"relevant_features={explicit}: no such file")
+    if path.is_file():
+        relevant = RelevantFeatures.load(path)
+        same_mu = cfg.mining.get("mu_candidates") is not None or math.isclose(
+            relevant.mu, float(cfg.mining.mu), rel_tol=1e-9
+        )
+        if explicit or same_mu:
+            _check_classes(relevant, module, path)
+            if relevant.fingerprint.get("model") not in (None, model_fingerprint(module.net)):
+                print(f"warning: {path} was mined from other weights than {ckpt_path}", flush=True)
+            return relevant, path, "loaded"
+        print(
+            f"{path} was mined with mu = {relevant.mu:g}; mining again with mu = "
+            f"{float(cfg.mining.mu):g}",
+            flush=True,
+        )
+    else:
+        print(f"No relevant features at {path}: mining them now", flush=True)
+    datamodule.setup("fit")
+    dataset, val_dataset = mining_datasets(datamodule)
+    report = instantiate(cfg.mining).mine(module.net, dataset, val_dataset, module.class_names)
+    path = save_and_log(report, Path(cfg.paths.output_dir) / "mining", loggers)
+    _check_classes(report.relevant, module, path)
+    return report.relevant, path, "mined"
+
+
+def build_methods(
+    cfg: DictConfig, module: ClassifierModule, relevant: RelevantFeatures
+) -> dict[str, HeatmapMethod]:
+    """Instantiate the methods of ``evaluation.methods`` named in ``evaluation.select``."""
+    available = cfg.evaluation.get("methods") or {}
+    chosen = list(cfg.evaluation.get("select") or available)
+    unknown = [name for name in chosen if name not in available]
+    if unknown:
+        raise VebiError(f"unknown heatmap method(s) {unknown}; available: {list(available)}")
+    methods = {}
+    for name in chosen:
+        # partial first: Hydra would turn the RelevantFeatures dataclass into a config
+        method = instantiate(available[name], _partial_=True)(model=module.net, relevant=relevant)
+        if not isinstance(method, HeatmapMethod):
+            raise VebiError(f"evaluation.methods.{name} is not a vebi HeatmapMethod")
+        methods[name] = method
+    return methods
+
+
+def _panel_rows(labels: torch.Tensor, per_class: int) -> dict[int, torch.Tensor]:
+    """For each class, the first ``per_class`` positions of its images."""
+    return {int(c): (labels == c).nonzero()[:per_class, 0] for c in labels.unique()}
+
+
+def run_evaluators(
+    cfg: DictConfig, module: ClassifierModule, relevant: RelevantFeatures, test: TestImages
+) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+    """(results, panel figures, notes) of the evaluators listed in ``evaluation.evaluators``."""
+    settings = cfg.evaluation
+    evaluators = list(settings.evaluators)
+    unknown = set(evaluators) - set(EVALUATORS)
+    if unknown:
+        raise VebiError(f"unknown evaluator(s) {sorted(unknown)}; choose from {list(EVALUATORS)}")
+    device = next(module.net.parameters()).device
+    net = module.net.eval()
+    results: dict[str, Any] = {}
+    notes: list[str] = []
+    images, labels = test.images.to(device), test.labels.to(device)
+    if "sparse" in evaluators:
+        results["sparse"] = sparse_classifier_accuracy(
+            net, relevant, images, labels, int(settings.batch_size_inference)
+        )
+    if "ablation" in evaluators:
+        ablation: AblationRelevance = instantiate(settings.ablation)
+        records = ablation(net, relevant, images, labels)
+        results["ablation"] = {
+            "draws": ablation.draws,
+            "num_images": len(test),
+            "per_class": [r.row() for r in records],
+            "average": summarise_ablation(records),
+        }
+    heatmap_evaluators = [
+        e for e in evaluators if e in ("localisation", "faithfulness", "artefacts")
+    ]
+    panels: dict[str, Any] = {}
+    if heatmap_evaluators:
+        if "localisation" in heatmap_evaluators and test.masks is None:
+            notes.append("localisation skipped: the data set has no ground-truth masks")
+        periods = stride_periods(net)[:1]
+        if "artefacts" in heatmap_evaluators and not periods:
+            notes.append("artefact score skipped: the model has no strided layer")
+        limit = settings.get("heatmap_images")
+        generator = torch.Generator().manual_seed(int(cfg.seed))
+        order = torch.randperm(len(test), generator=generator)
+        subset = test.subset(order[: int(limit) if limit else len(test)].sort().values)
+        if settings.target == "label":
+            classes = subset.labels
+        elif settings.target == "predicted":
+            with torch.no_grad():
+                classes = torch.cat(
+                    [
+                        net(subset.images[i : i + 256].to(device)).argmax(1).cpu()
+                        for i in range(0, len(subset), 256)
+                    ]
+                )
+        else:
+            raise VebiError(
+                f"evaluation.target must be 'label' or 'predicted', got {settings.target!r}"
+            )
+        rows = _panel_rows(subset.labels, int(settings.panel_images_per_class))
+        keep = torch.cat(list(rows.values())) if rows else None
+        scorer = HeatmapEvaluation(
+            thresholds=list(settings.thresholds),
+            steps=int(settings.steps),
+            deletion_baseline=settings.deletion_baseline,
+            insertion_baseline=settings.insertion_baseline,
+            periods=periods,
+            batch_size=int(settings.batch_size),
+            evaluators=heatmap_evaluators,
+        )
+        methods = build_methods(cfg, module, relevant)
+        scores, kept = scorer(net, methods, subset, classes, keep=keep)
+        if keep is not None:
+            position = 0
+            for c, members in rows.items():
+                count = len(members)
+                maps = {name: m[position : position + count] for name, m in kept.items()}
+                masks = None if subset.masks is None else subset.masks[members]
+                panels[_class_file_name(relevant.class_names[c])] = panel_figure(
+                    subset.images[members],
+                    maps,
+                    masks,
+                    f"class {relevant.class_names[c]}: heatmaps of each method",
+                )
+                position += count
+        results["heatmaps"] = {
+            "num_images": len(subset),
+            "target": settings.target,
+            "periods": periods,
+            "methods": scores,
+        }
+    return results, panels, notes
+
+
+def _class_file_name(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
-    """Test the checkpoint on the test split; write ``results.json`` and ``results.md``."""
+    """Test the checkpoint and run the evaluators; write ``results.json`` and ``results.md``."""
+    if cfg.get("seed") is not None:
+        L.seed_everything(int(cfg.seed), workers=True)
     ckpt_path = resolve_checkpoint(cfg)
-    model = load_classifier(ckpt_path)
+    module = load_classifier(ckpt_path)
     datamodule = instantiate(cfg.data)
     data_classes = getattr(datamodule, "num_classes", None)
-    if data_classes is not None and data_classes != model.hparams.num_classes:
+    if data_classes is not None and data_classes != module.hparams.num_classes:
         raise VebiError(
-            f"{ckpt_path} predicts {model.hparams.num_classes} classes but the data "
+            f"{ckpt_path} predicts {module.hparams.num_classes} classes but the data "
             f"({cfg.data._target_}) has {data_classes}: pick the matching experiment=..."
         )
+    output_dir = Path(cfg.paths.output_dir)
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[])
     for logger in loggers:
         logger.log_hyperparams({**flat_config(cfg), "ckpt_path": str(ckpt_path)})
     failed = True
     try:
-        (metrics,) = trainer.test(model, datamodule=datamodule)
-        num_test = len(datamodule.test_dataloader().dataset)
-        if num_test == 0:
-            raise VebiError("the test split is empty: nothing to evaluate")
-        wandb_dir = wandb_run_dir(loggers)
+        datamodule.prepare_data()
+        datamodule.setup("test")
+        test_dataset = datamodule.test_dataloader().dataset
+        if len(test_dataset) == 0:
+            raise VebiError("the test split is empty: nothing to evaluate (check the data set)")
+        (metrics,) = trainer.test(module, datamodule=datamodule)
+        module = module.to(device_for(cfg.trainer))
+        relevant, relevant_path, obtained = obtain_relevant_features(
+            cfg, ckpt_path, module, datamodule, loggers
+        )
+        print("\n" + console_summary(relevant) + f"\n  ({obtained}: {relevant_path})", flush=True)
+        test = load_test_images(test_dataset, cfg.evaluation.get("max_images"), int(cfg.seed))
+        evaluations, panels, notes = run_evaluators(cfg, module, relevant, test)
+        result = {
+            "checkpoint": str(ckpt_path),
+            "num_test_images": len(test_dataset),
+            "relevant_features": str(relevant_path),
+            "mu": relevant.mu,
+            "k": cfg.get("k"),
+            "metrics": {k: float(v) for k, v in metrics.items()}
+            | {f"test/{k}": v for k, v in evaluations.pop("sparse", {}).items()},
+            **evaluations,
+            "notes": notes,
+            "config": OmegaConf.to_container(cfg.evaluation, resolve=True),
+            "output_dir": str(output_dir),
+        }
+        figures = save_figures(result, panels, output_dir)
+        result["figures"] = {name: str(path) for name, path in figures.items()}
+        log_to_wandb(loggers, result, figures)
+        result["wandb_dir"] = wandb_run_dir(loggers)
+        _write_results(result, output_dir)
         failed = False
     finally:
         finish_loggers(loggers, failed=failed)
-    result = {
-        "checkpoint": str(ckpt_path),
-        "num_test_images": num_test,
-        "metrics": {k: float(v) for k, v in metrics.items()},
-        "output_dir": str(Path(cfg.paths.output_dir)),
-        "wandb_dir": wandb_dir,
-    }
-    _write_results(result, Path(cfg.paths.output_dir))
-    acc = result["metrics"].get("test/acc")
-    print(
-        "\nEvaluation finished\n"
-        f"  checkpoint:  {ckpt_path}\n"
-        + (
-            f"  test acc:    {100 * acc:.2f}% on {num_test} test images\n"
-            if acc is not None
-            else ""
-        )
-        + f"  run files:   {result['output_dir']}\n"
-        + (f"  W&B run:     {result['wandb_dir']}\n" if result["wandb_dir"] else ""),
-        flush=True,
-    )
-    _report_mined_features(ckpt_path, model)
+    print("\n" + results_markdown(result), flush=True)
+    print(f"  run files:   {output_dir}", flush=True)
+    if result["wandb_dir"]:
+        print(f"  W&B run:     {result['wandb_dir']}", flush=True)
     return result
-
-
-def _report_mined_features(ckpt_path: Path, model: ClassifierModule) -> None:
-    """Reload and print the relevant features mined in the checkpoint's training run, if any."""
-    path = ckpt_path.parent.parent / "mining" / ARTEFACT_NAME
-    if not path.is_file():
-        return
-    relevant = RelevantFeatures.load(path)
-    print(console_summary(relevant), flush=True)
-    print(f"  (reloaded from {path})", flush=True)
-    if relevant.fingerprint.get("model") != model_fingerprint(model.net):
-        print("  warning: these features were mined from different weights", flush=True)
 
 
 def _write_results(result: dict[str, Any], output_dir: Path) -> None:
     with atomic_path(output_dir / "results.json") as tmp:
         tmp.write_text(json.dumps(result, indent=2))
-    rows = "\n".join(f"| {name} | {value:.4f} |" for name, value in result["metrics"].items())
-    table = (
-        f"# Evaluation of `{result['checkpoint']}`\n\n"
-        f"{result['num_test_images']} test images.\n\n| metric | value |\n|---|---|\n{rows}\n"
-    )
     with atomic_path(output_dir / "results.md") as tmp:
-        tmp.write_text(table)
+        tmp.write_text(results_markdown(result))

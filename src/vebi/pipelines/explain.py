@@ -13,31 +13,18 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig
 
 from vebi.checkpoint import load_classifier
-from vebi.errors import VebiError
 from vebi.explain.explainer import Explainer
 from vebi.explain.figures import explanation_figure, save_figure
 from vebi.explain.inputs import load_images
 from vebi.explain.rules import Rules
 from vebi.mining.miner import model_fingerprint
 from vebi.mining.relevant import RelevantFeatures
-from vebi.mining.reporting import ARTEFACT_NAME
-from vebi.pipelines.evaluate import resolve_checkpoint
+from vebi.pipelines.common import relevant_features_for, resolve_checkpoint
 from vebi.utils.cli import finish_loggers, wandb_run_dir
 from vebi.utils.instantiate import flat_config, instantiate_loggers
 from vebi.utils.io import atomic_path
 
 log = logging.getLogger(__name__)
-
-
-def relevant_features_for(ckpt_path: Path, explicit: str | None) -> Path:
-    """The RelevantFeatures file: ``explicit``, else the one mined in the checkpoint's run."""
-    path = Path(explicit) if explicit else ckpt_path.parent.parent / "mining" / ARTEFACT_NAME
-    if not path.is_file():
-        raise VebiError(
-            f"no relevant features at {path}: mine them first with "
-            f"`python mine.py ckpt_path={ckpt_path}` and pass relevant_features=<its output>"
-        )
-    return path
 
 
 def _inputs(cfg: DictConfig, datamodule: Any) -> tuple[torch.Tensor, list[str], list[str]]:

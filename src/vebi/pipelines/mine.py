@@ -6,7 +6,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
@@ -14,9 +13,9 @@ from vebi.checkpoint import load_classifier
 from vebi.explain.interpretation import interpret_and_log
 from vebi.mining.callback import mining_datasets
 from vebi.mining.reporting import console_summary, save_and_log
-from vebi.pipelines.evaluate import resolve_checkpoint
+from vebi.pipelines.common import resolve_checkpoint
 from vebi.utils.cli import finish_loggers, wandb_run_dir
-from vebi.utils.instantiate import flat_config, instantiate_loggers
+from vebi.utils.instantiate import device_for, flat_config, instantiate_loggers
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +24,7 @@ def mine(cfg: DictConfig) -> dict[str, Any]:
     """Load the checkpoint, mine on the data's training split, save and log the artefact."""
     ckpt_path = resolve_checkpoint(cfg)
     module = load_classifier(ckpt_path)
-    if cfg.trainer.get("accelerator") in ("gpu", "cuda") or (
-        cfg.trainer.get("accelerator") == "auto" and torch.cuda.is_available()
-    ):
-        module = module.to("cuda")
+    module = module.to(device_for(cfg.trainer))
     datamodule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")

@@ -6,6 +6,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from hydra.utils import instantiate
 from lightning import Callback
 from lightning.pytorch.loggers import Logger
@@ -51,3 +52,12 @@ def flat_config(cfg: DictConfig) -> dict[str, Any]:
 
     visit(container, "")
     return flat
+
+
+def device_for(trainer: DictConfig) -> torch.device:
+    """The device a job outside ``Trainer.fit`` uses: CUDA when the trainer config asks for a
+    GPU (or ``auto`` and one is present), else the CPU."""
+    accelerator = trainer.get("accelerator")
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")

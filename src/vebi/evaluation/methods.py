@@ -1,0 +1,216 @@
+"""Heatmap methods compared by the evaluators (METHOD.md section 5), one small class each.
+
+Every method is built as ``Method(model, relevant, **options)`` (Hydra ``_target_`` with the
+model and the mined :class:`~vebi.mining.relevant.RelevantFeatures` passed in) and called as
+``method(images, classes) -> (N, H, W)`` maps in [0, 1], one per image, explaining class
+``classes[n]``. The names they are compared under are the keys of ``evaluation.methods`` in
+the config. Input-space signals all go through the same
+:func:`~vebi.explain.heatmaps.signal_to_heatmap`, so the methods differ only in the signal.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vebi.errors import VebiError
+from vebi.explain.backprop import capture_outputs
+from vebi.explain.explainer import Explainer
+from vebi.explain.heatmaps import signal_to_heatmap
+from vebi.explain.rules import Rules
+from vebi.mining.features import FeatureExtractor, eval_mode, trace_leaf_calls
+from vebi.mining.relevant import RelevantFeatures
+
+
+def _min_max(maps: torch.Tensor) -> torch.Tensor:
+    """Scale each (H, W) map of (N, H, W) to [0, 1]; constant maps become 0."""
+    flat = maps.flatten(1)
+    low = flat.min(dim=1).values.view(-1, 1, 1)
+    span = flat.max(dim=1).values.view(-1, 1, 1) - low
+    return torch.where(span > 0, (maps - low) / span.clamp_min(1e-30), torch.zeros_like(maps))
+
+
+def last_spatial_layer(model: nn.Module, images: torch.Tensor) -> str:
+    """The last leaf module before the logits whose output is a map larger than 1 x 1."""
+    calls = trace_leaf_calls(model, images[:1])
+    spatial = [name for name, shape in calls if len(shape) == 4 and shape[-1] * shape[-2] > 1]
+    if not spatial:
+        raise VebiError("the model has no layer with a spatial output map (H x W > 1)")
+    return spatial[-1]
+
+
+class HeatmapMethod(ABC):
+    """Base class: ``method(images, classes)`` -> (N, H, W) heatmaps in [0, 1]."""
+
+    def __init__(self, model: nn.Module, relevant: RelevantFeatures) -> None:
+        self.model = model
+        self.relevant = relevant
+
+    @abstractmethod
+    def __call__(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor: ...
+
+
+class VebiExplanation(HeatmapMethod):
+    """Ours: the top-k relevant features that fire, propagated with ``rules`` (see
+    :class:`~vebi.explain.explainer.Explainer`). ``combine="max"`` is the combined map (pixel-wise
+    max of the k maps), ``combine="best"`` the map of the single highest-scoring feature."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        relevant: RelevantFeatures,
+        k: int = 3,
+        relu: str = "guided",
+        conv: str = "stride_fix",
+        pool: str = "standard",
+        combine: str = "max",
+    ) -> None:
+        super().__init__(model, relevant)
+        if combine not in ("max", "best"):
+            raise VebiError(f"combine must be 'max' or 'best', got {combine!r}")
+        self.combine = combine
+        self.explainer = Explainer(
+            model, relevant, k=1 if combine == "best" else k, rules=Rules(relu, conv, pool)
+        )
+
+    def __call__(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        explanation = self.explainer(images, classes)
+        return explanation.combined if self.combine == "max" else explanation.maps[:, 0]
+
+
+class CaptumAttribution(HeatmapMethod):
+    """A Captum attribution of the class logit: ``deconvolution`` (standard deconvnet),
+    ``guided_backprop``, or ``gradient`` (|d logit / d pixel|, Simonyan et al.)."""
+
+    def __init__(self, model: nn.Module, relevant: RelevantFeatures, algorithm: str) -> None:
+        super().__init__(model, relevant)
+        from captum.attr import Deconvolution, GuidedBackprop, Saliency
+
+        algorithms = {
+            "deconvolution": Deconvolution,
+            "guided_backprop": GuidedBackprop,
+            "gradient": Saliency,
+        }
+        if algorithm not in algorithms:
+            raise VebiError(
+                f"unknown Captum algorithm {algorithm!r}; use one of {list(algorithms)}"
+            )
+        self.algorithm = algorithm
+        self.attribution = algorithms[algorithm](model)
+
+    def __call__(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        inputs = images.detach().clone().requires_grad_(True)
+        with eval_mode(self.model), torch.enable_grad():
+            if self.algorithm == "gradient":
+                signal = self.attribution.attribute(inputs, target=classes, abs=True)
+            else:
+                signal = self.attribution.attribute(inputs, target=classes)
+        return signal_to_heatmap(signal.detach())
+
+
+class GradCAM(HeatmapMethod):
+    """Grad-CAM (Captum ``LayerGradCam``) at ``layer`` (default: the last layer with a spatial
+    map), ReLU, bilinearly upsampled to the image and min-max scaled."""
+
+    def __init__(
+        self, model: nn.Module, relevant: RelevantFeatures, layer: str | None = None
+    ) -> None:
+        super().__init__(model, relevant)
+        self.layer = layer
+
+    def __call__(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        from captum.attr import LayerAttribution, LayerGradCam
+
+        layer = self.layer or last_spatial_layer(self.model, images)
+        module = dict(self.model.named_modules())[layer]
+        with eval_mode(self.model), torch.enable_grad():
+            cam = LayerGradCam(self.model, module).attribute(
+                images.detach().clone().requires_grad_(True),
+                target=classes,
+                relu_attributions=True,
+            )
+        cam = LayerAttribution.interpolate(cam.detach(), tuple(images.shape[-2:]), "bilinear")
+        return _min_max(cam[:, 0].clamp_min(0))
+
+
+class TopUnitActivation(HeatmapMethod):
+    """The forward activation map of the top unit, bilinearly upsampled (Network-Dissection style).
+
+    The top unit of image n is the relevant feature of class c with the largest score
+    s_f = x_f w_{f,c} among the layers with spatial maps larger than 1 x 1, i.e. the unit our
+    explanation would start from, brought to the pixels by upsampling instead of a deconvnet.
+    """
+
+    def __call__(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        relevant = self.relevant
+        shapes = dict(trace_leaf_calls(self.model, images[:1]))
+        spatial = torch.tensor(
+            [
+                len(shapes[layer]) == 4 and shapes[layer][-1] * shapes[layer][-2] > 1
+                for layer in relevant.index.layer_of_each_feature()
+            ]
+        )
+        if not spatial.any():
+            raise VebiError("none of the mined layers has a spatial map: no top unit to upsample")
+        weights = torch.as_tensor(relevant.weights * relevant.relevant_mask(), dtype=torch.float32)
+        weights[~spatial] = 0
+        with (
+            eval_mode(self.model),
+            torch.no_grad(),
+            FeatureExtractor(
+                self.model,
+                relevant.layers,
+                relevant.aggregation,
+                relevant.normalize_layers,
+                relevant.normalize_global,
+            ) as extractor,
+            capture_outputs(self.model, relevant.layers) as outputs,
+        ):
+            x, _ = extractor.forward(images)
+        column = weights.to(x.device)[:, classes].T  # (N, m)
+        scores = torch.where(column > 0, x * column, torch.full_like(x, -1.0))
+        # a class without spatial relevant features: the most active spatial unit instead
+        any_spatial = torch.where(spatial.to(x.device), x, torch.full_like(x, -1.0))
+        scores = torch.where((column > 0).any(dim=1, keepdim=True), scores, any_spatial)
+        top = scores.argmax(dim=1).tolist()
+        maps = torch.zeros(len(images), *images.shape[-2:], device=images.device)
+        for n, feature in enumerate(top):
+            layer, channel = relevant.index.locate(feature)
+            activation = outputs[layer][n : n + 1, channel : channel + 1]
+            upsampled = F.interpolate(
+                activation, size=tuple(images.shape[-2:]), mode="bilinear", align_corners=False
+            )
+            maps[n] = upsampled[0, 0]
+        return _min_max(maps.clamp_min(0))
+
+
+class CentreGaussian(HeatmapMethod):
+    """Control: the same centred Gaussian for every image, std ``sigma`` x image side."""
+
+    def __init__(self, model: nn.Module, relevant: RelevantFeatures, sigma: float = 0.25) -> None:
+        super().__init__(model, relevant)
+        if sigma <= 0:
+            raise VebiError(f"sigma must be > 0, got {sigma}")
+        self.sigma = sigma
+
+    def __call__(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        height, width = images.shape[-2:]
+        ys = (torch.arange(height, dtype=torch.float32) - (height - 1) / 2) / (self.sigma * height)
+        xs = (torch.arange(width, dtype=torch.float32) - (width - 1) / 2) / (self.sigma * width)
+        gaussian = torch.exp(-0.5 * (ys[:, None] ** 2 + xs[None, :] ** 2))
+        return _min_max(gaussian.expand(len(images), height, width).to(images.device))
+
+
+class UniformRandom(HeatmapMethod):
+    """Control: i.i.d. uniform noise maps, from a generator seeded once with ``seed``."""
+
+    def __init__(self, model: nn.Module, relevant: RelevantFeatures, seed: int = 0) -> None:
+        super().__init__(model, relevant)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        maps = torch.rand(len(images), *images.shape[-2:], generator=self.generator)
+        return maps.to(images.device)

@@ -1,0 +1,251 @@
+"""Evaluation results as markdown tables, figures (PNG) and W&B tables, plots and panels."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+import torch
+from lightning.pytorch.loggers import Logger, WandbLogger
+
+from vebi.evaluation.heatmaps import DIRECTIONS
+from vebi.explain.figures import overlay, save_figure, to_rgb
+
+ABLATION_COLUMNS = (
+    "drop_own",
+    "random_drop_own_mean",
+    "random_drop_own_std",
+    "drop_others",
+    "random_drop_others_mean",
+    "random_drop_others_std",
+)
+
+
+def _arrow(metric: str) -> str:
+    return " (higher better)" if DIRECTIONS.get(metric, True) else " (lower better)"
+
+
+def heatmap_metric_names(results: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The scalar metrics present, in :data:`DIRECTIONS` order, then the timing."""
+    present = {key for row in results.values() for key in row}
+    return [m for m in DIRECTIONS if m in present] + ["seconds_per_image"]
+
+
+def heatmap_table(results: Mapping[str, Mapping[str, Any]]) -> str:
+    """Markdown: a row per method, a column per metric (direction in the header, best bold)."""
+    metrics = heatmap_metric_names(results)
+    best = {}
+    for metric in metrics[:-1]:
+        values = [row[metric] for row in results.values()]
+        best[metric] = max(values) if DIRECTIONS[metric] else min(values)
+    header = "| method | " + " | ".join(
+        f"{m}{' ↑' if DIRECTIONS.get(m, True) else ' ↓'}" if m in DIRECTIONS else "s / image"
+        for m in metrics
+    )
+    lines = [header + " |", "|---" * (len(metrics) + 1) + "|"]
+    for name, row in results.items():
+        cells = []
+        for metric in metrics:
+            value = row[metric]
+            text = f"{value:.4f}" if metric != "seconds_per_image" else f"{value:.4f}"
+            cells.append(f"**{text}**" if best.get(metric) == value else text)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def ablation_table(rows: Sequence[Mapping[str, Any]], average: Mapping[str, float]) -> str:
+    """Markdown: accuracy drops (percentage points) of the relevant vs random feature sets."""
+    lines = [
+        "| class | # features | drop on class, relevant | drop on class, random (mean ± std) "
+        "| drop on others, relevant | drop on others, random (mean ± std) |",
+        "|---|---|---|---|---|---|",
+    ]
+
+    def pct(value: float) -> str:
+        return f"{100 * value:.2f}"
+
+    for row in [*rows, {"class": "**mean**", "features": "", **average}]:
+        lines.append(
+            f"| {row['class']} | {row['features']} | {pct(row['drop_own'])} | "
+            f"{pct(row['random_drop_own_mean'])} ± {pct(row['random_drop_own_std'])} | "
+            f"{pct(row['drop_others'])} | {pct(row['random_drop_others_mean'])} ± "
+            f"{pct(row['random_drop_others_std'])} |"
+        )
+    return "\n".join(lines)
+
+
+def results_markdown(result: Mapping[str, Any]) -> str:
+    """The whole ``results.md``."""
+    parts = [f"# Evaluation of `{result['checkpoint']}`", ""]
+    parts.append(
+        f"{result['num_test_images']} test images; relevant features "
+        f"{result['relevant_features']} (mu = {result['mu']})."
+    )
+    parts += ["", "| metric | value |", "|---|---|"]
+    parts += [f"| {name} | {value:.4f} |" for name, value in result["metrics"].items()]
+    if "ablation" in result:
+        ablation = result["ablation"]
+        parts += [
+            "",
+            f"## Relevance by ablation ({ablation['draws']} random sets per class, "
+            f"{ablation['num_images']} images; accuracy drops in percentage points)",
+            "",
+            ablation_table(ablation["per_class"], ablation["average"]),
+        ]
+    if result.get("heatmaps"):
+        heatmaps = result["heatmaps"]
+        parts += [
+            "",
+            f"## Heatmaps ({heatmaps['num_images']} test images, explaining the "
+            f"{heatmaps['target']} class)",
+            "",
+            heatmap_table(heatmaps["methods"]),
+        ]
+    parts += ["", *[f"- {note}" for note in result.get("notes", [])]]
+    return "\n".join(parts).rstrip() + "\n"
+
+
+def curves_figure(
+    results: Mapping[str, Mapping[str, Any]], key: str, x_label: str, title: str
+) -> plt.Figure:
+    """One line per method of ``results[method][key + '_curve']``."""
+    figure, axis = plt.subplots(figsize=(5.5, 3.6))
+    colours = plt.get_cmap("tab20").colors
+    for i, (name, row) in enumerate(results.items()):
+        curve = row[f"{key}_curve"]
+        xs = (
+            row.get("iou_thresholds") if key == "iou" else torch.linspace(0, 1, len(curve)).tolist()
+        )
+        axis.plot(
+            xs,
+            curve,
+            label=name,
+            color=colours[(2 * i) % 20 + (i >= 10)],
+            linewidth=2.2 if name.startswith("vebi") else 1.2,
+        )
+    axis.set_xlabel(x_label)
+    axis.set_title(title, fontsize=10)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7, ncols=2)
+    return figure
+
+
+def panel_figure(
+    images: torch.Tensor, maps: Mapping[str, torch.Tensor], masks: torch.Tensor | None, heading: str
+) -> plt.Figure:
+    """A row per image: the input (mask outlined), then each method's overlay."""
+    columns = 1 + len(maps)
+    figure, axes = plt.subplots(
+        len(images), columns, figsize=(1.7 * columns, 1.8 * len(images)), squeeze=False
+    )
+    for row, image in enumerate(images):
+        axes[row, 0].imshow(to_rgb(image))
+        if masks is not None:
+            axes[row, 0].contour(
+                masks[row].float().numpy(), levels=[0.5], colors="white", linewidths=0.8
+            )
+        for column, (name, method_maps) in enumerate(maps.items(), start=1):
+            axes[row, column].imshow(overlay(image, method_maps[row]))
+            if row == 0:
+                axes[row, column].set_title(name, fontsize=7)
+    axes[0, 0].set_title("input", fontsize=7)
+    for axis in axes.flat:
+        axis.axis("off")
+    figure.suptitle(heading, fontsize=9)
+    return figure
+
+
+def save_figures(
+    result: Mapping[str, Any], panels: Mapping[str, plt.Figure], output_dir: Path
+) -> dict[str, Path]:
+    """Write the curve plots and the per-class panels as PNGs; return name -> path."""
+    paths: dict[str, Path] = {}
+    methods = result.get("heatmaps", {}).get("methods", {})
+    first = next(iter(methods.values()), {})
+    for key, x_label, title in (
+        ("iou", "threshold", "IoU of the thresholded map with the mask"),
+        ("deletion", "fraction of pixels removed", "deletion (lower area is better)"),
+        ("insertion", "fraction of pixels revealed", "insertion (higher area is better)"),
+    ):
+        if f"{key}_curve" in first:
+            paths[f"{key}_curves"] = save_figure(
+                curves_figure(methods, key, x_label, title), output_dir / f"{key}_curves.png"
+            )
+    for name, figure in panels.items():
+        paths[f"panel/{name}"] = save_figure(figure, output_dir / "panels" / f"{name}.png")
+    return paths
+
+
+def log_to_wandb(
+    loggers: Sequence[Logger], result: Mapping[str, Any], figures: Mapping[str, Path]
+) -> None:
+    """Summary metrics, a table per evaluator (a row per method/class), line plots of the IoU,
+    deletion and insertion curves (``wandb.plot.line_series``) and the heatmap panels."""
+    for logger in loggers:
+        if not isinstance(logger, WandbLogger):
+            continue
+        import wandb
+
+        run = logger.experiment
+        summary = {f"test/{k}": v for k, v in result["metrics"].items()}
+        if "ablation" in result:
+            summary |= {f"ablation/{k}": v for k, v in result["ablation"]["average"].items()}
+            rows = result["ablation"]["per_class"]
+            columns = ["class", "features", *ABLATION_COLUMNS]
+            run.log(
+                {
+                    "ablation/per_class": wandb.Table(
+                        columns=columns, data=[[row[c] for c in columns] for row in rows]
+                    )
+                }
+            )
+        methods = result.get("heatmaps", {}).get("methods", {})
+        if methods:
+            metrics = heatmap_metric_names(methods)
+            for name, row in methods.items():
+                summary |= {f"heatmaps/{name}/{m}": row[m] for m in metrics}
+            run.log(
+                {
+                    "heatmaps/methods": wandb.Table(
+                        columns=[
+                            "method",
+                            *[m + (_arrow(m) if m in DIRECTIONS else "") for m in metrics],
+                        ],
+                        data=[[name, *[row[m] for m in metrics]] for name, row in methods.items()],
+                    )
+                }
+            )
+            for key, x_name in (
+                ("iou", "threshold"),
+                ("deletion", "fraction removed"),
+                ("insertion", "fraction revealed"),
+            ):
+                if f"{key}_curve" not in next(iter(methods.values())):
+                    continue
+                curves = [row[f"{key}_curve"] for row in methods.values()]
+                xs = (
+                    next(iter(methods.values()))["iou_thresholds"]
+                    if key == "iou"
+                    else torch.linspace(0, 1, len(curves[0])).tolist()
+                )
+                run.log(
+                    {
+                        f"heatmaps/{key}_curves": wandb.plot.line_series(
+                            xs=xs,
+                            ys=curves,
+                            keys=list(methods),
+                            title=f"{key} curves",
+                            xname=x_name,
+                        )
+                    }
+                )
+        panels = {k: v for k, v in figures.items() if k.startswith("panel/")}
+        if panels:
+            logger.log_image(
+                "heatmaps/panels",
+                images=[str(p) for p in panels.values()],
+                caption=[k.removeprefix("panel/") for k in panels],
+            )
+        run.summary.update(summary)
