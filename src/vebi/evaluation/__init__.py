@@ -8,7 +8,7 @@ from vebi.evaluation.faithfulness import (
     InsertionArea,
     perturbation_curves,
 )
-from vebi.evaluation.heatmaps import HeatmapEvaluation, TestImages
+from vebi.evaluation.heatmaps import EvaluationImages, HeatmapEvaluation
 from vebi.evaluation.localisation import MeanThresholdIoU, PointingGame, RelevanceMass, ThresholdIoU
 from vebi.evaluation.methods import HeatmapMethod
 
@@ -22,7 +22,7 @@ __all__ = [
     "MeanThresholdIoU",
     "PointingGame",
     "RelevanceMass",
-    "TestImages",
+    "EvaluationImages",
     "ThresholdIoU",
     "ablated",
     "perturbation_curves",

@@ -35,7 +35,7 @@ DIRECTIONS: dict[str, bool] = {
 
 
 @dataclass
-class TestImages:
+class EvaluationImages:
     """Test images (N, C, H, W) in [0, 1], labels (N,) and, where the data has them, masks
     (N, H, W) with 1 on the class-deciding region."""
 
@@ -46,8 +46,8 @@ class TestImages:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def subset(self, indices: torch.Tensor) -> TestImages:
-        return TestImages(
+    def subset(self, indices: torch.Tensor) -> EvaluationImages:
+        return EvaluationImages(
             self.images[indices],
             self.labels[indices],
             None if self.masks is None else self.masks[indices],
@@ -56,7 +56,7 @@ class TestImages:
 
 def load_test_images(
     dataset: Dataset, limit: int | None, seed: int, batch_size: int = 256
-) -> TestImages:
+) -> EvaluationImages:
     """The test split in memory; with ``limit`` a seeded random subset of that many images."""
     if len(dataset) == 0:
         raise VebiError("the test split is empty: nothing to evaluate (check the data set)")
@@ -73,7 +73,9 @@ def load_test_images(
         labels.append(torch.as_tensor(batch[1]).long())
         if len(batch) > 2:
             masks.append(batch[2].reshape(len(batch[0]), *batch[0].shape[-2:]).bool())
-    return TestImages(torch.cat(images), torch.cat(labels), torch.cat(masks) if masks else None)
+    return EvaluationImages(
+        torch.cat(images), torch.cat(labels), torch.cat(masks) if masks else None
+    )
 
 
 class HeatmapEvaluation:
@@ -130,7 +132,7 @@ class HeatmapEvaluation:
         self,
         model: nn.Module,
         methods: Mapping[str, HeatmapMethod],
-        data: TestImages,
+        data: EvaluationImages,
         classes: torch.Tensor,
         keep: torch.Tensor | None = None,
         progress: bool = True,

@@ -26,7 +26,7 @@ from vebi.evaluation.ablation import (
     sparse_classifier_accuracy,
     summarise_ablation,
 )
-from vebi.evaluation.heatmaps import HeatmapEvaluation, TestImages, load_test_images
+from vebi.evaluation.heatmaps import EvaluationImages, HeatmapEvaluation, load_test_images
 from vebi.evaluation.methods import HeatmapMethod
 from vebi.evaluation.reporting import (
     log_to_wandb,
@@ -125,7 +125,7 @@ def _panel_rows(labels: torch.Tensor, per_class: int) -> dict[int, torch.Tensor]
 
 
 def run_evaluators(
-    cfg: DictConfig, module: ClassifierModule, relevant: RelevantFeatures, test: TestImages
+    cfg: DictConfig, module: ClassifierModule, relevant: RelevantFeatures, test: EvaluationImages
 ) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
     """(results, panel figures, notes) of the evaluators listed in ``evaluation.evaluators``."""
     settings = cfg.evaluation

@@ -1,0 +1,91 @@
+"""Relevance by ablation and the sparse classifier, on the planted colour task."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.mining_models import planted_colour_data, planted_colour_model
+from vebi.errors import VebiError
+from vebi.evaluation import AblationRelevance, ablated, sparse_classifier_accuracy
+from vebi.evaluation.ablation import per_class_correct, summarise_ablation
+from vebi.mining.features import FeatureExtractor, FeatureIndex
+from vebi.mining.relevant import RelevantFeatures
+
+
+def _planted_relevant() -> RelevantFeatures:
+    """Class c's only relevant feature: channel c of ``relu`` (what mining finds, see
+    test_mining.py); ``pool`` features carry no weight."""
+    index = FeatureIndex(("relu", "pool"), (6, 6))
+    weights = np.zeros((12, 3))
+    for c in range(3):
+        weights[c, c] = 1.0
+    return RelevantFeatures(weights, index, ["red", "green", "blue"], mu=1.0)
+
+
+def test_ablated_zeroes_exactly_the_listed_channels_and_restores() -> None:
+    model = planted_colour_model()
+    images = planted_colour_data(per_class=4).tensors[0]
+    # read downstream of the ablated layer (hooks on the same module run in registration order)
+    with FeatureExtractor(model, ["pool"], "max", False, False) as extractor:
+        before, _ = extractor(images)
+        with ablated(model, {"relu": [1, 4]}):
+            during, _ = extractor(images)
+        after, _ = extractor(images)
+    assert torch.equal(during[:, [1, 4]], torch.zeros(len(images), 2))
+    keep = [0, 2, 3, 5]
+    assert torch.equal(during[:, keep], before[:, keep])
+    assert torch.equal(after, before)
+    with pytest.raises(VebiError, match="unknown layer"), ablated(model, {"nope": [0]}):
+        pass
+
+
+def test_relevant_features_matter_more_than_random_ones() -> None:
+    model = planted_colour_model()
+    images, labels = planted_colour_data(per_class=30).tensors
+    relevant = _planted_relevant()
+    base = per_class_correct(model, images, labels, 3, batch_size=50)
+    assert base.tolist() == [30, 30, 30]  # the planted model is perfect
+    records = AblationRelevance(draws=6, seed=0)(model, relevant, images, labels, progress=False)
+    assert [r.class_name for r in records] == ["red", "green", "blue"]
+    for record in records:
+        assert record.num_features == 1 and record.layers == {"relu": 1}
+        # without its colour channel class c loses every image; the others keep theirs
+        assert record.drop_own == pytest.approx(1.0)
+        assert record.drop_others == pytest.approx(0.0)
+        assert len(record.random_drop_own) == 6
+        # a random channel of relu is the class's own one with probability 1/6 only
+        assert np.mean(record.random_drop_own) < 0.75
+    average = summarise_ablation(records)
+    assert average["drop_own"] == pytest.approx(1.0)
+    assert average["random_drop_own_mean"] < 0.75
+
+
+def test_random_sets_keep_size_and_layer_distribution() -> None:
+    relevant = _planted_relevant()
+    rng = np.random.default_rng(0)
+    draws = [
+        AblationRelevance().random_set(relevant, {"relu": 2, "pool": 3}, rng) for _ in range(20)
+    ]
+    for chosen in draws:
+        assert len(chosen["relu"]) == 2 and len(set(chosen["relu"])) == 2
+        assert len(chosen["pool"]) == 3 and max(chosen["pool"]) < 6
+    assert len({tuple(d["relu"]) for d in draws}) > 1  # actually random
+    with pytest.raises(VebiError, match="draws must be >= 1"):
+        AblationRelevance(draws=0)
+
+
+def test_sparse_classifier_accuracy_matches_a_hand_count() -> None:
+    model = planted_colour_model()
+    images, labels = planted_colour_data(per_class=20).tensors
+    relevant = _planted_relevant()
+    result = sparse_classifier_accuracy(model, relevant, images, labels, batch_size=7)
+    with FeatureExtractor(model, relevant.layers, relevant.aggregation) as extractor:
+        x, logits = extractor(images)
+    expected = (relevant.predict(x.double().numpy()) == labels.numpy()).mean()
+    assert result["sparse_accuracy"] == pytest.approx(expected)
+    assert result["network_accuracy"] == pytest.approx(
+        (logits.argmax(1) == labels).float().mean().item()
+    )
+    assert result["sparse_accuracy"] > 0.9  # the colour channel decides

@@ -1,0 +1,98 @@
+"""Deletion / insertion curves against hand-computed ones; the area and artefact metrics."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from vebi.errors import VebiError
+from vebi.evaluation import CheckerboardScore, DeletionArea, InsertionArea, perturbation_curves
+from vebi.evaluation.faithfulness import baseline_images, curve_area
+from vebi.explain.heatmaps import checkerboard_score
+
+
+def _linear_model() -> nn.Module:
+    """Two classes on 1x2x2 images: logit_0 = 3 x_00 + 1 x_01 + 0 x_10 - 2 x_11, logit_1 = 0,
+    so p_0 = sigmoid(logit_0)."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2, bias=False))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([[3.0, 1.0, 0.0, -2.0], [0.0, 0.0, 0.0, 0.0]]))
+    return model
+
+
+def _sigmoid(values: list[float]) -> torch.Tensor:
+    return torch.tensor([1 / (1 + math.exp(-v)) for v in values], dtype=torch.float64)
+
+
+def test_known_deletion_and_insertion_curves() -> None:
+    model = _linear_model()
+    image = torch.ones(1, 1, 2, 2)
+    heatmap = torch.tensor([[[0.9, 0.6], [0.3, 0.0]]])  # order: x00, x01, x10, x11
+    classes = torch.tensor([0])
+    deletion = perturbation_curves(model, image, heatmap, classes, "deletion", steps=4)
+    # pixels removed one per step, highest first: logit 2 -> -1 -> -2 -> -2 -> 0
+    assert torch.allclose(deletion[0], _sigmoid([2, -1, -2, -2, 0]), atol=1e-6)
+    insertion = perturbation_curves(model, image, heatmap, classes, "insertion", steps=4)
+    # revealed one per step on a zero image: logit 0 -> 3 -> 4 -> 4 -> 2
+    assert torch.allclose(insertion[0], _sigmoid([0, 3, 4, 4, 2]), atol=1e-6)
+    # two steps: two pixels per step
+    half = perturbation_curves(model, image, heatmap, classes, "deletion", steps=2)
+    assert torch.allclose(half[0], _sigmoid([2, -2, 0]), atol=1e-6)
+    expected_area = (deletion[0].sum() - (deletion[0, 0] + deletion[0, -1]) / 2) / 4
+    assert torch.isclose(curve_area(deletion)[0], expected_area)
+
+
+def test_reversed_heatmap_gives_a_worse_deletion_area() -> None:
+    model = _linear_model()
+    image = torch.ones(1, 1, 2, 2)
+    good = torch.tensor([[[0.9, 0.6], [0.3, 0.0]]])
+    bad = 1 - good
+    classes = torch.tensor([0])
+    good_area = curve_area(perturbation_curves(model, image, good, classes, "deletion", 4))
+    bad_area = curve_area(perturbation_curves(model, image, bad, classes, "deletion", 4))
+    assert good_area < bad_area
+
+
+def test_area_metrics_accumulate_over_batches_and_say_their_direction() -> None:
+    curves = torch.rand(10, 6, dtype=torch.float64)
+    metric = DeletionArea(steps=5)
+    metric.update(curves[:3])
+    metric.update(curves[3:])
+    result = metric.compute()
+    assert torch.allclose(result["curve"], curves.mean(0))
+    assert torch.isclose(result["auc"], curve_area(curves).mean())
+    assert DeletionArea.higher_is_better is False and InsertionArea.higher_is_better is True
+    with pytest.raises(ValueError, match="curves must be"):
+        metric.update(torch.rand(2, 4))
+
+
+def test_baselines_and_bad_settings() -> None:
+    images = torch.rand(2, 3, 16, 16)
+    assert baseline_images(images, "zero").abs().sum() == 0
+    mean = baseline_images(images, "mean")
+    assert torch.allclose(mean[:, :, 0, 0], images.mean(dim=(2, 3)))
+    blurred = baseline_images(images, "blur")
+    assert blurred.shape == images.shape and blurred.std() < images.std()
+    with pytest.raises(VebiError, match="unknown baseline"):
+        baseline_images(images, "noise")
+    model = _linear_model()
+    with pytest.raises(VebiError, match="mode"):
+        perturbation_curves(
+            model, torch.ones(1, 1, 2, 2), torch.ones(1, 2, 2), torch.tensor([0]), "removal"
+        )
+    with pytest.raises(VebiError, match="do not match"):
+        perturbation_curves(
+            model, torch.ones(1, 1, 2, 2), torch.ones(1, 3, 3), torch.tensor([0]), "deletion"
+        )
+
+
+def test_checkerboard_metric_is_the_mean_score() -> None:
+    maps = torch.rand(6, 16, 16)
+    metric = CheckerboardScore(periods=[2])
+    metric.update(maps[:2])
+    metric.update(maps[2:])
+    assert torch.isclose(metric.compute().float(), checkerboard_score(maps, [2]).mean(), atol=1e-6)
+    assert CheckerboardScore.higher_is_better is False

@@ -1,0 +1,178 @@
+"""The heatmap methods of the evaluators: registered in the config, checked against
+hand-computed references (Grad-CAM, gradient), and the localisation of the top unit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.explain_models import randomised
+from tests.mining_models import planted_colour_data, planted_colour_model
+from vebi.errors import VebiError
+from vebi.evaluation import PointingGame
+from vebi.evaluation.heatmaps import EvaluationImages, HeatmapEvaluation, load_test_images
+from vebi.evaluation.methods import (
+    CaptumAttribution,
+    CentreGaussian,
+    GradCAM,
+    TopUnitActivation,
+    UniformRandom,
+    VebiExplanation,
+    last_spatial_layer,
+)
+from vebi.explain.explainer import Explainer
+from vebi.explain.heatmaps import signal_to_heatmap
+from vebi.mining.features import FeatureIndex, default_feature_layers, trace_leaf_calls
+from vebi.mining.relevant import RelevantFeatures
+from vebi.models import SmallVGG
+from vebi.pipelines.evaluate import build_methods
+
+
+def _small_vgg() -> SmallVGG:
+    return randomised(SmallVGG(num_classes=4, in_channels=3, widths=(8, 12, 16)), seed=1).eval()
+
+
+def _random_relevant(
+    model: torch.nn.Module, images: torch.Tensor, classes: int
+) -> RelevantFeatures:
+    """A few relevant features per class in every mined layer (random sparse weights)."""
+    layers = default_feature_layers(model, images[:1])
+    shapes = dict(trace_leaf_calls(model, images[:1]))
+    index = FeatureIndex(tuple(layers), tuple(shapes[layer][1] for layer in layers))
+    rng = np.random.default_rng(0)
+    weights = np.where(
+        rng.random((index.size, classes)) < 0.05, rng.random((index.size, classes)), 0
+    )
+    return RelevantFeatures(weights, index, [f"c{c}" for c in range(classes)], mu=1.0)
+
+
+def test_configured_methods_all_give_maps_in_unit_range(compose_cfg) -> None:
+    cfg = compose_cfg("evaluate", ["experiment=an8flower_double"])
+    model = _small_vgg()
+    images = torch.rand(5, 3, 32, 32)
+    relevant = _random_relevant(model, images, 4)
+    methods = build_methods(cfg, type("Module", (), {"net": model})(), relevant)
+    assert list(methods) == list(cfg.evaluation.methods)  # every registered method, in order
+    classes = torch.tensor([0, 1, 2, 3, 0])
+    for name, method in methods.items():
+        maps = method(images, classes)
+        assert maps.shape == (5, 32, 32), name
+        assert torch.isfinite(maps).all() and maps.min() >= 0 and maps.max() <= 1, name
+    cfg.evaluation.select = ["gradcam", "nope"]
+    with pytest.raises(VebiError, match="unknown heatmap method"):
+        build_methods(cfg, type("Module", (), {"net": model})(), relevant)
+
+
+def test_gradcam_matches_the_hand_computed_formula() -> None:
+    model = _small_vgg()
+    images = torch.rand(3, 3, 32, 32)
+    classes = torch.tensor([2, 0, 3])
+    assert last_spatial_layer(model, images) == "relu3"
+    captured = {}
+    handle = model.relu3.register_forward_hook(lambda m, i, o: captured.setdefault("a", o))
+    logits = model(images)
+    handle.remove()
+    activation = captured["a"]
+    (grad,) = torch.autograd.grad(logits[torch.arange(3), classes].sum(), activation)
+    cam = (grad.mean(dim=(2, 3), keepdim=True) * activation).sum(1, keepdim=True).clamp_min(0)
+    cam = F.interpolate(cam, size=(32, 32), mode="bilinear", align_corners=False)[:, 0]
+    low = cam.flatten(1).min(1).values.view(-1, 1, 1)
+    high = cam.flatten(1).max(1).values.view(-1, 1, 1)
+    expected = (cam - low) / (high - low)
+    maps = GradCAM(model, None)(images, classes)
+    assert torch.allclose(maps, expected.detach(), atol=1e-5)
+
+
+def test_gradient_is_the_absolute_input_gradient() -> None:
+    model = _small_vgg()
+    images = torch.rand(2, 3, 32, 32, requires_grad=True)
+    classes = torch.tensor([1, 3])
+    (grad,) = torch.autograd.grad(model(images)[torch.arange(2), classes].sum(), images)
+    expected = signal_to_heatmap(grad.abs())
+    maps = CaptumAttribution(model, None, "gradient")(images.detach(), classes)
+    assert torch.allclose(maps, expected, atol=1e-5)
+    with pytest.raises(VebiError, match="unknown Captum algorithm"):
+        CaptumAttribution(model, None, "lrp")
+
+
+def _planted_relevant() -> RelevantFeatures:
+    index = FeatureIndex(("feat", "relu"), (6, 6))
+    weights = np.zeros((12, 3))
+    for c in range(3):
+        weights[6 + c, c] = 1.0  # relu channel c decides class c
+    return RelevantFeatures(weights, index, ["red", "green", "blue"], mu=1.0)
+
+
+def test_top_unit_and_ours_point_at_the_deciding_blob() -> None:
+    model = planted_colour_model()
+    images, labels = planted_colour_data(per_class=10).tensors
+    # the blob: the 3x3 square where the image's own colour channel is 1
+    masks = images[torch.arange(len(images)), labels] == 1.0
+    relevant = _planted_relevant()
+    for method in (TopUnitActivation(model, relevant), VebiExplanation(model, relevant, k=1)):
+        pointing = PointingGame()
+        pointing.update(method(images, labels), masks)
+        assert pointing.compute() == 1.0, type(method).__name__
+    control = PointingGame()
+    control.update(CentreGaussian(model, relevant)(images, labels), masks)
+    assert control.compute() < 1.0
+
+
+def test_best_feature_is_the_first_map_of_the_explainer() -> None:
+    model = planted_colour_model()
+    images, labels = planted_colour_data(per_class=4).tensors
+    relevant = _planted_relevant()
+    best = VebiExplanation(model, relevant, combine="best")(images, labels)
+    assert torch.equal(best, Explainer(model, relevant, k=1)(images, labels).maps[:, 0])
+    with pytest.raises(VebiError, match="combine"):
+        VebiExplanation(model, relevant, combine="mean")
+
+
+def test_controls() -> None:
+    images = torch.zeros(2, 1, 9, 11)
+    gaussian = CentreGaussian(None, None, sigma=0.2)(images, torch.tensor([0, 1]))
+    assert gaussian[0, 4, 5] == 1.0 and torch.equal(gaussian[0], gaussian[1])
+    assert torch.allclose(gaussian[0], gaussian[0].flip(0)) and gaussian[0, 0, 0] < 0.1
+    first = UniformRandom(None, None, seed=3)(images, torch.tensor([0, 1]))
+    again = UniformRandom(None, None, seed=3)(images, torch.tensor([0, 1]))
+    assert torch.equal(first, again) and not torch.equal(first[0], first[1])
+    with pytest.raises(VebiError, match="sigma"):
+        CentreGaussian(None, None, sigma=0)
+
+
+def test_scorer_checks_maps_and_skips_localisation_without_masks() -> None:
+    model = planted_colour_model()
+    images, labels = planted_colour_data(per_class=4).tensors
+    scorer = HeatmapEvaluation(steps=4, periods=[2], batch_size=5)
+    results, kept = scorer(
+        model,
+        {"centre": CentreGaussian(model, None)},
+        EvaluationImages(images, labels, None),
+        labels,
+        keep=torch.tensor([0, 5]),
+        progress=False,
+    )
+    assert "iou_mean" not in results["centre"] and "pointing_game" not in results["centre"]
+    assert {"deletion_auc", "insertion_auc", "artefact_score"} <= set(results["centre"])
+    assert kept["centre"].shape == (2, 8, 8)
+
+    class Broken(CentreGaussian):
+        def __call__(self, images, classes):
+            return super().__call__(images, classes) * 2
+
+    with pytest.raises(VebiError, match=r"outside \[0, 1\]"):
+        scorer(
+            model,
+            {"broken": Broken(model, None)},
+            EvaluationImages(images, labels, None),
+            labels,
+            progress=False,
+        )
+
+
+def test_empty_test_split_is_an_error() -> None:
+    empty = torch.utils.data.TensorDataset(torch.zeros(0, 1, 4, 4), torch.zeros(0).long())
+    with pytest.raises(VebiError, match="test split is empty"):
+        load_test_images(empty, None, seed=0)
