@@ -176,3 +176,15 @@ def test_empty_test_split_is_an_error() -> None:
     empty = torch.utils.data.TensorDataset(torch.zeros(0, 1, 4, 4), torch.zeros(0).long())
     with pytest.raises(VebiError, match="test split is empty"):
         load_test_images(empty, None, seed=0)
+
+
+def test_balanced_subset_takes_each_class_in_turn() -> None:
+    from vebi.pipelines.evaluate import balanced_subset
+
+    labels = torch.tensor([0] * 50 + [1] * 5 + [2] * 30)
+    chosen = balanced_subset(labels, 12, seed=0)
+    assert torch.equal(chosen, chosen.sort().values) and len(set(chosen.tolist())) == 12
+    assert torch.bincount(labels[chosen], minlength=3).tolist() == [4, 4, 4]
+    few = balanced_subset(labels, 21, seed=0)  # class 1 has only 5: the others fill up
+    assert torch.bincount(labels[few], minlength=3).tolist() == [8, 5, 8]
+    assert torch.equal(balanced_subset(labels, None, seed=0), torch.arange(85))

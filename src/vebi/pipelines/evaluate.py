@@ -119,6 +119,21 @@ def build_methods(
     return methods
 
 
+def balanced_subset(labels: torch.Tensor, count: int | None, seed: int) -> torch.Tensor:
+    """Sorted indices of ``count`` images (all when None), as equal a share of each class as
+    the data allows, each class's drawn in a seeded random order."""
+    if count is None or count >= len(labels):
+        return torch.arange(len(labels))
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    # position of each image within its class in the random order -> round-robin over classes
+    within = torch.zeros(len(labels), dtype=torch.long)
+    for c in labels.unique():
+        members = order[labels[order] == c]
+        within[members] = torch.arange(len(members))
+    ranked = order[torch.argsort(within[order], stable=True)]
+    return ranked[: int(count)].sort().values
+
+
 def _panel_rows(labels: torch.Tensor, per_class: int) -> dict[int, torch.Tensor]:
     """For each class, the first ``per_class`` positions of its images."""
     return {int(c): (labels == c).nonzero()[:per_class, 0] for c in labels.unique()}
@@ -162,9 +177,7 @@ def run_evaluators(
         if "artefacts" in heatmap_evaluators and not periods:
             notes.append("artefact score skipped: the model has no strided layer")
         limit = settings.get("heatmap_images")
-        generator = torch.Generator().manual_seed(int(cfg.seed))
-        order = torch.randperm(len(test), generator=generator)
-        subset = test.subset(order[: int(limit) if limit else len(test)].sort().values)
+        subset = test.subset(balanced_subset(test.labels, limit, int(cfg.seed)))
         if settings.target == "label":
             classes = subset.labels
         elif settings.target == "predicted":
