@@ -45,7 +45,15 @@ def test_mnist_experiment_reaches_99_percent(mnist_root: Path, tmp_path: Path) -
     assert all(f"class {digit}:" in evaluated.stdout for digit in range(10))
     assert (checkpoint.parent.parent / "mining" / "relevant_features.h5").is_file()
     (results,) = (logs / "evaluate" / "mnist").glob("*/results.json")
-    assert json.loads(results.read_text())["metrics"]["test/acc"] >= 0.99
+    evaluation = json.loads(results.read_text())
+    assert evaluation["metrics"]["test/acc"] >= 0.99
+    # the mined features matter: zeroing them costs their class far more than random sets
+    ablation = evaluation["ablation"]["average"]
+    assert ablation["drop_own"] > ablation["random_drop_own_mean"] + 0.05
+    assert ablation["drop_others"] < 0.05
+    # and our maps remove the evidence faster than random ones
+    methods = evaluation["heatmaps"]["methods"]
+    assert methods["vebi"]["deletion_auc"] < methods["uniform_random"]["deletion_auc"]
 
     # the public loader on plain [0, 1] images of the 10k real test digits
     model = load_classifier(checkpoint)

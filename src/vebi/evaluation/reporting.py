@@ -49,7 +49,7 @@ def heatmap_table(results: Mapping[str, Mapping[str, Any]]) -> str:
         cells = []
         for metric in metrics:
             value = row[metric]
-            text = f"{value:.4f}" if metric != "seconds_per_image" else f"{value:.4f}"
+            text = f"{value:.2e}" if 0 < abs(value) < 0.01 else f"{value:.4f}"
             cells.append(f"**{text}**" if best.get(metric) == value else text)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -286,9 +286,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     finally:
         finish_loggers(loggers, failed=failed)
     print("\n" + results_markdown(result), flush=True)
-    print(f"  run files:   {output_dir}", flush=True)
+    acc = result["metrics"].get("test/acc")
+    lines = ["Evaluation finished", f"  checkpoint:  {ckpt_path}"]
+    if acc is not None:
+        lines.append(f"  test acc:    {100 * acc:.2f}% on {len(test_dataset)} test images")
+    lines.append(f"  run files:   {output_dir}")
     if result["wandb_dir"]:
-        print(f"  W&B run:     {result['wandb_dir']}", flush=True)
+        lines.append(f"  W&B run:     {result['wandb_dir']}")
+    print("\n".join(lines), flush=True)
     return result
 
 

@@ -1,0 +1,85 @@
+"""Reproduce the paper-style tables: MNIST relevance by ablation, an8Flower localisation.
+
+    python experiments/paper_tables.py mnist_relevance      # ablation + faithfulness, LeNet
+    python experiments/paper_tables.py an8flower_single     # all methods, all metrics
+    python experiments/paper_tables.py an8flower_double
+    python experiments/paper_tables.py all
+
+Each table runs ``evaluate.py`` on the newest checkpoint of its experiment (training one first
+with ``train.py`` when there is none) and copies the results (``results.md``, ``results.json``)
+and a few figures into ``experiments/results/<table>/``, replacing the previous ones at once.
+Extra arguments after ``--`` go to evaluate.py as Hydra overrides.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "experiments" / "results"
+
+#: table -> (experiment, evaluate.py overrides, figures to keep besides the curves)
+TABLES: dict[str, tuple[str, list[str], list[str]]] = {
+    "mnist_relevance": (
+        "mnist",
+        ["evaluation.evaluators=[sparse,ablation,faithfulness,artefacts]"],
+        ["panels/3.png", "panels/8.png"],
+    ),
+    "an8flower_single": ("an8flower_single", [], ["panels/*.png"]),
+    "an8flower_double": ("an8flower_double", [], ["panels/class00*.png", "panels/class07*.png"]),
+}
+
+
+def _run(command: list[str]) -> None:
+    print("$ " + " ".join(command), flush=True)
+    if subprocess.run(command, cwd=ROOT, check=False).returncode != 0:
+        raise SystemExit(f"failed: {' '.join(command)}")
+
+
+def _has_checkpoint(experiment: str) -> bool:
+    return any((ROOT / "logs" / "train" / experiment).glob("*/checkpoints/best.ckpt"))
+
+
+def reproduce(table: str, extra: list[str]) -> Path:
+    """Train if needed, evaluate, and copy the results into ``experiments/results/<table>``."""
+    experiment, overrides, figures = TABLES[table]
+    if not _has_checkpoint(experiment):
+        print(f"No checkpoint of {experiment}: training one first", flush=True)
+        _run([sys.executable, "train.py", f"experiment={experiment}"])
+    run_dir = Path(tempfile.mkdtemp(prefix=f"{table}-", dir=ROOT / "logs"))
+    _run([sys.executable, "evaluate.py", f"experiment={experiment}", f"hydra.run.dir={run_dir}",
+          *overrides, *extra])  # fmt: skip
+    staging = Path(tempfile.mkdtemp(prefix=f".{table}-", dir=RESULTS))
+    for name in ("results.md", "results.json", "iou_curves.png", "deletion_curves.png",
+                 "insertion_curves.png"):  # fmt: skip
+        if (run_dir / name).is_file():
+            shutil.copy2(run_dir / name, staging / name)
+    for pattern in figures:
+        for path in sorted(run_dir.glob(pattern)):
+            shutil.copy2(path, staging / f"panel_{path.name}")
+    target = RESULTS / table
+    if target.exists():
+        shutil.rmtree(target)
+    staging.rename(target)
+    print(f"\n{table}: results in {target.relative_to(ROOT)}", flush=True)
+    return target
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("table", choices=[*TABLES, "all"])
+    parser.add_argument("overrides", nargs="*", help="extra evaluate.py overrides (after --)")
+    args = parser.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (ROOT / "logs").mkdir(exist_ok=True)
+    for table in TABLES if args.table == "all" else [args.table]:
+        reproduce(table, args.overrides)
+
+
+if __name__ == "__main__":
+    main()
