@@ -23,15 +23,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
 
-#: table -> (experiment, evaluate.py overrides, figures to keep besides the curves)
-TABLES: dict[str, tuple[str, list[str], list[str]]] = {
+#: table -> (experiment, evaluate.py overrides, how many per-class panels to keep)
+TABLES: dict[str, tuple[str, list[str], int]] = {
     "mnist_relevance": (
         "mnist",
         ["evaluation.evaluators=[sparse,ablation,faithfulness,artefacts]"],
-        ["panels/3.png", "panels/8.png"],
+        2,
     ),
-    "an8flower_single": ("an8flower_single", [], ["panels/*.png"]),
-    "an8flower_double": ("an8flower_double", [], ["panels/class00*.png", "panels/class07*.png"]),
+    "an8flower_single": ("an8flower_single", [], 6),
+    "an8flower_double": ("an8flower_double", [], 3),
 }
 
 
@@ -47,7 +47,7 @@ def _has_checkpoint(experiment: str) -> bool:
 
 def reproduce(table: str, extra: list[str]) -> Path:
     """Train if needed, evaluate, and copy the results into ``experiments/results/<table>``."""
-    experiment, overrides, figures = TABLES[table]
+    experiment, overrides, panels = TABLES[table]
     if not _has_checkpoint(experiment):
         print(f"No checkpoint of {experiment}: training one first", flush=True)
         _run([sys.executable, "train.py", f"experiment={experiment}"])
@@ -55,19 +55,27 @@ def reproduce(table: str, extra: list[str]) -> Path:
     _run([sys.executable, "evaluate.py", f"experiment={experiment}", f"hydra.run.dir={run_dir}",
           *overrides, *extra])  # fmt: skip
     staging = Path(tempfile.mkdtemp(prefix=f".{table}-", dir=RESULTS))
-    for name in ("results.md", "results.json", "iou_curves.png", "deletion_curves.png",
-                 "insertion_curves.png"):  # fmt: skip
-        if (run_dir / name).is_file():
-            shutil.copy2(run_dir / name, staging / name)
-    for pattern in figures:
-        for path in sorted(run_dir.glob(pattern)):
-            shutil.copy2(path, staging / f"panel_{path.name}")
+    try:
+        _collect(run_dir, staging, panels)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     target = RESULTS / table
     if target.exists():
         shutil.rmtree(target)
     staging.rename(target)
     print(f"\n{table}: results in {target.relative_to(ROOT)}", flush=True)
     return target
+
+
+def _collect(run_dir: Path, staging: Path, panels: int) -> None:
+    """Copy the tables, the curve plots and the first ``panels`` per-class panels."""
+    for name in ("results.md", "results.json", "iou_curves.png", "deletion_curves.png",
+                 "insertion_curves.png"):  # fmt: skip
+        if (run_dir / name).is_file():
+            shutil.copy2(run_dir / name, staging / name)
+    for path in sorted((run_dir / "panels").glob("*.png"))[:panels]:
+        shutil.copy2(path, staging / f"panel_{path.name}")
 
 
 def main() -> None:

@@ -170,24 +170,20 @@ def sparse_classifier_accuracy(
     batch_size: int = 500,
 ) -> dict[str, float]:
     """Accuracy of argmax_c x^T w_c (the sparse classifier) and of the network on the images."""
-    correct_sparse = correct_network = 0
+    sparse = MulticlassAccuracy(num_classes=relevant.num_classes, average="micro")
+    network = MulticlassAccuracy(num_classes=relevant.num_classes, average="micro")
     with (
         eval_mode(model),
         torch.no_grad(),
-        FeatureExtractor(
-            model,
-            relevant.layers,
-            relevant.aggregation,
-            relevant.normalize_layers,
-            relevant.normalize_global,
-        ) as extractor,
-    ):
+        FeatureExtractor(model, relevant.layers, relevant.aggregation, relevant.normalize_layers,
+                         relevant.normalize_global) as extractor,
+    ):  # fmt: skip
         for start in range(0, len(images), batch_size):
             x, logits = extractor.forward(images[start : start + batch_size])
-            truth = labels[start : start + batch_size].cpu().numpy()
-            correct_sparse += int((relevant.predict(x.double().cpu().numpy()) == truth).sum())
-            correct_network += int((logits.argmax(1).cpu().numpy() == truth).sum())
+            truth = labels[start : start + batch_size].cpu()
+            sparse.update(torch.from_numpy(relevant.predict(x.double().cpu().numpy())), truth)
+            network.update(logits.argmax(1).cpu(), truth)
     return {
-        "sparse_accuracy": correct_sparse / len(images),
-        "network_accuracy": correct_network / len(images),
+        "sparse_accuracy": float(sparse.compute()),
+        "network_accuracy": float(network.compute()),
     }
