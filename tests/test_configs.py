@@ -56,3 +56,16 @@ def test_experiment_sets_values(compose_cfg) -> None:
     assert cfg.model.net._target_ == "vebi.models.LeNet"
     assert cfg.model.scheduler.T_max == cfg.trainer.max_epochs
     assert cfg.callbacks.model_checkpoint.monitor == "val/acc"
+
+
+def test_evaluation_group_composes(compose_cfg) -> None:
+    from vebi.evaluation import AblationRelevance
+
+    cfg = compose_cfg("evaluate", ["experiment=an8flower_double", "seed=7", "k=5"])
+    ablation = instantiate(cfg.evaluation.ablation)
+    assert isinstance(ablation, AblationRelevance)
+    assert ablation.draws >= 5 and ablation.seed == 7
+    assert cfg.evaluation.methods.vebi.k == 5 and cfg.mining.mu == 5.0
+    assert set(cfg.evaluation.evaluators) == {
+        "sparse", "ablation", "localisation", "faithfulness", "artefacts",
+    }  # fmt: skip
