@@ -96,3 +96,13 @@ def test_checkerboard_metric_is_the_mean_score() -> None:
     metric.update(maps[2:])
     assert torch.isclose(metric.compute().float(), checkerboard_score(maps, [2]).mean(), atol=1e-6)
     assert CheckerboardScore.higher_is_better is False
+
+
+def test_curves_do_not_depend_on_the_batch_size() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(5))
+    images, maps = torch.rand(7, 3, 10, 10), torch.rand(7, 10, 10)
+    classes = torch.tensor([0, 1, 2, 3, 4, 0, 1])
+    default = perturbation_curves(model, images, maps, classes, "insertion", steps=6)
+    one_at_a_time = perturbation_curves(model, images, maps, classes, "insertion", 6, batch_size=7)
+    assert torch.allclose(default, one_at_a_time, atol=1e-6)

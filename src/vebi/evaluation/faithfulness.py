@@ -22,6 +22,8 @@ from vebi.errors import VebiError
 from vebi.explain.heatmaps import checkerboard_score
 
 BASELINES = ("zero", "blur", "mean")
+#: Input values per forward pass of the perturbed images (2**20: 83 images of 3 x 112 x 112).
+INPUT_BUDGET = 2**20
 
 
 def baseline_images(images: torch.Tensor, kind: str) -> torch.Tensor:
@@ -46,9 +48,13 @@ def perturbation_curves(
     mode: str,
     steps: int = 20,
     baseline: str = "zero",
-    batch_size: int = 512,
+    batch_size: int | None = None,
 ) -> torch.Tensor:
-    """(N, steps + 1) probabilities of ``classes`` along the deletion or insertion path."""
+    """(N, steps + 1) probabilities of ``classes`` along the deletion or insertion path.
+
+    ``batch_size`` perturbed images go through the model at once; by default as many as fit
+    in :data:`INPUT_BUDGET` input values (at most 512): large images in small batches keep the
+    activations of the forward pass in memory that is reused instead of freshly mapped."""
     if mode not in ("deletion", "insertion"):
         raise VebiError(f"mode must be 'deletion' or 'insertion', got {mode!r}")
     if steps < 1:
@@ -58,6 +64,9 @@ def perturbation_curves(
             f"heatmaps {tuple(heatmaps.shape)} do not match images {tuple(images.shape)}"
         )
     count, pixels = len(images), heatmaps[0].numel()
+    if batch_size is None:
+        batch_size = int(min(512, max(1, INPUT_BUDGET // images[0].numel())))
+    per_chunk = max(1, batch_size // (steps + 1))
     order = heatmaps.flatten(1).argsort(dim=1, descending=True, stable=True)
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(pixels, device=order.device).expand_as(order))
@@ -70,8 +79,8 @@ def perturbation_curves(
     model.eval()
     try:
         with torch.no_grad():
-            for first in range(0, count, max(1, batch_size // (steps + 1))):
-                rows = slice(first, first + max(1, batch_size // (steps + 1)))
+            for first in range(0, count, per_chunk):
+                rows = slice(first, first + per_chunk)
                 path = torch.stack(
                     [torch.where(rank[rows] < limit, end[rows], start[rows]) for limit in limits],
                     dim=1,
