@@ -30,7 +30,7 @@ TABLES: dict[str, tuple[str, list[str], int]] = {
         ["evaluation.evaluators=[sparse,ablation,faithfulness,artefacts]"],
         2,
     ),
-    "an8flower_single": ("an8flower_single", [], 6),
+    "an8flower_single": ("an8flower_single", [], 2),
     "an8flower_double": ("an8flower_double", [], 3),
 }
 
@@ -75,7 +75,18 @@ def _collect(run_dir: Path, staging: Path, panels: int) -> None:
         if (run_dir / name).is_file():
             shutil.copy2(run_dir / name, staging / name)
     for path in sorted((run_dir / "panels").glob("*.png"))[:panels]:
-        shutil.copy2(path, staging / f"panel_{path.name}")
+        compact_png(path, staging / f"panel_{path.name}")
+
+
+def compact_png(source: Path, target: Path, width: int = 1400) -> None:
+    """A smaller copy for the repository: at most ``width`` pixels wide, 256 colours."""
+    from PIL import Image
+
+    with Image.open(source) as image:
+        image = image.convert("RGB")
+        if image.width > width:
+            image = image.resize((width, round(image.height * width / image.width)), Image.LANCZOS)
+        image.quantize(256).save(target, optimize=True)
 
 
 def main() -> None:
