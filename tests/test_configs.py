@@ -66,6 +66,9 @@ def test_evaluation_group_composes(compose_cfg) -> None:
     assert isinstance(ablation, AblationRelevance)
     assert ablation.draws >= 5 and ablation.seed == 7
     assert cfg.evaluation.methods.vebi.k == 5 and cfg.mining.mu == 5.0
+    # blurring keeps an8Flower's deciding colours: insertion starts from black there
+    assert cfg.evaluation.insertion_baseline == "zero"
+    assert compose_cfg("evaluate", ["experiment=mnist"]).evaluation.insertion_baseline == "blur"
     assert set(cfg.evaluation.evaluators) == {
         "sparse", "ablation", "localisation", "faithfulness", "artefacts",
     }  # fmt: skip

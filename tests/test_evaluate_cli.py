@@ -59,8 +59,12 @@ def test_evaluate_runs_every_evaluator_on_mnist(short_run: dict, mnist_root: Pat
     assert sorted(p.name for p in (run / "panels").glob("*.png")) == [f"{c}.png" for c in range(10)]
     assert (run / "deletion_curves.png").is_file() and (run / "insertion_curves.png").is_file()
     values = logged_values(Path(results["wandb_dir"]))
-    assert values["heatmaps/methods/_type"][-1] == "table-file"
-    assert values["heatmaps/methods/nrows"][-1] == len(METHODS)
+    # a table per evaluator, a row per method; no localisation table without masks
+    for evaluator in ("faithfulness", "artefacts"):
+        assert values[f"heatmaps/{evaluator}/_type"][-1] == "table-file"
+        assert values[f"heatmaps/{evaluator}/nrows"][-1] == len(METHODS)
+    assert "heatmaps/localisation/_type" not in values
+    assert values["ablation/per_class/nrows"][-1] == 10
     assert values["ablation/per_class/nrows"][-1] == 10
     assert values["heatmaps/vebi/deletion_auc"][-1] == pytest.approx(
         methods["vebi"]["deletion_auc"]
@@ -116,9 +120,10 @@ def test_class_mismatch_is_a_clear_error(short_run: dict, mnist_root: Path, tmp_
 
 def test_localisation_on_generated_an8flower(tmp_path: Path) -> None:
     common = [f"paths.data_dir={tmp_path / 'data'}", f"paths.log_dir={tmp_path / 'logs'}",
-              f"mining.cache_dir={tmp_path / 'cache'}", "logger=none", "data.images_per_class=14",
+              f"mining.cache_dir={tmp_path / 'cache'}", "data.images_per_class=14",
               "data.image_size=48", "data.progress=false", "mining.progress=false"]  # fmt: skip
     train = run_cli("train.py", "experiment=an8flower_single", "trainer.max_epochs=1", *common,
+                    "logger=none",
                     "+callbacks.feature_mining.galleries=false")  # fmt: skip
     assert train.returncode == 0, train.stderr[-3000:]
     result = run_cli(
@@ -140,4 +145,8 @@ def test_localisation_on_generated_an8flower(tmp_path: Path) -> None:
     # the stride fix removes grid energy from our maps
     assert methods["vebi"]["artefact_score"] < methods["vebi_standard_conv"]["artefact_score"]
     assert (run / "iou_curves.png").is_file()
+    values = logged_values(Path(results["wandb_dir"]))
+    assert values["heatmaps/localisation/nrows"][-1] == 4
+    assert values["heatmaps/iou_curves_table/nrows"][-1] == 19 * 4
+    assert values["heatmaps/vebi/iou_mean"][-1] == pytest.approx(methods["vebi"]["iou_mean"])
     assert len(list((run / "panels").glob("*.png"))) == 6

@@ -23,6 +23,14 @@ ABLATION_COLUMNS = (
 )
 
 
+#: The scalar metrics of each heatmap evaluator (one W&B table each, a row per method).
+EVALUATOR_METRICS = {
+    "localisation": ("iou_mean", "iou_at_map_mean", "pointing_game", "relevance_mass"),
+    "faithfulness": ("deletion_auc", "insertion_auc"),
+    "artefacts": ("artefact_score",),
+}
+
+
 def _arrow(metric: str) -> str:
     return " (higher better)" if DIRECTIONS.get(metric, True) else " (lower better)"
 
@@ -206,17 +214,20 @@ def log_to_wandb(
             metrics = heatmap_metric_names(methods)
             for name, row in methods.items():
                 summary |= {f"heatmaps/{name}/{m}": row[m] for m in metrics}
-            run.log(
-                {
-                    "heatmaps/methods": wandb.Table(
-                        columns=[
-                            "method",
-                            *[m + (_arrow(m) if m in DIRECTIONS else "") for m in metrics],
-                        ],
-                        data=[[name, *[row[m] for m in metrics]] for name, row in methods.items()],
-                    )
-                }
-            )
+            present = set(metrics)
+            for evaluator, names in EVALUATOR_METRICS.items():
+                columns = [m for m in names if m in present]
+                if not columns:
+                    continue
+                columns.append("seconds_per_image")
+                table = wandb.Table(
+                    columns=[
+                        "method",
+                        *[m + (_arrow(m) if m in DIRECTIONS else "") for m in columns],
+                    ],
+                    data=[[name, *[row[m] for m in columns]] for name, row in methods.items()],
+                )
+                run.log({f"heatmaps/{evaluator}": table})
             for key, x_name in (
                 ("iou", "threshold"),
                 ("deletion", "fraction removed"),
