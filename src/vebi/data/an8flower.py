@@ -314,10 +314,6 @@ class An8FlowerDataModule(SplitDataModule):
     def num_classes(self) -> int:
         return len(self.class_names) if self.class_names else VARIANTS[self.hparams.variant].num_classes
 
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return (3, self.hparams.image_size, self.hparams.image_size)
-
     def prepare_data(self) -> None:
         if self.folder.is_dir():
             return

@@ -32,6 +32,15 @@ class SplitDataModule(LightningDataModule):
         self.data_test: Dataset | None = None
         self.data_mining: Dataset | None = None
 
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images; RGB at ``image_size`` unless a subclass says otherwise."""
+        return (3, self.hparams.image_size, self.hparams.image_size)
+
     def mining_dataset(self) -> Dataset:
         """The training split as (image, label, ...) without augmentation, in a fixed order."""
         dataset = self.data_mining if self.data_mining is not None else self.data_train

@@ -107,14 +107,6 @@ class Fashion144kDataModule(SplitDataModule):
         self.class_names = list(classes)
         self.skipped: dict[str, int] = {}
 
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return (3, self.hparams.image_size, self.hparams.image_size)
-
     def _transforms(self, train: bool) -> transforms.Compose:
         return image_transforms(self.hparams.image_size, train, eval_resize=1.0)
 

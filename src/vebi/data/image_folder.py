@@ -48,14 +48,6 @@ class ImageFolderDataModule(SplitDataModule):
             raise VebiError(f"no {self.root / 'train'} folder (expected <root>/train/<class>/<images>)")
         return sorted(p.name for p in train.iterdir() if p.is_dir())
 
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return (3, self.hparams.image_size, self.hparams.image_size)
-
     def _folder(self, path: Path, train: bool) -> datasets.ImageFolder:
         try:
             return datasets.ImageFolder(str(path), transform=image_transforms(self.hparams.image_size, train), loader=read_rgb)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassStatScores
 from tqdm.auto import tqdm
 
 from vebi.errors import VebiError
@@ -57,16 +57,14 @@ def ablated(model: nn.Module, features: FeatureSet) -> Iterator[nn.Module]:
 def per_class_correct(
     model: nn.Module, images: torch.Tensor, labels: torch.Tensor, num_classes: int, batch_size: int
 ) -> torch.Tensor:
-    """(C,) number of correctly classified test images of each class (torchmetrics, DDP-safe)."""
-    metric = MulticlassAccuracy(num_classes=num_classes, average=None).to(images.device)
+    """(C,) number of correctly classified test images of each class: the true positives of
+    torchmetrics' per-class stat scores (DDP-safe)."""
+    metric = MulticlassStatScores(num_classes=num_classes, average=None).to(images.device)
     with eval_mode(model), torch.no_grad():
         for start in range(0, len(images), batch_size):
-            metric.update(
-                model(images[start : start + batch_size]).argmax(1),
-                labels[start : start + batch_size],
-            )
-    counts = torch.bincount(labels.cpu(), minlength=num_classes).double()
-    return (metric.compute().double().cpu().nan_to_num(0.0) * counts).round()
+            metric.update(model(images[start : start + batch_size]).argmax(1),
+                          labels[start : start + batch_size])  # fmt: skip
+    return metric.compute()[:, 0].double().cpu()
 
 
 @dataclass

@@ -19,18 +19,10 @@ from torch import nn
 from vebi.errors import VebiError
 from vebi.explain.backprop import capture_outputs
 from vebi.explain.explainer import Explainer
-from vebi.explain.heatmaps import signal_to_heatmap
+from vebi.explain.heatmaps import min_max_scale, signal_to_heatmap
 from vebi.explain.rules import Rules
 from vebi.mining.features import FeatureExtractor, eval_mode, trace_leaf_calls
 from vebi.mining.relevant import RelevantFeatures
-
-
-def _min_max(maps: torch.Tensor) -> torch.Tensor:
-    """Scale each (H, W) map of (N, H, W) to [0, 1]; constant maps become 0."""
-    flat = maps.flatten(1)
-    low = flat.min(dim=1).values.view(-1, 1, 1)
-    span = flat.max(dim=1).values.view(-1, 1, 1) - low
-    return torch.where(span > 0, (maps - low) / span.clamp_min(1e-30), torch.zeros_like(maps))
 
 
 def last_spatial_layer(model: nn.Module, images: torch.Tensor) -> str:
@@ -124,7 +116,9 @@ class GradCAM(HeatmapMethod):
     def __call__(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         from captum.attr import LayerAttribution, LayerGradCam
 
-        layer = self.layer or last_spatial_layer(self.model, images)
+        if self.layer is None:  # traced once, on the first batch
+            self.layer = last_spatial_layer(self.model, images)
+        layer = self.layer
         module = dict(self.model.named_modules())[layer]
         with eval_mode(self.model), torch.enable_grad():
             cam = LayerGradCam(self.model, module).attribute(
@@ -133,7 +127,7 @@ class GradCAM(HeatmapMethod):
                 relu_attributions=True,
             )
         cam = LayerAttribution.interpolate(cam.detach(), tuple(images.shape[-2:]), "bilinear")
-        return _min_max(cam[:, 0].clamp_min(0))
+        return min_max_scale(cam[:, 0].clamp_min(0))
 
 
 class TopUnitActivation(HeatmapMethod):
@@ -144,17 +138,25 @@ class TopUnitActivation(HeatmapMethod):
     explanation would start from, brought to the pixels by upsampling instead of a deconvnet.
     """
 
+    _spatial: torch.Tensor | None = None
+
+    def _spatial_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(m,) True for features of layers with maps larger than 1 x 1 (traced once)."""
+        if self._spatial is None:
+            shapes = dict(trace_leaf_calls(self.model, images[:1]))
+            self._spatial = torch.tensor(
+                [
+                    len(shapes[layer]) == 4 and shapes[layer][-1] * shapes[layer][-2] > 1
+                    for layer in self.relevant.index.layer_of_each_feature()
+                ]
+            )
+        if not self._spatial.any():
+            raise VebiError("none of the mined layers has a spatial map: no top unit to upsample")
+        return self._spatial
+
     def __call__(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         relevant = self.relevant
-        shapes = dict(trace_leaf_calls(self.model, images[:1]))
-        spatial = torch.tensor(
-            [
-                len(shapes[layer]) == 4 and shapes[layer][-1] * shapes[layer][-2] > 1
-                for layer in relevant.index.layer_of_each_feature()
-            ]
-        )
-        if not spatial.any():
-            raise VebiError("none of the mined layers has a spatial map: no top unit to upsample")
+        spatial = self._spatial_features(images)
         weights = torch.as_tensor(relevant.weights * relevant.relevant_mask(), dtype=torch.float32)
         weights[~spatial] = 0
         with (
@@ -184,7 +186,7 @@ class TopUnitActivation(HeatmapMethod):
                 activation, size=tuple(images.shape[-2:]), mode="bilinear", align_corners=False
             )
             maps[n] = upsampled[0, 0]
-        return _min_max(maps.clamp_min(0))
+        return min_max_scale(maps.clamp_min(0))
 
 
 class CentreGaussian(HeatmapMethod):
@@ -201,7 +203,7 @@ class CentreGaussian(HeatmapMethod):
         ys = (torch.arange(height, dtype=torch.float32) - (height - 1) / 2) / (self.sigma * height)
         xs = (torch.arange(width, dtype=torch.float32) - (width - 1) / 2) / (self.sigma * width)
         gaussian = torch.exp(-0.5 * (ys[:, None] ** 2 + xs[None, :] ** 2))
-        return _min_max(gaussian.expand(len(images), height, width).to(images.device))
+        return min_max_scale(gaussian.expand(len(images), height, width).to(images.device))
 
 
 class UniformRandom(HeatmapMethod):

@@ -31,6 +31,14 @@ EVALUATOR_METRICS = {
 }
 
 
+def curve_positions(row: Mapping[str, Any], key: str) -> list[float]:
+    """The x values of ``row[key + '_curve']``: the IoU thresholds, or the removed/revealed
+    fractions 0..1 of the deletion and insertion steps."""
+    if key == "iou":
+        return list(row["iou_thresholds"])
+    return torch.linspace(0, 1, len(row[f"{key}_curve"])).tolist()
+
+
 def _arrow(metric: str) -> str:
     return " (higher better)" if DIRECTIONS.get(metric, True) else " (lower better)"
 
@@ -123,9 +131,7 @@ def curves_figure(
     colours = plt.get_cmap("tab20").colors
     for i, (name, row) in enumerate(results.items()):
         curve = row[f"{key}_curve"]
-        xs = (
-            row.get("iou_thresholds") if key == "iou" else torch.linspace(0, 1, len(curve)).tolist()
-        )
+        xs = curve_positions(row, key)
         axis.plot(
             xs,
             curve,
@@ -236,11 +242,7 @@ def log_to_wandb(
                 if f"{key}_curve" not in next(iter(methods.values())):
                     continue
                 curves = [row[f"{key}_curve"] for row in methods.values()]
-                xs = (
-                    next(iter(methods.values()))["iou_thresholds"]
-                    if key == "iou"
-                    else torch.linspace(0, 1, len(curves[0])).tolist()
-                )
+                xs = curve_positions(next(iter(methods.values())), key)
                 run.log(
                     {
                         f"heatmaps/{key}_curves": wandb.plot.line_series(

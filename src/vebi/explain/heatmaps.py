@@ -14,13 +14,15 @@ def signal_to_heatmap(signal: torch.Tensor) -> torch.Tensor:
     Positive part per colour channel, L2 norm over the colour channels, min-max per image
     (an all-zero signal gives an all-zero map).
     """
-    magnitude = signal.clamp_min(0).pow(2).sum(dim=1).sqrt()
-    flat = magnitude.flatten(1)
+    return min_max_scale(signal.clamp_min(0).pow(2).sum(dim=1).sqrt())
+
+
+def min_max_scale(maps: torch.Tensor) -> torch.Tensor:
+    """Scale each (H, W) map of (N, H, W) to [0, 1]; constant maps become 0."""
+    flat = maps.flatten(1)
     low = flat.min(dim=1).values.view(-1, 1, 1)
     span = flat.max(dim=1).values.view(-1, 1, 1) - low
-    return torch.where(
-        span > 0, (magnitude - low) / span.clamp_min(1e-30), torch.zeros_like(magnitude)
-    )
+    return torch.where(span > 0, (maps - low) / span.clamp_min(1e-30), torch.zeros_like(maps))
 
 
 def stride_periods(model: nn.Module) -> list[int]:

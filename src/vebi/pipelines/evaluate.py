@@ -254,15 +254,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         datamodule.prepare_data()
         datamodule.setup("test")
         test_dataset = datamodule.test_dataloader().dataset
-        if len(test_dataset) == 0:
-            raise VebiError("the test split is empty: nothing to evaluate (check the data set)")
+        # refuses an empty test split before anything runs
+        test = load_test_images(test_dataset, cfg.evaluation.get("max_images"), int(cfg.seed))
         (metrics,) = trainer.test(module, datamodule=datamodule)
         module = module.to(device_for(cfg.trainer))
         relevant, relevant_path, obtained = obtain_relevant_features(
             cfg, ckpt_path, module, datamodule, loggers
         )
         print("\n" + console_summary(relevant) + f"\n  ({obtained}: {relevant_path})", flush=True)
-        test = load_test_images(test_dataset, cfg.evaluation.get("max_images"), int(cfg.seed))
         evaluations, panels, notes = run_evaluators(cfg, module, relevant, test)
         result = {
             "checkpoint": str(ckpt_path),
