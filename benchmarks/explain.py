@@ -104,8 +104,9 @@ def most_active_channel(model: torch.nn.Module, images: torch.Tensor, layer: str
     return int(captured["a"].pow(2).sum(dim=(0, 2, 3)).argmax())
 
 
-def artefact_figure(model: torch.nn.Module, images: torch.Tensor, layer: str, channel: int,
-                    path: Path) -> None:  # fmt: skip
+def artefact_figure(
+    model: torch.nn.Module, images: torch.Tensor, layer: str, channel: int, path: Path
+) -> None:
     """Heatmaps of one feature on a few digits: standard vs stride_fix conv rule."""
     import matplotlib.pyplot as plt
 

@@ -52,8 +52,16 @@ def reproduce(table: str, extra: list[str]) -> Path:
         print(f"No checkpoint of {experiment}: training one first", flush=True)
         _run([sys.executable, "train.py", f"experiment={experiment}"])
     run_dir = Path(tempfile.mkdtemp(prefix=f"{table}-", dir=ROOT / "logs"))
-    _run([sys.executable, "evaluate.py", f"experiment={experiment}", f"hydra.run.dir={run_dir}",
-          *overrides, *extra])  # fmt: skip
+    _run(
+        [
+            sys.executable,
+            "evaluate.py",
+            f"experiment={experiment}",
+            f"hydra.run.dir={run_dir}",
+            *overrides,
+            *extra,
+        ]
+    )
     staging = Path(tempfile.mkdtemp(prefix=f".{table}-", dir=RESULTS))
     try:
         _collect(run_dir, staging, panels)
@@ -70,8 +78,13 @@ def reproduce(table: str, extra: list[str]) -> Path:
 
 def _collect(run_dir: Path, staging: Path, panels: int) -> None:
     """Copy the tables, the curve plots and the first ``panels`` per-class panels."""
-    for name in ("results.md", "results.json", "iou_curves.png", "deletion_curves.png",
-                 "insertion_curves.png"):  # fmt: skip
+    for name in (
+        "results.md",
+        "results.json",
+        "iou_curves.png",
+        "deletion_curves.png",
+        "insertion_curves.png",
+    ):
         if (run_dir / name).is_file():
             shutil.copy2(run_dir / name, staging / name)
     for path in sorted((run_dir / "panels").glob("*.png"))[:panels]:

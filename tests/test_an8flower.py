@@ -65,8 +65,9 @@ def test_only_the_deciding_parts_separate_the_classes(variant: str) -> None:
 
 
 def test_data_module_reads_masks_and_splits(generated: Path) -> None:
-    datamodule = An8FlowerDataModule(data_dir=generated, name="an8flower_double", image_size=64,
-                                     generate=False, progress=False)  # fmt: skip
+    datamodule = An8FlowerDataModule(
+        data_dir=generated, name="an8flower_double", image_size=64, generate=False, progress=False
+    )
     datamodule.prepare_data()
     datamodule.setup()
     sizes = [len(datamodule.data_train), len(datamodule.data_val), len(datamodule.data_test)]
@@ -76,8 +77,9 @@ def test_data_module_reads_masks_and_splits(generated: Path) -> None:
     assert mask.shape == (64, 64) and set(mask.unique().tolist()) <= {0.0, 1.0}
     assert 0 < mask.mean() < 0.3  # 1 = the (small) deciding region
     assert datamodule.num_classes == 12 and datamodule.class_names[0].startswith("class00")
-    again = An8FlowerDataModule(data_dir=generated, name="an8flower_double", image_size=64,
-                                generate=False, progress=False)  # fmt: skip
+    again = An8FlowerDataModule(
+        data_dir=generated, name="an8flower_double", image_size=64, generate=False, progress=False
+    )
     again.setup()
     assert torch.equal(again.data_val.labels, datamodule.data_val.labels)
 
@@ -119,8 +121,14 @@ def test_bad_inputs_are_clear_errors(generated: Path, tmp_path: Path) -> None:
 
 
 def test_generation_on_first_use_and_refusals(tmp_path: Path) -> None:
-    datamodule = An8FlowerDataModule(data_dir=tmp_path, name="flowers", variant="single",
-                                     images_per_class=4, image_size=48, progress=False)  # fmt: skip
+    datamodule = An8FlowerDataModule(
+        data_dir=tmp_path,
+        name="flowers",
+        variant="single",
+        images_per_class=4,
+        image_size=48,
+        progress=False,
+    )
     datamodule.prepare_data()
     assert len(list((tmp_path / "flowers").rglob("*.png"))) == 24
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left

@@ -70,5 +70,9 @@ def test_evaluation_group_composes(compose_cfg) -> None:
     assert cfg.evaluation.insertion_baseline == "zero"
     assert compose_cfg("evaluate", ["experiment=mnist"]).evaluation.insertion_baseline == "blur"
     assert set(cfg.evaluation.evaluators) == {
-        "sparse", "ablation", "localisation", "faithfulness", "artefacts",
-    }  # fmt: skip
+        "sparse",
+        "ablation",
+        "localisation",
+        "faithfulness",
+        "artefacts",
+    }

@@ -14,9 +14,19 @@ from tests.wandb_offline import logged_values
 from vebi.mining.features import FeatureIndex
 from vebi.mining.relevant import RelevantFeatures
 
-METHODS = ["vebi", "vebi_standard_conv", "vebi_deconvnet_relu", "vebi_best_feature", "deconvnet",
-           "guided_backprop", "gradient", "gradcam", "top_unit_activation", "centre_gaussian",
-           "uniform_random"]  # fmt: skip
+METHODS = [
+    "vebi",
+    "vebi_standard_conv",
+    "vebi_deconvnet_relu",
+    "vebi_best_feature",
+    "deconvnet",
+    "guided_backprop",
+    "gradient",
+    "gradcam",
+    "top_unit_activation",
+    "centre_gaussian",
+    "uniform_random",
+]
 
 
 def _only_run(root: Path) -> Path:
@@ -24,13 +34,19 @@ def _only_run(root: Path) -> Path:
     return results.parent
 
 
-def test_evaluate_runs_every_evaluator_on_mnist(short_run: dict, mnist_root: Path,
-                                                tmp_path: Path) -> None:  # fmt: skip
+def test_evaluate_runs_every_evaluator_on_mnist(
+    short_run: dict, mnist_root: Path, tmp_path: Path
+) -> None:
     result = run_cli(
-        "evaluate.py", f"ckpt_path={short_run['best_checkpoint']}", f"paths.data_dir={mnist_root}",
-        f"paths.log_dir={tmp_path}", "evaluation.max_images=600", "evaluation.heatmap_images=24",
-        "evaluation.steps=5", "evaluation.panel_images_per_class=1",
-    )  # fmt: skip
+        "evaluate.py",
+        f"ckpt_path={short_run['best_checkpoint']}",
+        f"paths.data_dir={mnist_root}",
+        f"paths.log_dir={tmp_path}",
+        "evaluation.max_images=600",
+        "evaluation.heatmap_images=24",
+        "evaluation.steps=5",
+        "evaluation.panel_images_per_class=1",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     run = _only_run(tmp_path)
     results = json.loads((run / "results.json").read_text())
@@ -74,16 +90,27 @@ def test_evaluate_runs_every_evaluator_on_mnist(short_run: dict, mnist_root: Pat
     assert values["heatmaps/panels/count"][-1] == 10
 
 
-def test_multirun_over_mu_and_k_mines_what_is_missing(short_run: dict, mnist_root: Path,
-                                                      tmp_path: Path) -> None:  # fmt: skip
+def test_multirun_over_mu_and_k_mines_what_is_missing(
+    short_run: dict, mnist_root: Path, tmp_path: Path
+) -> None:
     result = run_cli(
-        "evaluate.py", "-m", f"ckpt_path={short_run['best_checkpoint']}",
-        f"paths.data_dir={mnist_root}", f"paths.log_dir={tmp_path}", "logger=none",
-        f"mining.cache_dir={tmp_path / 'cache'}", "data.train_subset=3000", "mining.progress=false",
-        "evaluation.evaluators=[sparse,faithfulness]", "evaluation.max_images=300",
-        "evaluation.heatmap_images=8", "evaluation.steps=4", "evaluation.select=[vebi]",
-        "mining.mu=5,10", "k=1,3",
-    )  # fmt: skip
+        "evaluate.py",
+        "-m",
+        f"ckpt_path={short_run['best_checkpoint']}",
+        f"paths.data_dir={mnist_root}",
+        f"paths.log_dir={tmp_path}",
+        "logger=none",
+        f"mining.cache_dir={tmp_path / 'cache'}",
+        "data.train_subset=3000",
+        "mining.progress=false",
+        "evaluation.evaluators=[sparse,faithfulness]",
+        "evaluation.max_images=300",
+        "evaluation.heatmap_images=8",
+        "evaluation.steps=4",
+        "evaluation.select=[vebi]",
+        "mining.mu=5,10",
+        "k=1,3",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     runs = sorted(tmp_path.rglob("results.json"))
     assert len(runs) == 4
@@ -104,33 +131,55 @@ def test_class_mismatch_is_a_clear_error(short_run: dict, mnist_root: Path, tmp_
     wrong = RelevantFeatures(np.zeros((500, 6)), index, [f"c{i}" for i in range(6)], mu=1.0)
     path = wrong.save(tmp_path / "six_classes.h5")
     result = run_cli(
-        "evaluate.py", f"ckpt_path={short_run['best_checkpoint']}", f"paths.data_dir={mnist_root}",
-        f"paths.log_dir={tmp_path}", "logger=none", f"relevant_features={path}",
-    )  # fmt: skip
+        "evaluate.py",
+        f"ckpt_path={short_run['best_checkpoint']}",
+        f"paths.data_dir={mnist_root}",
+        f"paths.log_dir={tmp_path}",
+        "logger=none",
+        f"relevant_features={path}",
+    )
     assert result.returncode == 1
     assert "were mined for 6 classes but the checkpoint predicts 10" in result.stderr
     assert "Traceback" not in result.stderr
     assert not list(tmp_path.rglob("results.json"))
     result = run_cli(
-        "evaluate.py", f"ckpt_path={short_run['best_checkpoint']}", f"paths.data_dir={mnist_root}",
-        f"paths.log_dir={tmp_path}", "logger=none", "evaluation.evaluators=[sparse,bogus]",
-    )  # fmt: skip
+        "evaluate.py",
+        f"ckpt_path={short_run['best_checkpoint']}",
+        f"paths.data_dir={mnist_root}",
+        f"paths.log_dir={tmp_path}",
+        "logger=none",
+        "evaluation.evaluators=[sparse,bogus]",
+    )
     assert result.returncode == 1 and "unknown evaluator(s) ['bogus']" in result.stderr
 
 
 def test_localisation_on_generated_an8flower(tmp_path: Path) -> None:
-    common = [f"paths.data_dir={tmp_path / 'data'}", f"paths.log_dir={tmp_path / 'logs'}",
-              f"mining.cache_dir={tmp_path / 'cache'}", "data.images_per_class=14",
-              "data.image_size=48", "data.progress=false", "mining.progress=false"]  # fmt: skip
-    train = run_cli("train.py", "experiment=an8flower_single", "trainer.max_epochs=1", *common,
-                    "logger=none",
-                    "+callbacks.feature_mining.galleries=false")  # fmt: skip
+    common = [
+        f"paths.data_dir={tmp_path / 'data'}",
+        f"paths.log_dir={tmp_path / 'logs'}",
+        f"mining.cache_dir={tmp_path / 'cache'}",
+        "data.images_per_class=14",
+        "data.image_size=48",
+        "data.progress=false",
+        "mining.progress=false",
+    ]
+    train = run_cli(
+        "train.py",
+        "experiment=an8flower_single",
+        "trainer.max_epochs=1",
+        *common,
+        "logger=none",
+        "+callbacks.feature_mining.galleries=false",
+    )
     assert train.returncode == 0, train.stderr[-3000:]
     result = run_cli(
-        "evaluate.py", "experiment=an8flower_single", *common,
-        "evaluation.evaluators=[localisation,artefacts]", "evaluation.heatmap_images=null",
+        "evaluate.py",
+        "experiment=an8flower_single",
+        *common,
+        "evaluation.evaluators=[localisation,artefacts]",
+        "evaluation.heatmap_images=null",
         "evaluation.select=[vebi,vebi_standard_conv,gradcam,centre_gaussian]",
-    )  # fmt: skip
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Using the newest checkpoint of experiment 'an8flower_single'" in result.stdout
     run = _only_run(tmp_path / "logs" / "evaluate")

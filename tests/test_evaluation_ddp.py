@@ -31,8 +31,12 @@ def _data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 def _results(rows: slice) -> dict[str, torch.Tensor]:
     maps, masks, curves = _data()
-    metrics = {"iou": ThresholdIoU(), "iou_at_mean": MeanThresholdIoU(),
-               "pointing": PointingGame(), "mass": RelevanceMass()}  # fmt: skip
+    metrics = {
+        "iou": ThresholdIoU(),
+        "iou_at_mean": MeanThresholdIoU(),
+        "pointing": PointingGame(),
+        "mass": RelevanceMass(),
+    }
     out = {}
     for name, metric in metrics.items():
         metric.update(maps[rows], masks[rows])

@@ -33,8 +33,12 @@ def test_training_mines_the_best_checkpoint(short_run: dict) -> None:
 def test_mining_reaches_wandb(short_run: dict) -> None:
     run_dir = Path(short_run["wandb_dir"])
     values = logged_values(run_dir)
-    for key in ("mining/sparse_accuracy_val", "mining/network_accuracy_val", "mining/solve_seconds",
-                "mining/extract_seconds"):  # fmt: skip
+    for key in (
+        "mining/sparse_accuracy_val",
+        "mining/network_accuracy_val",
+        "mining/solve_seconds",
+        "mining/extract_seconds",
+    ):
         assert key in values, key
     relevant = RelevantFeatures.load(short_run["relevant_features"])
     # the per-class table holds one row per relevant feature; the per-layer table one per layer
@@ -53,8 +57,10 @@ def test_mining_reaches_wandb(short_run: dict) -> None:
     artifacts = logged_artifacts(run_dir)
     (name,) = [n for n, (kind, _) in artifacts.items() if kind == "relevant-features"]
     assert sorted(artifacts[name][1]) == [
-        "relevant_features.h5", "relevant_features.json", "relevant_features.md",
-    ]  # fmt: skip
+        "relevant_features.h5",
+        "relevant_features.json",
+        "relevant_features.md",
+    ]
 
 
 def test_mine_cli_on_existing_checkpoint(short_run: dict, mnist_root: Path, tmp_path: Path) -> None:

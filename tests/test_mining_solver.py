@@ -92,9 +92,12 @@ def test_class_without_samples_gets_no_features(mnist_statistics) -> None:
 def test_solver_failure_falls_back_and_is_reported(mnist_statistics) -> None:
     gram, cross, _ = mnist_statistics
     solution = mu_lasso(
-        gram, cross[:, :1], 10.0, solvers=("CLARABEL", "SCS"),
+        gram,
+        cross[:, :1],
+        10.0,
+        solvers=("CLARABEL", "SCS"),
         solver_options={"CLARABEL": {"max_iter": 1}, "SCS": {"eps_abs": 1e-9, "eps_rel": 1e-9}},
-    )  # fmt: skip
+    )
     assert solution.solver_used == ["SCS"]
     assert solution.failures and solution.failures[0].startswith("CLARABEL")
     assert solution.weights.sum() == pytest.approx(10.0, rel=1e-3)

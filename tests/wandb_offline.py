@@ -69,10 +69,12 @@ def logged_values(run_dir: Path) -> dict[str, list[Any]]:
     for record in _parsed(run_dir):
         kind = record.WhichOneof("record_type")
         items = (
-            record.history.item if kind == "history"
-            else record.summary.update if kind == "summary"
+            record.history.item
+            if kind == "history"
+            else record.summary.update
+            if kind == "summary"
             else []
-        )  # fmt: skip
+        )
         for item in items:
             key = item.key or "/".join(item.nested_key)
             values.setdefault(key, []).append(json.loads(item.value_json))

@@ -66,7 +66,9 @@ class Variant:
 
     def class_name(self, class_id: int) -> str:
         hues = self.class_hues(class_id)
-        return f"class{class_id:02d}_" + "_".join(f"{p}{int(round(hues[p] * 360)):03d}" for p in self.deciding)
+        return f"class{class_id:02d}_" + "_".join(
+            f"{p}{int(round(hues[p] * 360)):03d}" for p in self.deciding
+        )
 
 
 VARIANTS = {
@@ -90,10 +92,18 @@ class An8FlowerGenerator:
         seed: the same seed gives the same files, whatever the batch size.
     """
 
-    def __init__(self, variant: str = "double", image_size: int = 112, images_per_class: int = 300,
-                 seed: int = 0, batch_size: int = 64) -> None:  # fmt: skip
+    def __init__(
+        self,
+        variant: str = "double",
+        image_size: int = 112,
+        images_per_class: int = 300,
+        seed: int = 0,
+        batch_size: int = 64,
+    ) -> None:
         if variant not in VARIANTS:
-            raise VebiError(f"unknown an8Flower variant {variant!r}; choose from {sorted(VARIANTS)}")
+            raise VebiError(
+                f"unknown an8Flower variant {variant!r}; choose from {sorted(VARIANTS)}"
+            )
         if image_size < 32 or images_per_class < 1:
             raise VebiError("image_size must be >= 32 and images_per_class >= 1")
         self.variant_name = variant
@@ -103,7 +113,9 @@ class An8FlowerGenerator:
         self.seed = seed
         self.batch_size = batch_size
 
-    def render(self, class_id: int, indices: Sequence[int]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def render(
+        self, class_id: int, indices: Sequence[int]
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Images (B, H, W, 3) uint8 and visible part masks {part: (B, H, W) bool}."""
         rngs = [np.random.default_rng([self.seed, class_id, int(i)]) for i in indices]
         draw = lambda f: np.array([f(r) for r in rngs])  # noqa: E731 - one value per image
@@ -122,7 +134,9 @@ class An8FlowerGenerator:
         stem_length = radius * draw(lambda r: r.uniform(1.6, 2.4))
         dx, dy = gx - col(cx), gy - col(cy)
         rho, phi = np.hypot(dx, dy), np.arctan2(dy, dx)
-        petal_edge = col(radius) * (0.45 + 0.55 * np.abs(np.cos(col(petals_n) / 2 * (phi - col(turn)))) ** 0.8)
+        petal_edge = col(radius) * (
+            0.45 + 0.55 * np.abs(np.cos(col(petals_n) / 2 * (phi - col(turn)))) ** 0.8
+        )
         masks = {"petals": rho < petal_edge, "centre": rho < 0.3 * col(radius)}
         # stem coordinates: sy runs down the (slightly tilted) stem from the centre, sx across it
         sx, sy = _rotate(dx, dy, col(stem_angle))
@@ -147,16 +161,36 @@ class An8FlowerGenerator:
         colours = {}
         for part in PARTS:
             if part in hues:
-                hsv = np.stack([(hues[part] + draw(lambda r: r.uniform(-0.015, 0.015))) % 1.0,
-                                draw(lambda r: r.uniform(0.75, 0.95)), draw(lambda r: r.uniform(0.75, 0.95))], -1)  # fmt: skip
+                hsv = np.stack(
+                    [
+                        (hues[part] + draw(lambda r: r.uniform(-0.015, 0.015))) % 1.0,
+                        draw(lambda r: r.uniform(0.75, 0.95)),
+                        draw(lambda r: r.uniform(0.75, 0.95)),
+                    ],
+                    -1,
+                )
             else:  # the shared distractor distribution
-                hsv = np.stack([draw(lambda r: r.uniform(0, 1)), draw(lambda r: r.uniform(0.2, 0.95)),
-                                draw(lambda r: r.uniform(0.45, 0.95))], -1)  # fmt: skip
+                hsv = np.stack(
+                    [
+                        draw(lambda r: r.uniform(0, 1)),
+                        draw(lambda r: r.uniform(0.2, 0.95)),
+                        draw(lambda r: r.uniform(0.45, 0.95)),
+                    ],
+                    -1,
+                )
             colours[part] = hsv_to_rgb(hsv)  # (B, 3)
 
         # textured background: a random colour modulated by low-frequency waves
-        base = hsv_to_rgb(np.stack([draw(lambda r: r.uniform(0, 1)), draw(lambda r: r.uniform(0.05, 0.4)),
-                                    draw(lambda r: r.uniform(0.3, 0.8))], -1))  # fmt: skip
+        base = hsv_to_rgb(
+            np.stack(
+                [
+                    draw(lambda r: r.uniform(0, 1)),
+                    draw(lambda r: r.uniform(0.05, 0.4)),
+                    draw(lambda r: r.uniform(0.3, 0.8)),
+                ],
+                -1,
+            )
+        )
         texture = np.zeros((b, s, s))
         for _ in range(4):
             fx, fy = draw(lambda r: r.uniform(1, 6)), draw(lambda r: r.uniform(1, 6))
@@ -192,7 +226,9 @@ class An8FlowerGenerator:
         staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
         try:
             total = self.variant.num_classes * self.images_per_class
-            with tqdm(total=total, desc=f"generating {name}", unit="img", disable=not progress) as bar:
+            with tqdm(
+                total=total, desc=f"generating {name}", unit="img", disable=not progress
+            ) as bar:
                 for class_id in range(self.variant.num_classes):
                     class_name = self.variant.class_name(class_id)
                     (staging / "images" / class_name).mkdir(parents=True)
@@ -225,8 +261,9 @@ def _read(path: Path, mode: str) -> np.ndarray:
         raise VebiError(f"cannot read {path}: {error}; delete or replace the file") from error
 
 
-def read_an8flower_folder(folder: str | Path, image_size: int | None = None, progress: bool = True
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str], list[str]]:  # fmt: skip
+def read_an8flower_folder(
+    folder: str | Path, image_size: int | None = None, progress: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str], list[str]]:
     """Read the published layout: ``folder/<class>/*`` and ``folder_MASK/<class>/*``.
 
     Returns (images uint8 (N, 3, H, W), labels (N,), masks bool (N, H, W) with True = the
@@ -259,10 +296,14 @@ def read_an8flower_folder(folder: str | Path, image_size: int | None = None, pro
     for _, path in tqdm(files, desc=f"reading {folder.name}", unit="img", disable=not progress):
         image, mask = _read(path, "RGB"), _read(mask_folder / path.parent.name / path.name, "L")
         if image.shape[:2] != mask.shape:
-            raise VebiError(f"{path} is {image.shape[1]}x{image.shape[0]} but its mask is "
-                            f"{mask.shape[1]}x{mask.shape[0]}")  # fmt: skip
+            raise VebiError(
+                f"{path} is {image.shape[1]}x{image.shape[0]} but its mask is "
+                f"{mask.shape[1]}x{mask.shape[0]}"
+            )
         if image_size and image.shape[:2] != (image_size, image_size):
-            image = np.asarray(Image.fromarray(image).resize((image_size, image_size), Image.BILINEAR))
+            image = np.asarray(
+                Image.fromarray(image).resize((image_size, image_size), Image.BILINEAR)
+            )
             mask = np.asarray(Image.fromarray(mask).resize((image_size, image_size), Image.NEAREST))
         images.append(image)
         masks.append(mask < 128)  # dark = relevant
@@ -298,13 +339,26 @@ class An8FlowerDataModule(SplitDataModule):
     (``val_fraction``/``test_fraction`` of each class). Images are held in memory as uint8.
     """
 
-    def __init__(self, data_dir: str | Path = "data", name: str = "an8flower_double",
-                 variant: str = "double", generate: bool = True, images_per_class: int = 300,
-                 image_size: int = 112, generator_seed: int = 0, batch_size: int = 64,
-                 val_fraction: float = 0.15, test_fraction: float = 0.15, split_seed: int = 0,
-                 num_workers: int = 0, progress: bool = True) -> None:  # fmt: skip
+    def __init__(
+        self,
+        data_dir: str | Path = "data",
+        name: str = "an8flower_double",
+        variant: str = "double",
+        generate: bool = True,
+        images_per_class: int = 300,
+        image_size: int = 112,
+        generator_seed: int = 0,
+        batch_size: int = 64,
+        val_fraction: float = 0.15,
+        test_fraction: float = 0.15,
+        split_seed: int = 0,
+        num_workers: int = 0,
+        progress: bool = True,
+    ) -> None:
         super().__init__()
-        if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
+        if not (
+            0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1
+        ):
             raise VebiError("val_fraction and test_fraction must be in (0, 1) and sum below 1")
         self.save_hyperparameters(logger=False)
         self.folder = Path(data_dir) / name
@@ -312,16 +366,25 @@ class An8FlowerDataModule(SplitDataModule):
 
     @property
     def num_classes(self) -> int:
-        return len(self.class_names) if self.class_names else VARIANTS[self.hparams.variant].num_classes
+        return (
+            len(self.class_names)
+            if self.class_names
+            else VARIANTS[self.hparams.variant].num_classes
+        )
 
     def prepare_data(self) -> None:
         if self.folder.is_dir():
             return
         if not self.hparams.generate:
-            raise VebiError(f"no an8Flower data at {self.folder}; set data.generate=true to make it")
-        An8FlowerGenerator(self.hparams.variant, self.hparams.image_size, self.hparams.images_per_class,
-                           self.hparams.generator_seed).write(self.folder.parent, self.folder.name,
-                                                              progress=self.hparams.progress)  # fmt: skip
+            raise VebiError(
+                f"no an8Flower data at {self.folder}; set data.generate=true to make it"
+            )
+        An8FlowerGenerator(
+            self.hparams.variant,
+            self.hparams.image_size,
+            self.hparams.images_per_class,
+            self.hparams.generator_seed,
+        ).write(self.folder.parent, self.folder.name, progress=self.hparams.progress)
 
     def setup(self, stage: str | None = None) -> None:
         if self.data_train is not None:
@@ -341,5 +404,6 @@ class An8FlowerDataModule(SplitDataModule):
             parts["train"].append(members[n_val + n_test :])
         split = {k: torch.cat(v).sort().values for k, v in parts.items()}
         self.data_train, self.data_val, self.data_test = (
-            MaskedImages(images[split[k]], labels[split[k]], masks[split[k]]) for k in ("train", "val", "test")
+            MaskedImages(images[split[k]], labels[split[k]], masks[split[k]])
+            for k in ("train", "val", "test")
         )

@@ -13,7 +13,10 @@ def image_transforms(size: int, train: bool, eval_resize: float = 1.14) -> trans
     """Train: random resized crop + flip; evaluation: resize (``eval_resize`` x size) + centre
     crop. Both end in [0, 1] tensors; normalisation is the model's job."""
     if train:
-        steps = [transforms.RandomResizedCrop(size, scale=(0.5, 1.0)), transforms.RandomHorizontalFlip()]
+        steps = [
+            transforms.RandomResizedCrop(size, scale=(0.5, 1.0)),
+            transforms.RandomHorizontalFlip(),
+        ]
     else:
         steps = [transforms.Resize(int(round(size * eval_resize))), transforms.CenterCrop(size)]
     return transforms.Compose([*steps, transforms.ToTensor()])

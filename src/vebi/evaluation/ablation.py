@@ -62,8 +62,10 @@ def per_class_correct(
     metric = MulticlassStatScores(num_classes=num_classes, average=None).to(images.device)
     with eval_mode(model), torch.no_grad():
         for start in range(0, len(images), batch_size):
-            metric.update(model(images[start : start + batch_size]).argmax(1),
-                          labels[start : start + batch_size])  # fmt: skip
+            metric.update(
+                model(images[start : start + batch_size]).argmax(1),
+                labels[start : start + batch_size],
+            )
     return metric.compute()[:, 0].double().cpu()
 
 
@@ -173,9 +175,14 @@ def sparse_classifier_accuracy(
     with (
         eval_mode(model),
         torch.no_grad(),
-        FeatureExtractor(model, relevant.layers, relevant.aggregation, relevant.normalize_layers,
-                         relevant.normalize_global) as extractor,
-    ):  # fmt: skip
+        FeatureExtractor(
+            model,
+            relevant.layers,
+            relevant.aggregation,
+            relevant.normalize_layers,
+            relevant.normalize_global,
+        ) as extractor,
+    ):
         for start in range(0, len(images), batch_size):
             x, logits = extractor.forward(images[start : start + batch_size])
             truth = labels[start : start + batch_size].cpu()

@@ -13,8 +13,10 @@ from torchmetrics import Metric
 
 def _check(heatmaps: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if heatmaps.ndim != 3 or heatmaps.shape != masks.shape:
-        raise ValueError(f"heatmaps and masks must both be (N, H, W); got {tuple(heatmaps.shape)} "
-                         f"and {tuple(masks.shape)}")  # fmt: skip
+        raise ValueError(
+            f"heatmaps and masks must both be (N, H, W); got {tuple(heatmaps.shape)} "
+            f"and {tuple(masks.shape)}"
+        )
     if not torch.isfinite(heatmaps).all():
         raise ValueError("heatmaps contain NaN/Inf")
     return heatmaps.float(), masks.bool()

@@ -91,11 +91,16 @@ class Explainer:
         try:
             with (
                 backward_rules(self.model, self.rules),
-                FeatureExtractor(self.model, relevant.layers, relevant.aggregation,
-                                 relevant.normalize_layers, relevant.normalize_global) as extractor,
+                FeatureExtractor(
+                    self.model,
+                    relevant.layers,
+                    relevant.aggregation,
+                    relevant.normalize_layers,
+                    relevant.normalize_global,
+                ) as extractor,
                 capture_outputs(self.model, self.layers) as outputs,
                 torch.enable_grad(),
-            ):  # fmt: skip
+            ):
                 inputs = images.detach().clone().requires_grad_(True)
                 x, logits = extractor.forward(inputs)
                 if logits.shape[1] != relevant.num_classes:
@@ -145,8 +150,15 @@ class Explainer:
             for n in range(len(chosen))
         ]
 
-    def _backprop_slot(self, slot: int, chosen: torch.Tensor, outputs: dict[str, torch.Tensor],
-                       inputs: torch.Tensor, maps: torch.Tensor, last: bool) -> None:  # fmt: skip
+    def _backprop_slot(
+        self,
+        slot: int,
+        chosen: torch.Tensor,
+        outputs: dict[str, torch.Tensor],
+        inputs: torch.Tensor,
+        maps: torch.Tensor,
+        last: bool,
+    ) -> None:
         """One backward pass for the slot-th feature of every image (layers may differ)."""
         features = chosen[:, slot].cpu()
         present = features >= 0

@@ -67,7 +67,7 @@ def average_visualisations(
                     signal_to_heatmap(signal).mean(0).cpu(),
                     images.mean(0).cpu(),
                     chosen,
-                )  # fmt: skip
+                )
             )
     return results
 
@@ -81,9 +81,11 @@ def save_galleries(
         tiles = [v for v in visualisations if v.class_id == class_id]
         titles = [f"{v.layer}/{v.channel} w={v.weight:.2f}" for v in tiles]
         figure = gallery_figure(
-            [v.average_map for v in tiles], [v.average_image for v in tiles], titles,
+            [v.average_map for v in tiles],
+            [v.average_image for v in tiles],
+            titles,
             f"class {name}: average visualisations of its {len(tiles)} relevant features",
-        )  # fmt: skip
+        )
         paths.append(save_figure(figure, Path(folder) / f"class_{class_id}_{_safe(name)}.png"))
     return paths
 

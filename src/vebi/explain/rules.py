@@ -42,9 +42,19 @@ POOL_RULES = ("standard", "switch_unpool")
 
 #: Leaf modules whose gradient is the rule (or that have no effect on the way down).
 GRADIENT_MODULES = (
-    nn.Linear, nn.Flatten, nn.Identity, nn.Dropout, nn.Dropout2d, nn.BatchNorm1d, nn.BatchNorm2d,
-    nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.LocalResponseNorm, Normalize,
-)  # fmt: skip
+    nn.Linear,
+    nn.Flatten,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout2d,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+    nn.LocalResponseNorm,
+    Normalize,
+)
 
 
 @dataclass(frozen=True)
@@ -88,9 +98,16 @@ def _pair(value: Any) -> tuple[int, int]:
 
 class _StrideFixConv2d(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int],
-                groups: int) -> torch.Tensor:  # fmt: skip
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        stride: tuple[int, int],
+        padding: tuple[int, int],
+        dilation: tuple[int, int],
+        groups: int,
+    ) -> torch.Tensor:
         ctx.save_for_backward(weight)
         ctx.input_size = x.shape[-2:]
         ctx.padding, ctx.dilation, ctx.groups = padding, dilation, groups
@@ -118,8 +135,9 @@ class _StrideFixConv2d(torch.autograd.Function):
 
 class _SwitchUnpool2d(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, kernel: Any, stride: Any, padding: Any,
-                ceil_mode: bool) -> torch.Tensor:  # fmt: skip
+    def forward(
+        ctx: Any, x: torch.Tensor, kernel: Any, stride: Any, padding: Any, ceil_mode: bool
+    ) -> torch.Tensor:
         out, indices = F.max_pool2d(x, kernel, stride, padding, 1, ceil_mode, return_indices=True)
         ctx.save_for_backward(indices)
         ctx.args = (kernel, stride, padding)
@@ -145,9 +163,14 @@ def _rule_forward(module: nn.Module, rules: Rules) -> Any:
             return None
         if _pair(module.stride) != (1, 1) and rules.conv == "stride_fix":
             return lambda x: _StrideFixConv2d.apply(
-                x, module.weight, module.bias, _pair(module.stride), _pair(module.padding),
-                _pair(module.dilation), module.groups,
-            )  # fmt: skip
+                x,
+                module.weight,
+                module.bias,
+                _pair(module.stride),
+                _pair(module.padding),
+                _pair(module.dilation),
+                module.groups,
+            )
         return None
     if isinstance(module, nn.MaxPool2d):
         if rules.pool == "switch_unpool":

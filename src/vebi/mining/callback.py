@@ -81,7 +81,12 @@ class FeatureMiningCallback(Callback):
                 from vebi.explain.interpretation import interpret_and_log
 
                 self.gallery_paths = interpret_and_log(
-                    model, self.report.relevant, dataset, self.report.cache_path,
-                    self.output_dir / "galleries", loggers, self.gallery_top_n,
-                )  # fmt: skip
+                    model,
+                    self.report.relevant,
+                    dataset,
+                    self.report.cache_path,
+                    self.output_dir / "galleries",
+                    loggers,
+                    self.gallery_top_n,
+                )
                 print(f"  interpretation galleries: {self.output_dir / 'galleries'}", flush=True)

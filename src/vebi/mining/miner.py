@@ -203,8 +203,14 @@ class FeatureMiner:
             pending: list[dict[str, np.ndarray]] = []
             pending_rows, position = 0, done
             writing: Future | None = None
-            bar = tqdm(total=len(indices), initial=done, desc="mining features", unit="img",
-                       disable=not self.progress, dynamic_ncols=True)  # fmt: skip
+            bar = tqdm(
+                total=len(indices),
+                initial=done,
+                desc="mining features",
+                unit="img",
+                disable=not self.progress,
+                dynamic_ncols=True,
+            )
             with bar:
                 for number, batch in enumerate(self._loader(dataset, indices[done:])):
                     images, labels = _images_labels(batch)
@@ -213,12 +219,14 @@ class FeatureMiner:
                     x, logits = extractor(images.to(run.device), f" in batch {number} ({rows})")
                     predictions = logits.argmax(1)
                     stats.update(x, self._targets(labels.to(run.device), predictions))
-                    pending.append({
-                        "features": x.cpu().numpy(),
-                        "labels": labels.numpy().astype(np.int64),
-                        "predictions": predictions.cpu().numpy().astype(np.int64),
-                        "indices": indices[first : first + len(images)].astype(np.int64),
-                    })  # fmt: skip
+                    pending.append(
+                        {
+                            "features": x.cpu().numpy(),
+                            "labels": labels.numpy().astype(np.int64),
+                            "predictions": predictions.cpu().numpy().astype(np.int64),
+                            "indices": indices[first : first + len(images)].astype(np.int64),
+                        }
+                    )
                     pending_rows += len(images)
                     bar.update(len(images))
                     if pending_rows >= self.chunk_rows:  # write in the background, in order
@@ -260,9 +268,13 @@ class FeatureMiner:
 
     def _solve(self, statistics: dict[str, np.ndarray], mu: float) -> LassoSolution:
         solution = mu_lasso(
-            statistics["gram"], statistics["cross"], mu, self.nonnegative, self.solvers,
+            statistics["gram"],
+            statistics["cross"],
+            mu,
+            self.nonnegative,
+            self.solvers,
             self.solver_options,
-        )  # fmt: skip
+        )
         for failure in solution.failures:
             log.warning("mu-lasso solver fallback: %s", failure)
         return solution
@@ -348,11 +360,18 @@ class FeatureMiner:
             f"network_accuracy_{split}": network,
         }
         relevant = RelevantFeatures(
-            weights=solution.weights, index=run.cache.feature_index(), class_names=names, mu=mu,
-            nonnegative=self.nonnegative, label_source=self.labels, tolerance=self.tolerance,
-            class_counts=counts.tolist(), fingerprint=run.fingerprint, metrics=metrics,
+            weights=solution.weights,
+            index=run.cache.feature_index(),
+            class_names=names,
+            mu=mu,
+            nonnegative=self.nonnegative,
+            label_source=self.labels,
+            tolerance=self.tolerance,
+            class_counts=counts.tolist(),
+            fingerprint=run.fingerprint,
+            metrics=metrics,
             **self._settings(),
-        )  # fmt: skip
+        )
         kept = run.cache.path if self.cache_dir else None
         if self.cache_dir is None:
             shutil.rmtree(run.cache.path.parent, ignore_errors=True)

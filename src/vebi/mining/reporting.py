@@ -71,9 +71,10 @@ def _log_to_wandb(
     )
     if report.mu_path:
         logger.log_table(
-            "mining/mu_path", columns=["mu", "sparse_accuracy"],
+            "mining/mu_path",
+            columns=["mu", "sparse_accuracy"],
             data=[[p["mu"], p["sparse_accuracy"]] for p in report.mu_path],
-        )  # fmt: skip
+        )
     artifact = wandb.Artifact(
         name=f"relevant-features-{logger.experiment.id}",
         type="relevant-features",

@@ -205,9 +205,17 @@ def mu_lasso(
             solution.max_kkt_violation.append(0.0)
             continue
         weights, solver, iterations, size, violation = _solve_one_class(
-            gram, cross[:, c], mu, nonnegative, solvers, solver_options or {}, initial_size,
-            tolerance, max_iterations, solution.failures,
-        )  # fmt: skip
+            gram,
+            cross[:, c],
+            mu,
+            nonnegative,
+            solvers,
+            solver_options or {},
+            initial_size,
+            tolerance,
+            max_iterations,
+            solution.failures,
+        )
         solution.weights[:, c] = weights
         solution.solver_used.append(solver)
         solution.iterations.append(iterations)
@@ -235,9 +243,13 @@ def lasso_homotopy_reference(
         if not np.any(cross[:, c]):
             continue
         _, _, coefs = lars_path_gram(
-            Xy=cross[:, c], Gram=gram, n_samples=n_samples, method="lasso",
-            positive=nonnegative, max_iter=10 * len(gram),
-        )  # fmt: skip
+            Xy=cross[:, c],
+            Gram=gram,
+            n_samples=n_samples,
+            method="lasso",
+            positive=nonnegative,
+            max_iter=10 * len(gram),
+        )
         norms = np.abs(coefs).sum(axis=0)
         above = np.flatnonzero(norms >= mu)
         if len(above) == 0:

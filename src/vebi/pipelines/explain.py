@@ -73,32 +73,49 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
                         else ""
                     )
                 )
-                figure = explanation_figure(batch[n], explanation.maps[n, : len(chosen)],
-                                            explanation.combined[n], titles, heading)  # fmt: skip
+                figure = explanation_figure(
+                    batch[n],
+                    explanation.maps[n, : len(chosen)],
+                    explanation.combined[n],
+                    titles,
+                    heading,
+                )
                 figures.append(save_figure(figure, output_dir / f"{Path(name).stem}.png"))
-                records.append({
-                    "image": name,
-                    "class": relevant.class_names[class_id],
-                    "class_id": class_id,
-                    "probability": float(probabilities[n, class_id]),
-                    "fallback": bool(explanation.fallback[n]),
-                    "features": [vars(f) for f in chosen],
-                    "figure": str(figures[-1]),
-                })  # fmt: skip
-        result = {"checkpoint": str(ckpt_path), "rules": dict(cfg.rules), "k": int(cfg.k),
-                  "explanations": records, "skipped": skipped}  # fmt: skip
+                records.append(
+                    {
+                        "image": name,
+                        "class": relevant.class_names[class_id],
+                        "class_id": class_id,
+                        "probability": float(probabilities[n, class_id]),
+                        "fallback": bool(explanation.fallback[n]),
+                        "features": [vars(f) for f in chosen],
+                        "figure": str(figures[-1]),
+                    }
+                )
+        result = {
+            "checkpoint": str(ckpt_path),
+            "rules": dict(cfg.rules),
+            "k": int(cfg.k),
+            "explanations": records,
+            "skipped": skipped,
+        }
         with atomic_path(output_dir / "explanations.json") as tmp:
             tmp.write_text(json.dumps(result, indent=2))
         for logger in loggers:
             if isinstance(logger, WandbLogger):
-                logger.log_image("explanations", images=[str(p) for p in figures],
-                                 caption=[r["image"] for r in records])  # fmt: skip
+                logger.log_image(
+                    "explanations",
+                    images=[str(p) for p in figures],
+                    caption=[r["image"] for r in records],
+                )
         wandb_dir = wandb_run_dir(loggers)
         failed = False
     finally:
         finish_loggers(loggers, failed=failed)
-    lines = [f"\nExplained {len(records)} image(s) with k = {cfg.k} features ({cfg.rules.relu}, "
-             f"{cfg.rules.conv}, {cfg.rules.pool}):"]  # fmt: skip
+    lines = [
+        f"\nExplained {len(records)} image(s) with k = {cfg.k} features ({cfg.rules.relu}, "
+        f"{cfg.rules.conv}, {cfg.rules.pool}):"
+    ]
     for record in records:
         features = ", ".join(
             f"{f['layer']}/{f['channel']} ({f['score']:.3f})" for f in record["features"]

@@ -39,9 +39,14 @@ def mine(cfg: DictConfig) -> dict[str, Any]:
         path = save_and_log(report, Path(cfg.paths.output_dir), loggers)
         if cfg.get("galleries", True) and report.cache_path is not None:
             interpret_and_log(
-                module.net, report.relevant, dataset, report.cache_path,
-                Path(cfg.paths.output_dir) / "galleries", loggers, cfg.get("gallery_top_n", 20),
-            )  # fmt: skip
+                module.net,
+                report.relevant,
+                dataset,
+                report.cache_path,
+                Path(cfg.paths.output_dir) / "galleries",
+                loggers,
+                cfg.get("gallery_top_n", 20),
+            )
         wandb_dir = wandb_run_dir(loggers)
         failed = False
     finally:
