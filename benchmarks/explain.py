@@ -108,7 +108,7 @@ def artefact_figure(
     model: torch.nn.Module, images: torch.Tensor, layer: str, channel: int, path: Path
 ) -> None:
     """Heatmaps of one feature on a few digits: standard vs stride_fix conv rule."""
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     from vebi.explain.figures import save_figure
 
@@ -116,7 +116,8 @@ def artefact_figure(
         conv: signal_to_heatmap(backprop_feature(model, images, layer, channel, conv=conv))
         for conv in ("standard", "stride_fix")
     }
-    figure, axes = plt.subplots(2, len(images), figsize=(1.6 * len(images), 3.6), squeeze=False)
+    figure = Figure(figsize=(1.6 * len(images), 3.6))
+    axes = figure.subplots(2, len(images), squeeze=False)
     for row, conv in enumerate(maps):
         for column in range(len(images)):
             axes[row, column].imshow(maps[conv][column].cpu(), cmap="jet")

@@ -9,14 +9,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from vebi.data.an8flower import VARIANTS, An8FlowerGenerator  # noqa: E402
-from vebi.explain.figures import save_figure  # noqa: E402
+from vebi.data.an8flower import VARIANTS, An8FlowerGenerator
+from vebi.explain.figures import save_figure
 
 
 def main() -> None:
@@ -28,9 +25,8 @@ def main() -> None:
     out = args.out or Path(f"docs/images/an8flower_{args.variant}.png")
     generator = An8FlowerGenerator(args.variant, image_size=112, seed=0)
     classes = generator.variant.num_classes
-    figure, axes = plt.subplots(
-        2 * args.per_class, classes, figsize=(1.3 * classes, 2.7 * args.per_class)
-    )
+    figure = Figure(figsize=(1.3 * classes, 2.7 * args.per_class))
+    axes = figure.subplots(2 * args.per_class, classes)
     for class_id in range(classes):
         images, visible = generator.render(class_id, range(args.per_class))
         masks = generator.deciding_mask(visible)

@@ -68,7 +68,7 @@ def test_mnist_experiment_reaches_99_percent(mnist_root: Path, tmp_path: Path) -
 
 @pytest.mark.slow
 def test_an8flower_double_generates_data_and_reaches_95_percent(tmp_path: Path) -> None:
-    """Generation on first use, training, mining: the issue's acceptance run."""
+    """Generation on first use, training, mining: the an8Flower acceptance run."""
     result = run_cli(
         "train.py",
         "experiment=an8flower_double",

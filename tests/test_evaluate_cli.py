@@ -169,7 +169,7 @@ def test_localisation_on_generated_an8flower(tmp_path: Path) -> None:
         "trainer.max_epochs=1",
         *common,
         "logger=none",
-        "+callbacks.feature_mining.galleries=false",
+        "interpretation.galleries=false",
     )
     assert train.returncode == 0, train.stderr[-3000:]
     result = run_cli(

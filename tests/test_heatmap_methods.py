@@ -24,9 +24,10 @@ from vebi.evaluation.methods import (
 )
 from vebi.explain.explainer import Explainer
 from vebi.explain.heatmaps import signal_to_heatmap
-from vebi.mining.features import FeatureIndex, default_feature_layers, trace_leaf_calls
+from vebi.mining.features import FeatureIndex, default_feature_layers
 from vebi.mining.relevant import RelevantFeatures
 from vebi.models import SmallVGG
+from vebi.models.hooks import trace_leaf_calls
 from vebi.pipelines.evaluate import build_methods
 
 
@@ -179,7 +180,7 @@ def test_empty_test_split_is_an_error() -> None:
 
 
 def test_balanced_subset_takes_each_class_in_turn() -> None:
-    from vebi.pipelines.evaluate import balanced_subset
+    from vebi.evaluation.heatmaps import balanced_subset
 
     labels = torch.tensor([0] * 50 + [1] * 5 + [2] * 30)
     chosen = balanced_subset(labels, 12, seed=0)

@@ -33,7 +33,7 @@ from vebi.data.mnist_sources import (
 from vebi.errors import DataUnavailableError
 from vebi.utils.io import md5_of_file
 
-# Label counts of the official sets (shared/DATASETS.md).
+# Label counts of the official sets (as published with the data set).
 TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
 TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 

@@ -20,7 +20,6 @@ the colours of the centre (3 hues) and the leaves (4 hues).
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import tempfile
@@ -37,8 +36,9 @@ from tqdm.auto import tqdm
 
 from vebi.data.base import SplitDataModule
 from vebi.errors import VebiError
+from vebi.utils.log import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 PARTS = ("petals", "centre", "stem", "leaves")
 #: Hues of the class colours (0..1): red, orange, yellow, green, blue, purple.

@@ -1,7 +1,7 @@
 """Fashion144k (Simo-Serra et al., CVPR 2015) in the "stylenet" release layout, K-class setting.
 
 Files read under ``root`` (as public loaders of the Fashion144k_stylenet_v1 release read them;
-no official specification was found, see shared/DATASETS.md):
+no official specification of the layout was found):
 
 * ``photos.txt``: CSV, first column the relative photo path (``photos/<name>.jpg``); row i is
   post i in every other file;
@@ -19,7 +19,6 @@ explanation can be checked against by eye. It is a choice of this project, not t
 from __future__ import annotations
 
 import csv
-import logging
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,8 +30,9 @@ from torchvision import transforms
 from vebi.data.base import SplitDataModule, image_transforms
 from vebi.data.image_folder import read_rgb
 from vebi.errors import VebiError
+from vebi.utils.log import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 DEFAULT_CLASSES = (
     "Black",
     "White",

@@ -20,7 +20,6 @@ import codecs
 import functools
 import gzip
 import io
-import logging
 import pickle
 import shutil
 import struct
@@ -35,10 +34,11 @@ import numpy as np
 
 from vebi.errors import DataUnavailableError
 from vebi.utils.io import atomic_path, md5_of_bytes, md5_of_file
+from vebi.utils.log import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
-#: MD5 of the official uncompressed IDX files (see shared/DATASETS.md).
+#: MD5 of the official uncompressed IDX files (the sums torchvision also checks).
 OFFICIAL_IDX_MD5: dict[str, str] = {
     "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
     "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",

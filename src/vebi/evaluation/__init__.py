@@ -1,4 +1,4 @@
-"""Evaluators (METHOD.md section 5): relevance by ablation, the sparse classifier, and heatmap
+"""Evaluators (docs/method.md, section 5): relevance by ablation, the sparse classifier, and heatmap
 methods scored by localisation, faithfulness and artefacts (torchmetrics Metrics)."""
 
 from vebi.evaluation.ablation import AblationRelevance, ablated, sparse_classifier_accuracy

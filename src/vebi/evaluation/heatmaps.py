@@ -54,6 +54,21 @@ class EvaluationImages:
         )
 
 
+def balanced_subset(labels: torch.Tensor, count: int | None, seed: int) -> torch.Tensor:
+    """Sorted indices of ``count`` images (all when None), as equal a share of each class as
+    the data allows, each class's drawn in a seeded random order."""
+    if count is None or count >= len(labels):
+        return torch.arange(len(labels))
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    # position of each image within its class in the random order -> round-robin over classes
+    within = torch.zeros(len(labels), dtype=torch.long)
+    for c in labels.unique():
+        members = order[labels[order] == c]
+        within[members] = torch.arange(len(members))
+    ranked = order[torch.argsort(within[order], stable=True)]
+    return ranked[: int(count)].sort().values
+
+
 def load_test_images(
     dataset: Dataset, limit: int | None, seed: int, batch_size: int = 256
 ) -> EvaluationImages:

@@ -1,4 +1,4 @@
-"""Localisation metrics of heatmaps against ground-truth masks (METHOD.md section 5).
+"""Localisation metrics of heatmaps against ground-truth masks (docs/method.md, section 5).
 
 Every metric takes ``update(heatmaps, masks)`` with heatmaps (N, H, W) in [0, 1] and masks
 (N, H, W) with 1 (or True) on the relevant region, accumulates sums (all-reduced under DDP) and

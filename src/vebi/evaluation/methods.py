@@ -1,4 +1,4 @@
-"""Heatmap methods compared by the evaluators (METHOD.md section 5), one small class each.
+"""Heatmap methods compared by the evaluators (docs/method.md, section 5), one small class each.
 
 Every method is built as ``Method(model, relevant, **options)`` (Hydra ``_target_`` with the
 model and the mined :class:`~vebi.mining.relevant.RelevantFeatures` passed in) and called as
@@ -17,12 +17,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from vebi.errors import VebiError
-from vebi.explain.backprop import capture_outputs
 from vebi.explain.explainer import Explainer
 from vebi.explain.heatmaps import min_max_scale, signal_to_heatmap
 from vebi.explain.rules import Rules
-from vebi.mining.features import FeatureExtractor, eval_mode, trace_leaf_calls
+from vebi.mining.features import FeatureExtractor
 from vebi.mining.relevant import RelevantFeatures
+from vebi.models.hooks import capture_outputs, eval_mode, trace_leaf_calls
 
 
 def last_spatial_layer(model: nn.Module, images: torch.Tensor) -> str:

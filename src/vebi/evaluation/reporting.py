@@ -6,12 +6,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib.pyplot as plt
+import matplotlib
 import torch
 from lightning.pytorch.loggers import Logger, WandbLogger
+from matplotlib.figure import Figure
 
-from vebi.evaluation.heatmaps import DIRECTIONS
+from vebi.evaluation.heatmaps import DIRECTIONS, EvaluationImages
 from vebi.explain.figures import overlay, save_figure, to_rgb
+from vebi.utils.io import safe_file_name
 
 ABLATION_COLUMNS = (
     "drop_own",
@@ -125,10 +127,11 @@ def results_markdown(result: Mapping[str, Any]) -> str:
 
 def curves_figure(
     results: Mapping[str, Mapping[str, Any]], key: str, x_label: str, title: str
-) -> plt.Figure:
+) -> Figure:
     """One line per method of ``results[method][key + '_curve']``."""
-    figure, axis = plt.subplots(figsize=(5.5, 3.6))
-    colours = plt.get_cmap("tab20").colors
+    figure = Figure(figsize=(5.5, 3.6))
+    axis = figure.subplots()
+    colours = matplotlib.colormaps["tab20"].colors
     for i, (name, row) in enumerate(results.items()):
         curve = row[f"{key}_curve"]
         xs = curve_positions(row, key)
@@ -148,12 +151,11 @@ def curves_figure(
 
 def panel_figure(
     images: torch.Tensor, maps: Mapping[str, torch.Tensor], masks: torch.Tensor | None, heading: str
-) -> plt.Figure:
+) -> Figure:
     """A row per image: the input (mask outlined), then each method's overlay."""
     columns = 1 + len(maps)
-    figure, axes = plt.subplots(
-        len(images), columns, figsize=(1.7 * columns, 1.8 * len(images)), squeeze=False
-    )
+    figure = Figure(figsize=(1.7 * columns, 1.8 * len(images)))
+    axes = figure.subplots(len(images), columns, squeeze=False)
     for row, image in enumerate(images):
         axes[row, 0].imshow(to_rgb(image))
         if masks is not None:
@@ -171,8 +173,37 @@ def panel_figure(
     return figure
 
 
+def panel_rows(labels: torch.Tensor, per_class: int) -> dict[int, torch.Tensor]:
+    """For each class, the positions of its first ``per_class`` images in ``labels``."""
+    return {int(c): (labels == c).nonzero()[:per_class, 0] for c in labels.unique()}
+
+
+def class_panels(
+    images: EvaluationImages,
+    rows: Mapping[int, torch.Tensor],
+    maps: Mapping[str, torch.Tensor],
+    class_names: Sequence[str],
+) -> dict[str, Figure]:
+    """A panel per class (file-safe class name -> figure) of the images at ``rows[c]``.
+
+    ``maps[method]`` holds each method's maps of the images of ``rows`` in order, class after
+    class (what :class:`HeatmapEvaluation` keeps when given ``keep = cat(rows.values())``).
+    """
+    panels, position = {}, 0
+    for c, members in rows.items():
+        count = len(members)
+        panels[safe_file_name(class_names[c], max_length=80)] = panel_figure(
+            images.images[members],
+            {name: m[position : position + count] for name, m in maps.items()},
+            None if images.masks is None else images.masks[members],
+            f"class {class_names[c]}: heatmaps of each method",
+        )
+        position += count
+    return panels
+
+
 def save_figures(
-    result: Mapping[str, Any], panels: Mapping[str, plt.Figure], output_dir: Path
+    result: Mapping[str, Any], panels: Mapping[str, Figure], output_dir: Path
 ) -> dict[str, Path]:
     """Write the curve plots and the per-class panels as PNGs; return name -> path."""
     paths: dict[str, Path] = {}

@@ -1,4 +1,4 @@
-"""Explaining one prediction with the top-k relevant features that fire (METHOD.md sec. 4)."""
+"""Explaining a prediction by the top-k relevant features that fire (docs/method.md, section 4)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ import torch
 from torch import nn
 
 from vebi.errors import VebiError
-from vebi.explain.backprop import capture_outputs, channel_signal
+from vebi.explain.backprop import channel_signal
 from vebi.explain.heatmaps import signal_to_heatmap
 from vebi.explain.rules import Rules, backward_rules
 from vebi.mining.features import FeatureExtractor
 from vebi.mining.relevant import RelevantFeatures
+from vebi.models.hooks import capture_outputs
 
 
 @dataclass(frozen=True)

@@ -6,14 +6,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
+import numpy as np
+import torch
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+from vebi.utils.io import atomic_path
 
-from vebi.utils.io import atomic_path  # noqa: E402
+# Figures are made with matplotlib's object-oriented API (``Figure``, no pyplot), so no GUI
+# backend is ever chosen or needed: saving renders with Agg, and importing vebi leaves the
+# user's matplotlib backend alone.
 
 
 def to_rgb(image: torch.Tensor) -> np.ndarray:
@@ -26,16 +27,16 @@ def to_rgb(image: torch.Tensor) -> np.ndarray:
 
 def overlay(image: torch.Tensor, heatmap: torch.Tensor, alpha: float = 0.5) -> np.ndarray:
     """Blend a [0, 1] heatmap, coloured with matplotlib's ``jet``, over the image (H, W, 3)."""
-    colours = plt.get_cmap("jet")(heatmap.detach().cpu().float().clamp(0, 1).numpy())[..., :3]
+    values = heatmap.detach().cpu().float().clamp(0, 1).numpy()
+    colours = matplotlib.colormaps["jet"](values)[..., :3]
     return (1 - alpha) * to_rgb(image) + alpha * colours
 
 
 def save_figure(figure: Figure, path: str | Path, dpi: int = 120) -> Path:
-    """Save atomically as PNG and close the figure."""
+    """Save atomically as PNG."""
     path = Path(path)
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
-    plt.close(figure)
     return path
 
 
@@ -48,7 +49,8 @@ def explanation_figure(
 ) -> Figure:
     """Input | combined overlay | one overlay per chosen feature ("decoupled" maps)."""
     panels = 2 + len(titles)
-    figure, axes = plt.subplots(1, panels, figsize=(2.2 * panels, 2.6), squeeze=False)
+    figure = Figure(figsize=(2.2 * panels, 2.6))
+    axes = figure.subplots(1, panels, squeeze=False)
     axes = axes[0]
     axes[0].imshow(to_rgb(image))
     axes[0].set_title("input", fontsize=8)
@@ -75,9 +77,8 @@ def gallery_figure(
     count = max(len(titles), 1)
     columns = min(columns, count)
     rows = (count + columns - 1) // columns
-    figure, axes = plt.subplots(
-        rows, 2 * columns, figsize=(2.4 * columns, 1.45 * rows + 0.5), squeeze=False
-    )
+    figure = Figure(figsize=(2.4 * columns, 1.45 * rows + 0.5))
+    axes = figure.subplots(rows, 2 * columns, squeeze=False)
     for axis in axes.flat:
         axis.axis("off")
     for i, (heatmap, image, title) in enumerate(
@@ -85,7 +86,7 @@ def gallery_figure(
     ):
         row, column = divmod(i, columns)
         left, right = axes[row, 2 * column], axes[row, 2 * column + 1]
-        left.imshow(plt.get_cmap("jet")(heatmap.cpu().numpy())[..., :3])
+        left.imshow(matplotlib.colormaps["jet"](heatmap.cpu().numpy())[..., :3])
         left.set_title(title, fontsize=6)
         right.imshow(to_rgb(image))
         right.set_title("avg image", fontsize=6)

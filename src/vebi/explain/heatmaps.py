@@ -9,7 +9,7 @@ from torch import nn
 
 
 def signal_to_heatmap(signal: torch.Tensor) -> torch.Tensor:
-    """(N, C, H, W) input-space signal -> (N, H, W) map in [0, 1] (METHOD.md section 4, step 4).
+    """(N, C, H, W) input-space signal -> (N, H, W) map in [0, 1] (docs/method.md, 4, step 4).
 
     Positive part per colour channel, L2 norm over the colour channels, min-max per image
     (an all-zero signal gives an all-zero map).

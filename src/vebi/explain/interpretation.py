@@ -1,4 +1,4 @@
-"""Interpretation: average visualisations of each class's relevant features (METHOD.md sec. 3)."""
+"""Interpretation: average visualisations of the relevant features (docs/method.md, section 3)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from vebi.explain.heatmaps import signal_to_heatmap
 from vebi.explain.rules import Rules
 from vebi.mining.cache import ActivationCache
 from vebi.mining.relevant import RelevantFeatures
+from vebi.utils.io import safe_file_name
 
 
 @dataclass
@@ -86,7 +87,9 @@ def save_galleries(
             titles,
             f"class {name}: average visualisations of its {len(tiles)} relevant features",
         )
-        paths.append(save_figure(figure, Path(folder) / f"class_{class_id}_{_safe(name)}.png"))
+        paths.append(
+            save_figure(figure, Path(folder) / f"class_{class_id}_{safe_file_name(name)}.png")
+        )
     return paths
 
 
@@ -112,7 +115,3 @@ def interpret_and_log(
                 caption=[f"class {name}" for name in relevant.class_names],
             )
     return paths
-
-
-def _safe(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)[:40]

@@ -1,4 +1,4 @@
-"""Backward rules of the deconvnet family (METHOD.md section 4), installed on autograd.
+"""Backward rules of the deconvnet family (docs/method.md, section 4), installed on autograd.
 
 Each rule is a custom ``torch.autograd.Function`` whose forward is the layer's own and whose
 backward is the rule's. :func:`backward_rules` swaps them into a model's modules for the
@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vebi.errors import VebiError
+from vebi.models.hooks import leaf_modules
 from vebi.models.normalize import Normalize
 
 RELU_RULES = ("deconvnet", "guided", "gradient")
@@ -188,19 +189,15 @@ def _rule_forward(module: nn.Module, rules: Rules) -> Any:
     )
 
 
-def leaf_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    for name, module in model.named_modules():
-        if not any(module.children()):
-            yield name, module
-
-
 @contextlib.contextmanager
 def backward_rules(model: nn.Module, rules: Rules) -> Iterator[nn.Module]:
     """Install ``rules`` in ``model``'s leaf modules; restore them exactly on exit.
 
     ReLUs become out-of-place while installed (so in-place and re-used ReLUs work).
     """
-    replacements = [(module, _rule_forward(module, rules)) for _, module in leaf_modules(model)]
+    replacements = [
+        (module, _rule_forward(module, rules)) for module in leaf_modules(model).values()
+    ]
     patched: list[tuple[nn.Module, Any]] = []
     try:
         for module, forward in replacements:

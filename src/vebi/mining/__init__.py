@@ -1,4 +1,4 @@
-"""Mining class-relevant internal features (METHOD.md sections 1-2)."""
+"""Mining class-relevant internal features (docs/method.md, sections 1-2)."""
 
 from vebi.mining.callback import FeatureMiningCallback
 from vebi.mining.features import FeatureExtractor, FeatureIndex, default_feature_layers

@@ -12,7 +12,6 @@ the final path is always complete. A file whose fingerprint differs is never reu
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -21,8 +20,9 @@ import h5py
 import numpy as np
 
 from vebi.mining.features import FeatureIndex
+from vebi.utils.log import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 class ActivationCache:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import lightning as L
@@ -13,8 +12,9 @@ from vebi.checkpoint import read_checkpoint
 from vebi.errors import VebiError
 from vebi.mining.miner import FeatureMiner, MiningReport
 from vebi.mining.reporting import console_summary, save_and_log
+from vebi.utils.log import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 def mining_datasets(datamodule: L.LightningDataModule) -> tuple[torch.utils.data.Dataset, object]:
@@ -35,29 +35,20 @@ def mining_datasets(datamodule: L.LightningDataModule) -> tuple[torch.utils.data
 
 
 class FeatureMiningCallback(Callback):
-    """After ``fit``: mine relevant features with ``miner`` and save/log them (rank 0).
+    """After ``fit``: mine relevant features with ``miner``; save and log them (rank 0).
 
     With ``use_best_checkpoint`` the weights of the best checkpoint are loaded first, so the
-    mined features belong to the model that is tested and shipped. With ``galleries`` the
-    average visualisation of every relevant feature (over its top ``gallery_top_n`` images of
-    the class, ranked from the activation cache) goes into a gallery PNG per class, also
-    logged to W&B. Skipped under ``fast_dev_run``.
+    mined features belong to the model that is tested and shipped. The report stays on
+    ``self.report`` (and the saved file on ``self.artefact_path``) for the training job, which
+    makes the interpretation galleries from it. Skipped under ``fast_dev_run``.
     """
 
     def __init__(
-        self,
-        miner: FeatureMiner,
-        output_dir: str,
-        use_best_checkpoint: bool = True,
-        galleries: bool = True,
-        gallery_top_n: int = 20,
+        self, miner: FeatureMiner, output_dir: str, use_best_checkpoint: bool = True
     ) -> None:
         self.miner = miner
         self.output_dir = Path(output_dir)
         self.use_best_checkpoint = use_best_checkpoint
-        self.galleries = galleries
-        self.gallery_top_n = gallery_top_n
-        self.gallery_paths: list[Path] = []
         self.report: MiningReport | None = None
         self.artefact_path: Path | None = None
 
@@ -74,19 +65,5 @@ class FeatureMiningCallback(Callback):
             model, dataset, val_dataset, getattr(pl_module, "class_names", None)
         )
         if trainer.is_global_zero:
-            loggers = list(trainer.loggers)
-            self.artefact_path = save_and_log(self.report, self.output_dir, loggers)
-            print("\n" + console_summary(self.report.relevant), flush=True)
-            if self.galleries and self.report.cache_path is not None:
-                from vebi.explain.interpretation import interpret_and_log
-
-                self.gallery_paths = interpret_and_log(
-                    model,
-                    self.report.relevant,
-                    dataset,
-                    self.report.cache_path,
-                    self.output_dir / "galleries",
-                    loggers,
-                    self.gallery_top_n,
-                )
-                print(f"  interpretation galleries: {self.output_dir / 'galleries'}", flush=True)
+            self.artefact_path = save_and_log(self.report, self.output_dir, list(trainer.loggers))
+            log.info("\n%s", console_summary(self.report.relevant))

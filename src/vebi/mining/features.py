@@ -1,4 +1,4 @@
-"""Aggregated channel responses: one vector x in R^m per image (METHOD.md section 1).
+"""Aggregated channel responses: one vector x in R^m per image (docs/method.md, section 1).
 
 For each selected layer output A (N x K x H x W, or N x K for vector layers):
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from vebi.errors import VebiError
+from vebi.models.hooks import check_layer_names, leaf_modules, trace_leaf_calls
 from vebi.models.normalize import Normalize
 
 AGGREGATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -83,30 +84,6 @@ class FeatureIndex:
         ]
 
 
-def _leaf_modules(model: nn.Module) -> dict[str, nn.Module]:
-    return {name: m for name, m in model.named_modules() if name and not any(m.children())}
-
-
-def trace_leaf_calls(model: nn.Module, images: torch.Tensor) -> list[tuple[str, torch.Size]]:
-    """Leaf modules in the order they run on ``images`` (each once, last call kept)."""
-    order: dict[str, torch.Size] = {}
-
-    def record(name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, inputs: Any, output: Any) -> None:
-            if isinstance(output, torch.Tensor):
-                order.pop(name, None)
-                order[name] = output.shape
-
-        return hook
-
-    with contextlib.ExitStack() as stack:
-        for name, module in _leaf_modules(model).items():
-            stack.callback(module.register_forward_hook(record(name)).remove)
-        with torch.no_grad():
-            model(images)
-    return list(order.items())
-
-
 def default_feature_layers(model: nn.Module, images: torch.Tensor) -> list[str]:
     """Every layer output from the input up to, not including, the logits.
 
@@ -115,7 +92,7 @@ def default_feature_layers(model: nn.Module, images: torch.Tensor) -> list[str]:
     dropout, flatten, identity). Outputs must be (N, K, H, W) or (N, K).
     """
     calls = trace_leaf_calls(model, images)
-    leaves = _leaf_modules(model)
+    leaves = leaf_modules(model)
     with_params = [
         i for i, (name, _) in enumerate(calls) if any(True for _ in leaves[name].parameters())
     ]
@@ -127,17 +104,6 @@ def default_feature_layers(model: nn.Module, images: torch.Tensor) -> list[str]:
             continue
         layers.append(name)
     return layers
-
-
-def check_layer_names(model: nn.Module, layers: Sequence[str]) -> None:
-    """Raise with the list of available names when a layer name is not a module of ``model``."""
-    available = dict(model.named_modules())
-    unknown = [name for name in layers if name not in available or not name]
-    if unknown:
-        names = ", ".join(name for name in available if name)
-        raise VebiError(f"unknown layer(s) {unknown}; the model's layers are: {names}")
-    if len(set(layers)) != len(layers):
-        raise VebiError(f"layers listed twice in {list(layers)}")
 
 
 class FeatureExtractor:
@@ -250,14 +216,3 @@ class FeatureExtractor:
             norm = x.norm(dim=1, keepdim=True)
             x = torch.where(norm == 0, torch.zeros_like(x), x / norm)
         return x, logits
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode and restore its previous mode afterwards."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import shutil
 import tempfile
 import time
@@ -24,12 +23,14 @@ from tqdm.auto import tqdm
 
 from vebi.errors import VebiError
 from vebi.mining.cache import ActivationCache
-from vebi.mining.features import FeatureExtractor, default_feature_layers, eval_mode
+from vebi.mining.features import FeatureExtractor, default_feature_layers
 from vebi.mining.relevant import RelevantFeatures
 from vebi.mining.solver import DEFAULT_SOLVERS, LassoSolution, mu_lasso
 from vebi.mining.statistics import GramStatistics
+from vebi.models.hooks import eval_mode
+from vebi.utils.log import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 LABEL_SOURCES = ("ground_truth", "predicted")
 
 
@@ -84,7 +85,7 @@ class _Run:
 
 
 class FeatureMiner:
-    """Mines class-relevant features of a trained classifier (METHOD.md sections 1-2).
+    """Mines class-relevant features of a trained classifier (docs/method.md, sections 1-2).
 
     One pass over the data computes the aggregated responses x (written to a resumable
     activation cache) and accumulates G = X^T X and B = X^T Y; the mu-lasso is then solved on

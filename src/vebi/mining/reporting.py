@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 from lightning.pytorch.loggers import Logger, WandbLogger
 
 from vebi.mining.miner import MiningReport
 from vebi.mining.relevant import RelevantFeatures
+from vebi.utils.log import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 ARTEFACT_NAME = "relevant_features.h5"
 
 

@@ -1,4 +1,4 @@
-"""The mu-lasso of METHOD.md section 2, solved with cvxpy on a working set of features.
+"""The mu-lasso of docs/method.md, section 2, solved with cvxpy on a working set of features.
 
 For each class c, with G = X^T X (m x m) and b_c = X^T y_c:
 
@@ -19,7 +19,6 @@ until none does, so the restricted optimum is the optimum of the full problem.
 
 from __future__ import annotations
 
-import logging
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -30,8 +29,9 @@ import cvxpy as cp
 import numpy as np
 
 from vebi.errors import VebiError
+from vebi.utils.log import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 DEFAULT_SOLVERS: tuple[str, ...] = ("CLARABEL", "SCS")
 

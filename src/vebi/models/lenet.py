@@ -1,4 +1,4 @@
-"""LeNet as in METHOD.md section 6 (the Caffe MNIST LeNet, fully convolutional)."""
+"""LeNet as in docs/method.md, section 6 (the Caffe MNIST LeNet, fully convolutional)."""
 
 from __future__ import annotations
 

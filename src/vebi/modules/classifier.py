@@ -6,7 +6,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
+from hydra.utils import instantiate
 from lightning import LightningModule
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
@@ -18,25 +20,44 @@ SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 CHECKPOINT_KEY = "vebi"
 
 
+def _plain(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A (resolved) plain-dict copy of a config mapping, as checkpoints store it."""
+    if isinstance(config, DictConfig):
+        return OmegaConf.to_container(config, resolve=True)
+    return OmegaConf.to_container(OmegaConf.create(dict(config)), resolve=True)
+
+
+def _factory(spec: Callable[..., Any] | Mapping[str, Any] | None) -> Callable[..., Any] | None:
+    """A factory as it is, or one made from its Hydra config (``_partial_`` implied)."""
+    if isinstance(spec, Mapping):
+        return instantiate(spec, _partial_=True)
+    return spec
+
+
 class ClassifierModule(LightningModule):
     """Cross-entropy training of ``net`` with torchmetrics accuracy on train/val/test.
 
-    ``net`` maps images in [0, 1], shaped (N, C, H, W), to logits (N, num_classes). Optimiser
-    and scheduler come as factories (Hydra ``_partial_: true``) so configs choose them.
+    ``net`` maps images in [0, 1], shaped (N, C, H, W), to logits (N, num_classes). It is
+    either a network or its Hydra config (a mapping with ``_target_``), which the module builds
+    and keeps as ``architecture``. Optimiser and scheduler are factories called with the
+    parameters / the optimiser, or their Hydra configs (made partial here), so configs choose
+    them.
 
     Logged: ``train/loss``, ``train/acc``, ``val/loss``, ``val/acc``, ``val/acc_best``,
     ``test/loss``, ``test/acc``.
 
     ``architecture`` (a plain dict, the Hydra config of ``net``) is stored in checkpoints so
-    :func:`vebi.load_classifier` can rebuild the network from data alone.
+    :func:`vebi.load_classifier` can rebuild the network from data alone. Given a network
+    instead of its config, pass ``architecture`` too, or load its checkpoints with
+    ``load_classifier(path, net=...)``.
     """
 
     def __init__(
         self,
-        net: nn.Module,
+        net: nn.Module | Mapping[str, Any],
         num_classes: int,
-        optimizer: OptimizerFactory | None = None,
-        scheduler: SchedulerFactory | None = None,
+        optimizer: OptimizerFactory | Mapping[str, Any] | None = None,
+        scheduler: SchedulerFactory | Mapping[str, Any] | None = None,
         scheduler_interval: str = "epoch",
         class_names: Sequence[str] | None = None,
         architecture: Mapping[str, Any] | None = None,
@@ -48,10 +69,15 @@ class ClassifierModule(LightningModule):
         self.save_hyperparameters(
             ignore=["net", "optimizer", "scheduler", "architecture"], logger=False
         )
+        if isinstance(net, Mapping):
+            architecture = _plain(net)
+            net = instantiate(architecture)
+        if not isinstance(net, nn.Module):
+            raise TypeError(f"net must be a torch.nn.Module or its config, got {type(net)}")
         self.net = net
-        self.optimizer_factory = optimizer
-        self.scheduler_factory = scheduler
-        self.architecture = dict(architecture) if architecture is not None else None
+        self.optimizer_factory = _factory(optimizer)
+        self.scheduler_factory = _factory(scheduler)
+        self.architecture = _plain(architecture) if architecture is not None else None
         self.class_names = (
             list(class_names) if class_names else [str(i) for i in range(num_classes)]
         )

@@ -1,17 +1,22 @@
-"""What the jobs that start from a trained checkpoint share: finding it and its mined features."""
+"""What the jobs share: finding a checkpoint and its mined features, making galleries."""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
+from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig
+from torch import nn
+from torch.utils.data import Dataset
 
 from vebi.checkpoint import newest_checkpoint
 from vebi.errors import VebiError
+from vebi.explain.interpretation import interpret_and_log
+from vebi.mining.miner import MiningReport
 from vebi.mining.reporting import ARTEFACT_NAME
+from vebi.utils.log import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 def resolve_checkpoint(cfg: DictConfig) -> Path:
@@ -20,8 +25,7 @@ def resolve_checkpoint(cfg: DictConfig) -> Path:
         return Path(cfg.ckpt_path)
     runs = Path(cfg.paths.log_dir) / "train" / cfg.experiment_name
     path = newest_checkpoint(runs)
-    log.info("No ckpt_path given: using the newest checkpoint of %r", cfg.experiment_name)
-    print(f"Using the newest checkpoint of experiment {cfg.experiment_name!r}: {path}", flush=True)
+    log.info("Using the newest checkpoint of experiment %r: %s", cfg.experiment_name, path)
     return path
 
 
@@ -39,3 +43,29 @@ def relevant_features_for(ckpt_path: Path, explicit: str | None) -> Path:
             f"`python mine.py ckpt_path={ckpt_path}` and pass relevant_features=<its output>"
         )
     return path
+
+
+def make_galleries(
+    cfg: DictConfig,
+    net: nn.Module,
+    report: MiningReport,
+    dataset: Dataset,
+    folder: Path,
+    loggers: list[Logger],
+) -> list[Path]:
+    """The interpretation galleries of a mining run when ``interpretation.galleries`` is on
+    (and the activation cache that ranks the images was kept); their paths."""
+    settings = cfg.get("interpretation") or {}
+    if not settings.get("galleries", True) or report.cache_path is None:
+        return []
+    paths = interpret_and_log(
+        net,
+        report.relevant,
+        dataset,
+        report.cache_path,
+        folder,
+        loggers,
+        int(settings.get("top_n", 20)),
+    )
+    log.info("Interpretation galleries: %s", folder)
+    return paths

@@ -1,4 +1,4 @@
-"""Evaluation job: test a checkpoint, then run the evaluators of METHOD.md section 5 on it.
+"""Evaluation job: test a checkpoint, then run the evaluators (docs/method.md, section 5).
 
 Network accuracy (Lightning ``Trainer.test``), the sparse classifier, relevance by ablation,
 and the heatmap methods of ``evaluation.methods`` scored by localisation (where masks exist),
@@ -9,8 +9,6 @@ PNGs in the run dir and to W&B.
 from __future__ import annotations
 
 import json
-import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -26,78 +24,34 @@ from vebi.evaluation.ablation import (
     sparse_classifier_accuracy,
     summarise_ablation,
 )
-from vebi.evaluation.heatmaps import EvaluationImages, HeatmapEvaluation, load_test_images
+from vebi.evaluation.heatmaps import (
+    EvaluationImages,
+    HeatmapEvaluation,
+    balanced_subset,
+    load_test_images,
+)
 from vebi.evaluation.methods import HeatmapMethod
 from vebi.evaluation.reporting import (
+    class_panels,
     log_to_wandb,
-    panel_figure,
+    panel_rows,
     results_markdown,
     save_figures,
 )
 from vebi.explain.heatmaps import stride_periods
-from vebi.mining.callback import mining_datasets
-from vebi.mining.miner import model_fingerprint
 from vebi.mining.relevant import RelevantFeatures
-from vebi.mining.reporting import console_summary, save_and_log
+from vebi.mining.reporting import console_summary
+from vebi.mining.reuse import load_or_mine
 from vebi.modules.classifier import ClassifierModule
 from vebi.pipelines.common import mined_features_path, resolve_checkpoint
 from vebi.utils.cli import finish_loggers, wandb_run_dir
 from vebi.utils.instantiate import device_for, flat_config, instantiate_loggers
 from vebi.utils.io import atomic_path
+from vebi.utils.log import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 EVALUATORS = ("sparse", "ablation", "localisation", "faithfulness", "artefacts")
-
-
-def _check_classes(relevant: RelevantFeatures, module: ClassifierModule, source: Path) -> None:
-    if relevant.num_classes != module.hparams.num_classes:
-        raise VebiError(
-            f"the relevant features in {source} were mined for {relevant.num_classes} classes "
-            f"but the checkpoint predicts {module.hparams.num_classes}: pass the matching "
-            "relevant_features=... or delete the file to mine again"
-        )
-    named = module.hparams.get("class_names")
-    if named and list(map(str, named)) != list(relevant.class_names):
-        raise VebiError(
-            f"the classes of {source} ({relevant.class_names}) differ from the checkpoint's "
-            f"({list(named)}): pass the matching relevant_features=..."
-        )
-
-
-def obtain_relevant_features(
-    cfg: DictConfig, ckpt_path: Path, module: ClassifierModule, datamodule: Any, loggers: list
-) -> tuple[RelevantFeatures, Path, str]:
-    """The features to evaluate: ``relevant_features=...``, else those mined in the checkpoint's
-    training run when they used ``mining.mu``, else mined now (saved into this run's dir).
-    Returns (features, file, how they were obtained)."""
-    explicit = cfg.get("relevant_features")
-    path = Path(explicit) if explicit else mined_features_path(ckpt_path)
-    if explicit and not path.is_file():
-        raise VebiError(f"relevant_features={explicit}: no such file")
-    if path.is_file():
-        relevant = RelevantFeatures.load(path)
-        same_mu = cfg.mining.get("mu_candidates") is not None or math.isclose(
-            relevant.mu, float(cfg.mining.mu), rel_tol=1e-9
-        )
-        if explicit or same_mu:
-            _check_classes(relevant, module, path)
-            if relevant.fingerprint.get("model") not in (None, model_fingerprint(module.net)):
-                print(f"warning: {path} was mined from other weights than {ckpt_path}", flush=True)
-            return relevant, path, "loaded"
-        print(
-            f"{path} was mined with mu = {relevant.mu:g}; mining again with mu = "
-            f"{float(cfg.mining.mu):g}",
-            flush=True,
-        )
-    else:
-        print(f"No relevant features at {path}: mining them now", flush=True)
-    datamodule.setup("fit")
-    dataset, val_dataset = mining_datasets(datamodule)
-    report = instantiate(cfg.mining).mine(module.net, dataset, val_dataset, module.class_names)
-    path = save_and_log(report, Path(cfg.paths.output_dir) / "mining", loggers)
-    _check_classes(report.relevant, module, path)
-    return report.relevant, path, "mined"
 
 
 def build_methods(
@@ -117,26 +71,6 @@ def build_methods(
             raise VebiError(f"evaluation.methods.{name} is not a vebi HeatmapMethod")
         methods[name] = method
     return methods
-
-
-def balanced_subset(labels: torch.Tensor, count: int | None, seed: int) -> torch.Tensor:
-    """Sorted indices of ``count`` images (all when None), as equal a share of each class as
-    the data allows, each class's drawn in a seeded random order."""
-    if count is None or count >= len(labels):
-        return torch.arange(len(labels))
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
-    # position of each image within its class in the random order -> round-robin over classes
-    within = torch.zeros(len(labels), dtype=torch.long)
-    for c in labels.unique():
-        members = order[labels[order] == c]
-        within[members] = torch.arange(len(members))
-    ranked = order[torch.argsort(within[order], stable=True)]
-    return ranked[: int(count)].sort().values
-
-
-def _panel_rows(labels: torch.Tensor, per_class: int) -> dict[int, torch.Tensor]:
-    """For each class, the first ``per_class`` positions of its images."""
-    return {int(c): (labels == c).nonzero()[:per_class, 0] for c in labels.unique()}
 
 
 def run_evaluators(
@@ -192,7 +126,7 @@ def run_evaluators(
             raise VebiError(
                 f"evaluation.target must be 'label' or 'predicted', got {settings.target!r}"
             )
-        rows = _panel_rows(subset.labels, int(settings.panel_images_per_class))
+        rows = panel_rows(subset.labels, int(settings.panel_images_per_class))
         keep = torch.cat(list(rows.values())) if rows else None
         scorer = HeatmapEvaluation(
             thresholds=list(settings.thresholds),
@@ -206,18 +140,7 @@ def run_evaluators(
         methods = build_methods(cfg, module, relevant)
         scores, kept = scorer(net, methods, subset, classes, keep=keep)
         if keep is not None:
-            position = 0
-            for c, members in rows.items():
-                count = len(members)
-                maps = {name: m[position : position + count] for name, m in kept.items()}
-                masks = None if subset.masks is None else subset.masks[members]
-                panels[_class_file_name(relevant.class_names[c])] = panel_figure(
-                    subset.images[members],
-                    maps,
-                    masks,
-                    f"class {relevant.class_names[c]}: heatmaps of each method",
-                )
-                position += count
+            panels = class_panels(subset, rows, kept, relevant.class_names)
         results["heatmaps"] = {
             "num_images": len(subset),
             "target": settings.target,
@@ -225,10 +148,6 @@ def run_evaluators(
             "methods": scores,
         }
     return results, panels, notes
-
-
-def _class_file_name(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -258,10 +177,19 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         test = load_test_images(test_dataset, cfg.evaluation.get("max_images"), int(cfg.seed))
         (metrics,) = trainer.test(module, datamodule=datamodule)
         module = module.to(device_for(cfg.trainer))
-        relevant, relevant_path, obtained = obtain_relevant_features(
-            cfg, ckpt_path, module, datamodule, loggers
+        explicit = cfg.get("relevant_features")
+        relevant, relevant_path, obtained = load_or_mine(
+            instantiate(cfg.mining),
+            module.net,
+            module.class_names,
+            datamodule,
+            Path(explicit) if explicit else mined_features_path(ckpt_path),
+            explicit=bool(explicit),
+            output_dir=output_dir / "mining",
+            loggers=loggers,
+            named_classes=module.hparams.get("class_names"),
         )
-        print("\n" + console_summary(relevant) + f"\n  ({obtained}: {relevant_path})", flush=True)
+        log.info("\n%s\n  (%s: %s)", console_summary(relevant), obtained, relevant_path)
         evaluations, panels, notes = run_evaluators(cfg, module, relevant, test)
         result = {
             "checkpoint": str(ckpt_path),
@@ -284,15 +212,14 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         failed = False
     finally:
         finish_loggers(loggers, failed=failed)
-    print("\n" + results_markdown(result), flush=True)
     acc = result["metrics"].get("test/acc")
-    lines = ["Evaluation finished", f"  checkpoint:  {ckpt_path}"]
+    lines = [results_markdown(result), "Evaluation finished", f"  checkpoint:  {ckpt_path}"]
     if acc is not None:
         lines.append(f"  test acc:    {100 * acc:.2f}% on {len(test_dataset)} test images")
     lines.append(f"  run files:   {output_dir}")
     if result["wandb_dir"]:
         lines.append(f"  W&B run:     {result['wandb_dir']}")
-    print("\n".join(lines), flush=True)
+    log.info("\n".join(lines))
     return result
 
 

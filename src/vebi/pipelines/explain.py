@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +22,9 @@ from vebi.pipelines.common import relevant_features_for, resolve_checkpoint
 from vebi.utils.cli import finish_loggers, wandb_run_dir
 from vebi.utils.instantiate import flat_config, instantiate_loggers
 from vebi.utils.io import atomic_path
+from vebi.utils.log import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 def _inputs(cfg: DictConfig, datamodule: Any) -> tuple[torch.Tensor, list[str], list[str]]:
@@ -126,5 +126,5 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
     lines.append(f"  overlays and explanations.json: {output_dir}")
     if wandb_dir:
         lines.append(f"  W&B run: {wandb_dir}")
-    print("\n".join(lines), flush=True)
+    log.info("\n".join(lines))
     return result

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -10,14 +9,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from vebi.checkpoint import load_classifier
-from vebi.explain.interpretation import interpret_and_log
 from vebi.mining.callback import mining_datasets
 from vebi.mining.reporting import console_summary, save_and_log
-from vebi.pipelines.common import resolve_checkpoint
+from vebi.pipelines.common import make_galleries, resolve_checkpoint
 from vebi.utils.cli import finish_loggers, wandb_run_dir
 from vebi.utils.instantiate import device_for, flat_config, instantiate_loggers
+from vebi.utils.log import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 def mine(cfg: DictConfig) -> dict[str, Any]:
@@ -37,20 +36,17 @@ def mine(cfg: DictConfig) -> dict[str, Any]:
         dataset, val_dataset = mining_datasets(datamodule)
         report = miner.mine(module.net, dataset, val_dataset, module.class_names)
         path = save_and_log(report, Path(cfg.paths.output_dir), loggers)
-        if cfg.get("galleries", True) and report.cache_path is not None:
-            interpret_and_log(
-                module.net,
-                report.relevant,
-                dataset,
-                report.cache_path,
-                Path(cfg.paths.output_dir) / "galleries",
-                loggers,
-                cfg.get("gallery_top_n", 20),
-            )
+        make_galleries(
+            cfg, module.net, report, dataset, Path(cfg.paths.output_dir) / "galleries", loggers
+        )
         wandb_dir = wandb_run_dir(loggers)
         failed = False
     finally:
         finish_loggers(loggers, failed=failed)
-    print("\n" + console_summary(report.relevant), flush=True)
-    print(f"\n  relevant features: {path}\n  W&B run: {wandb_dir}", flush=True)
+    log.info(
+        "\n%s\n\n  relevant features: %s\n  W&B run: %s",
+        console_summary(report.relevant),
+        path,
+        wandb_dir,
+    )
     return {"relevant_features": str(path), "timings": report.timings}

@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from vebi.errors import VebiError
-from vebi.mining.callback import FeatureMiningCallback
+from vebi.mining.callback import FeatureMiningCallback, mining_datasets
+from vebi.pipelines.common import make_galleries
 from vebi.utils.cli import finish_loggers, wandb_run_dir
 from vebi.utils.instantiate import flat_config, instantiate_callbacks, instantiate_loggers
+from vebi.utils.log import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
@@ -28,7 +29,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model)
-    model.architecture = OmegaConf.to_container(cfg.model.net, resolve=True)
     if getattr(datamodule, "num_classes", model.hparams.num_classes) != model.hparams.num_classes:
         raise VebiError(
             f"the data has {datamodule.num_classes} classes but model.num_classes is "
@@ -54,6 +54,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         for logger in loggers:
             logger.log_metrics({"train_seconds": train_seconds})
         mining = next((c for c in callbacks if isinstance(c, FeatureMiningCallback)), None)
+        if mining and mining.report and trainer.is_global_zero:
+            make_galleries(
+                cfg,
+                model.net,
+                mining.report,
+                mining_datasets(datamodule)[0],
+                mining.output_dir / "galleries",
+                loggers,
+            )
         result = {
             **metrics,
             "relevant_features": str(mining.artefact_path)
@@ -83,4 +92,4 @@ def _print_summary(result: dict[str, Any]) -> None:
     lines.append(f"  run files:        {result['output_dir']}")
     if result["wandb_dir"]:
         lines.append(f"  W&B run:          {result['wandb_dir']}")
-    print("\n".join(lines), flush=True)
+    log.info("\n".join(lines))

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import functools
-import logging
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -12,13 +10,14 @@ from typing import Any, TypeVar
 from lightning.pytorch.loggers import Logger, WandbLogger
 
 from vebi.errors import VebiError
+from vebi.utils.log import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 T = TypeVar("T")
 
 
 def report_user_errors(task: Callable[..., T]) -> Callable[..., T]:
-    """Turn a :class:`VebiError` into a one-paragraph message on stderr and exit status 1.
+    """Turn a :class:`VebiError` into one logged error (``error: ...`` on stderr) and exit 1.
 
     Bugs (any other exception) keep their traceback.
     """
@@ -29,7 +28,6 @@ def report_user_errors(task: Callable[..., T]) -> Callable[..., T]:
             return task(*args, **kwargs)
         except VebiError as error:
             log.error("%s", error)
-            print(f"\nerror: {error}", file=sys.stderr)
             raise SystemExit(1) from None
 
     return wrapper

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -12,7 +11,9 @@ from lightning import Callback
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 
-log = logging.getLogger(__name__)
+from vebi.utils.log import get_logger
+
+log = get_logger(__name__)
 
 
 def instantiate_group(group: DictConfig | None, kind: type) -> list[Any]:

@@ -46,3 +46,8 @@ def md5_of_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
         while chunk := handle.read(chunk_size):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def safe_file_name(name: str, max_length: int = 40) -> str:
+    """``name`` with every character but letters, digits, ``-`` and ``_`` replaced by ``_``."""
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)[:max_length]
