@@ -76,3 +76,47 @@ def test_evaluation_group_composes(compose_cfg) -> None:
         "faithfulness",
         "artefacts",
     }
+
+
+def test_an8flower_single_differs_from_double_only_where_it_should(compose_cfg) -> None:
+    from omegaconf import OmegaConf
+
+    double = compose_cfg("train", ["experiment=an8flower_double"])
+    single = compose_cfg("train", ["experiment=an8flower_single"])
+    assert (single.data.variant, single.data.name, single.model.num_classes) == (
+        "single",
+        "an8flower_single",
+        6,
+    )
+    assert (double.data.variant, double.model.num_classes) == ("double", 12)
+    plain = OmegaConf.to_container(single, resolve=False)
+    other = OmegaConf.to_container(double, resolve=False)
+    differing = {key for key in plain if key != "hydra" and plain[key] != other[key]}
+    assert differing == {"data", "model", "experiment_name", "tags"}
+    assert single.mining.mu == double.mining.mu == 5.0
+    assert single.evaluation.insertion_baseline == "zero"
+
+
+#: model configs that are models (base and torchvision are shared parts of the others)
+MODELS = [
+    p.stem
+    for p in sorted((CONFIG_DIR / "model").glob("*.yaml"))
+    if p.stem not in ("base", "torchvision")
+]
+
+
+@pytest.mark.parametrize("option", MODELS)
+def test_every_model_config_builds_a_module_that_stores_its_network(
+    compose_cfg, option: str
+) -> None:
+    cfg = compose_cfg("train", ["experiment=mnist", f"model={option}", "model.num_classes=3"])
+    module = instantiate(cfg.model)
+    assert module.architecture["_target_"] == cfg.model.net._target_
+    assert module.architecture["num_classes"] == 3
+    assert module.scheduler_factory is not None and module.optimizer_factory is not None
+
+
+def test_every_experiment_mines_after_training(compose_cfg) -> None:
+    for experiment in EXPERIMENTS:
+        cfg = compose_cfg("train", [f"experiment={experiment}"])
+        assert cfg.callbacks.feature_mining.miner == cfg.mining

@@ -98,3 +98,36 @@ def test_missing_or_broken_checkpoint(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="not a Lightning checkpoint"):
         torch.save({"weights": torch.zeros(1)}, broken)
         load_classifier(broken)
+
+
+def test_module_built_from_configs_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
+    """A ClassifierModule made outside train.py, from the network's config, stores that config:
+    load_classifier rebuilds the same network from the checkpoint alone."""
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from vebi.modules import ClassifierModule
+
+    module = ClassifierModule(
+        net={"_target_": "vebi.models.LeNet", "num_classes": 10},
+        num_classes=10,
+        optimizer={"_target_": "torch.optim.SGD", "lr": 0.01},
+    )
+    assert module.architecture == {"_target_": "vebi.models.LeNet", "num_classes": 10}
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(16, 1, 28, 28, generator=generator)
+    data = DataLoader(TensorDataset(images, torch.arange(16) % 10), batch_size=8)
+    trainer = L.Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
+    trainer.fit(module, train_dataloaders=data)
+    path = tmp_path / "made_anywhere.ckpt"
+    trainer.save_checkpoint(path)
+    loaded = load_classifier(path)
+    with torch.no_grad():
+        assert torch.equal(loaded(images), module.eval()(images))

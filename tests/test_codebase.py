@@ -1,0 +1,149 @@
+"""The codebase's own rules: one-way layering, self-contained docs, one logging path."""
+
+from __future__ import annotations
+
+import ast
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from lightning.pytorch.utilities import rank_zero_only
+
+from tests.conftest import REPO_ROOT, run_cli
+from vebi.utils.log import ConsoleFormatter, get_logger
+
+PACKAGE = REPO_ROOT / "src" / "vebi"
+#: data/models -> mining -> explain -> evaluation -> pipelines; a module may import its own
+#: layer and the layers before it, never one after it.
+LAYERS = {
+    "errors": 0,
+    "utils": 0,
+    "data": 1,
+    "models": 1,
+    "modules": 1,
+    "checkpoint": 1,
+    "mining": 2,
+    "explain": 3,
+    "evaluation": 4,
+    "pipelines": 5,
+}
+
+
+def _layer(module_path: Path) -> str:
+    parts = module_path.relative_to(PACKAGE).with_suffix("").parts
+    return parts[0]
+
+
+def _vebi_imports(path: Path) -> set[str]:
+    """Top-level vebi subpackages imported anywhere in the file (lazy imports included)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module]
+        elif isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "vebi" and len(parts) > 1:
+                found.add(parts[1])
+    return found
+
+
+def test_imports_go_one_way() -> None:
+    wrong = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.name == "__init__.py" and path.parent == PACKAGE:
+            continue  # the package's public surface re-exports from any layer
+        own = _layer(path)
+        assert own in LAYERS, f"{path} is in no layer: add it to LAYERS"
+        for imported in _vebi_imports(path):
+            if LAYERS[imported] > LAYERS[own]:
+                wrong.append(f"{path.relative_to(REPO_ROOT)} ({own}) imports vebi.{imported}")
+    assert not wrong, "imports against the layering:\n" + "\n".join(wrong)
+
+
+def test_the_layering_check_sees_a_lazy_upward_import(tmp_path: Path) -> None:
+    probe = tmp_path / "probe.py"
+    probe.write_text("def f():\n    from vebi.explain.interpretation import interpret_and_log\n")
+    assert _vebi_imports(probe) == {"explain"}
+
+
+def _tracked_text_files() -> list[Path]:
+    listed = subprocess.run(
+        ["git", "ls-files"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    suffixes = {".py", ".md", ".yaml", ".toml", ".txt", ".cfg"}
+    files = [REPO_ROOT / name for name in listed if Path(name).suffix in suffixes]
+    return [*files, REPO_ROOT / "Makefile", REPO_ROOT / ".ci" / "run"]
+
+
+def test_nothing_refers_to_files_outside_the_repository() -> None:
+    this_file = Path(__file__).resolve()
+    outside = ("METHOD.md", "DATASETS.md", "../shared", "shared/", "closing note")
+    hits = [
+        f"{path.relative_to(REPO_ROOT)}: {needle}"
+        for path in _tracked_text_files()
+        if path.is_file() and path.resolve() != this_file
+        for needle in outside
+        if needle in path.read_text(errors="replace")
+    ]
+    assert not hits, hits
+    assert (REPO_ROOT / "docs" / "method.md").is_file()
+
+
+def test_docs_sections_cited_by_the_code_exist() -> None:
+    method = (REPO_ROOT / "docs" / "method.md").read_text()
+    sections = {line.split(".")[0][3:] for line in method.splitlines() if line.startswith("## ")}
+    assert {"1", "2", "3", "4", "5", "6"} <= sections
+
+
+def test_importing_vebi_leaves_the_matplotlib_backend_alone() -> None:
+    code = (
+        "import matplotlib; matplotlib.use('svg');"
+        "import vebi.pipelines.evaluate, vebi.explain.figures;"
+        "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend()"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_logger_is_quiet_on_other_ranks(caplog: pytest.LogCaptureFixture) -> None:
+    log = get_logger("vebi.test_rank")
+    saved = rank_zero_only.rank
+    try:
+        with caplog.at_level(logging.INFO, logger="vebi.test_rank"):
+            rank_zero_only.rank = 1
+            log.info("summary from rank 1")
+            log.warning("warning from rank 1")
+            log.error("error from rank 1")
+            rank_zero_only.rank = 0
+            log.info("summary from rank 0")
+    finally:
+        rank_zero_only.rank = saved
+    assert [r.getMessage() for r in caplog.records] == ["error from rank 1", "summary from rank 0"]
+
+
+def test_console_format_is_plain_with_level_prefixes() -> None:
+    formatter = ConsoleFormatter()
+
+    def record(level: int) -> logging.LogRecord:
+        return logging.LogRecord("vebi", level, __file__, 1, "cache at %s", ("/x",), None)
+
+    assert formatter.format(record(logging.INFO)) == "cache at /x"
+    assert formatter.format(record(logging.WARNING)) == "warning: cache at /x"
+    assert formatter.format(record(logging.ERROR)) == "error: cache at /x"
+
+
+def test_a_user_error_is_reported_once_on_stderr_and_logged_to_the_run_log(
+    tmp_path: Path,
+) -> None:
+    missing = tmp_path / "missing.ckpt"
+    result = run_cli("mine.py", f"ckpt_path={missing}", f"paths.log_dir={tmp_path}", "logger=none")
+    assert result.returncode == 1
+    message = f"error: checkpoint not found: {missing}"
+    assert result.stderr.count(message) == 1 and message not in result.stdout
+    (run_log,) = (tmp_path / "mine" / "mnist").glob("*/mine.log")
+    assert "checkpoint not found" in run_log.read_text()
