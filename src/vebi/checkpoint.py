@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import pickle
 from collections.abc import Mapping
@@ -22,7 +23,11 @@ TRUSTED_ARCHITECTURE_PREFIXES = ("vebi.models", "torchvision.models", "torch.nn"
 
 def _trusted_module_class(target: str) -> type[nn.Module]:
     module_name, _, attribute = target.rpartition(".")
-    if not module_name.startswith(TRUSTED_ARCHITECTURE_PREFIXES):
+    trusted = any(
+        module_name == prefix or module_name.startswith(prefix + ".")
+        for prefix in TRUSTED_ARCHITECTURE_PREFIXES
+    )
+    if not trusted:
         raise CheckpointError(
             f"the checkpoint's architecture names {target!r}, outside the trusted packages "
             f"{TRUSTED_ARCHITECTURE_PREFIXES}; build the network yourself and pass it as net="
@@ -51,15 +56,54 @@ def _check_architecture(node: Any) -> None:
         raise CheckpointError(f"the checkpoint's architecture holds an interpolation {node!r}")
 
 
-def build_network(architecture: Mapping[str, Any]) -> nn.Module:
-    """Instantiate a network from its (checked) Hydra config."""
+def build_network(
+    architecture: Mapping[str, Any], device: str | torch.device | None = None
+) -> nn.Module:
+    """Instantiate a network from its (checked) Hydra config (on ``device``; ``"meta"`` builds
+    shapes only, allocating nothing)."""
     _check_architecture(architecture)
-    return instantiate(OmegaConf.create(dict(architecture)))
+    try:
+        with torch.device(device) if device is not None else contextlib.nullcontext():
+            return instantiate(OmegaConf.create(dict(architecture)))
+    except CheckpointError:
+        raise
+    except Exception as error:  # a bad argument, a failing constructor: the file's fault
+        raise CheckpointError(
+            f"cannot build the checkpoint's network {architecture.get('_target_')!r}: "
+            f"{type(error).__name__}: {error}"
+        ) from error
+
+
+def _check_shapes(net: nn.Module, state_dict: Mapping[str, Any], path: Path) -> None:
+    """Compare the network's parameter shapes (``net`` may live on the meta device) with the
+    checkpoint's tensors before anything real is allocated."""
+    expected = {f"net.{name}": tuple(t.shape) for name, t in net.state_dict().items()}
+    stored = {k: v for k, v in state_dict.items() if not k.startswith(("train_", "val_", "test_"))}
+    missing = sorted(set(expected) - set(stored))
+    unexpected = sorted(set(stored) - set(expected))
+    wrong = [
+        f"{key}: {tuple(stored[key].shape)} in the file, {shape} in the network"
+        for key, shape in expected.items()
+        if key in stored and tuple(stored[key].shape) != shape
+    ]
+    if missing or unexpected or wrong:
+        details = "; ".join(
+            part
+            for part in (
+                f"missing {missing[:5]}" if missing else "",
+                f"unexpected {unexpected[:5]}" if unexpected else "",
+                "; ".join(wrong[:5]),
+            )
+            if part
+        )
+        raise CheckpointError(f"{path} does not fit the network it names: {details}")
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """``torch.load`` with ``weights_only=True``: tensors and plain data only, no code."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder, not a checkpoint file (point at a .ckpt)")
     if not path.is_file():
         raise CheckpointError(
             f"checkpoint not found: {path} (train one with `python train.py experiment=mnist`; "
@@ -72,10 +116,19 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"refusing to load {path}: it holds objects other than tensors and plain data "
             f"({str(error).splitlines()[0]})"
         ) from error
-    except (RuntimeError, EOFError, OSError) as error:
-        raise CheckpointError(f"cannot read checkpoint {path}: {error}") from error
+    except (RuntimeError, EOFError, OSError, ValueError) as error:
+        reason = str(error).strip() or (
+            "the file is empty or truncated" if path.stat().st_size < 64 else type(error).__name__
+        )
+        raise CheckpointError(f"cannot read checkpoint {path}: {reason}") from error
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointError(f"{path} is not a Lightning checkpoint (no state_dict)")
+    state_dict = checkpoint["state_dict"]
+    if not isinstance(state_dict, Mapping) or not all(
+        isinstance(key, str) and isinstance(value, torch.Tensor)
+        for key, value in state_dict.items()
+    ):
+        raise CheckpointError(f"{path}: its state_dict is not a mapping of names to tensors")
     return checkpoint
 
 
@@ -92,19 +145,35 @@ def load_classifier(
     """
     checkpoint = read_checkpoint(path, map_location)
     meta = checkpoint.get(CHECKPOINT_KEY) or {}
+    if not isinstance(meta, Mapping):
+        raise CheckpointError(f"{path}: its {CHECKPOINT_KEY!r} entry is not a mapping")
+    hparams = checkpoint.get("hyper_parameters") or {}
+    num_classes = meta.get("num_classes", hparams.get("num_classes"))
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise CheckpointError(f"{path} stores no valid num_classes (got {num_classes!r})")
+    class_names = meta.get("class_names")
+    if class_names is not None and (
+        not isinstance(class_names, list | tuple) or len(class_names) != num_classes
+    ):
+        raise CheckpointError(f"{path}: class_names do not list {num_classes} classes")
     if net is None:
-        if not meta.get("architecture"):
+        architecture = meta.get("architecture")
+        if not architecture:
             raise CheckpointError(
                 f"{path} stores no architecture (it was not saved by vebi's train.py): build the "
                 "network yourself and call load_classifier(path, net=...)"
             )
-        net = build_network(meta["architecture"])
-    hparams = checkpoint.get("hyper_parameters", {})
-    num_classes = meta.get("num_classes", hparams.get("num_classes"))
+        if not isinstance(architecture, Mapping):
+            raise CheckpointError(f"{path}: its architecture is not a config mapping")
+        if architecture.get("pretrained"):  # the weights come from the checkpoint: no download
+            architecture = {**architecture, "pretrained": False}
+        # shapes first, on the meta device: a network of absurd size is refused unbuilt
+        _check_shapes(build_network(architecture, device="meta"), checkpoint["state_dict"], path)
+        net = build_network(architecture)
     module = ClassifierModule(
         net=net,
-        num_classes=int(num_classes),
-        class_names=meta.get("class_names"),
+        num_classes=num_classes,
+        class_names=class_names,
         architecture=meta.get("architecture"),
     )
     try:

@@ -8,10 +8,15 @@ While being written the file is ``<name>.partial``; rows are written a chunk at 
 ``complete_rows`` is advanced only after a chunk is flushed, so an interrupted extraction
 resumes from the last complete chunk. The finished file is renamed to ``<name>``: a cache at
 the final path is always complete. A file whose fingerprint differs is never reused.
+
+Two jobs that mine the same model on the same data share one cache: :meth:`exclusive` holds
+``<name>.lock`` (an OS file lock, released when the holder ends, even by a crash) while a job
+checks and writes the cache, so the second job waits for the first and then reuses its cache.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -24,6 +29,11 @@ from vebi.utils.log import get_logger
 
 log = get_logger(__name__)
 
+try:  # POSIX file locks; elsewhere caches are not shared between concurrent jobs
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+
 
 class ActivationCache:
     """Reader/writer of one cache file (see module doc)."""
@@ -32,6 +42,36 @@ class ActivationCache:
         self.path = Path(path)
         self.partial_path = self.path.with_name(self.path.name + ".partial")
         self.fingerprint = fingerprint
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        """Hold this cache's lock file for the ``with`` block; wait while another process holds
+        it (saying which)."""
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock_path, "a+") as handle:
+            if fcntl is not None:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    handle.seek(0)
+                    owner = handle.read().strip() or "?"
+                    log.warning(
+                        "Activation cache %s is being written by process %s: waiting for it to "
+                        "finish, then reusing it",
+                        self.path,
+                        owner,
+                    )
+                    fcntl.flock(handle, fcntl.LOCK_EX)
+            handle.seek(0)
+            handle.truncate()
+            handle.write(str(os.getpid()))
+            handle.flush()
+            try:
+                yield
+            finally:
+                if fcntl is not None:
+                    fcntl.flock(handle, fcntl.LOCK_UN)
 
     # ---------------------------------------------------------------- reading
     def is_complete(self) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import tempfile
 import time
@@ -44,15 +45,60 @@ def model_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def dataset_fingerprint(dataset: Dataset, samples: int = 64) -> str:
-    """SHA-256 of the length and of ``samples`` evenly spaced items (images and labels)."""
-    length = len(dataset)
-    digest = hashlib.sha256(str(length).encode())
-    for position in np.linspace(0, length - 1, num=min(samples, length), dtype=int):
-        item = dataset[int(position)]
-        for part in item[:2]:
-            digest.update(torch.as_tensor(part).contiguous().numpy().tobytes())
+def dataset_fingerprint(dataset: Dataset) -> str:
+    """SHA-256 of what identifies ``dataset`` completely, so that a changed data set never
+    reuses old activations:
+
+    * ``Subset``: its indices, then the data set under it;
+    * data held in memory (tensors or arrays among the data set's attributes, e.g.
+      ``TensorDataset``): their full contents;
+    * image files (``samples`` / ``imgs`` / ``paths`` lists, e.g. ``ImageFolder``): every path
+      with its size and modification time, and the labels;
+    * the ``transform``'s description (another resize or crop gives other activations);
+    * anything else: every item, read once (a pass over the data without the network).
+    """
+    digest = hashlib.sha256(f"{type(dataset).__qualname__}|{len(dataset)}".encode())
+    _fingerprint_into(digest, dataset)
     return digest.hexdigest()
+
+
+def _fingerprint_into(digest: Any, dataset: Dataset) -> None:
+    if isinstance(dataset, Subset):
+        digest.update(np.asarray(dataset.indices, dtype=np.int64).tobytes())
+        digest.update(f"|{type(dataset.dataset).__qualname__}|".encode())
+        _fingerprint_into(digest, dataset.dataset)
+        return
+    described = False
+    for name, value in sorted(vars(dataset).items()):
+        arrays = value if isinstance(value, list | tuple) else [value]
+        if arrays and all(isinstance(a, torch.Tensor | np.ndarray) for a in arrays):
+            for array in arrays:
+                data = torch.as_tensor(array).detach().cpu().contiguous()
+                digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}".encode())
+                digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+            described = True
+    files = next(
+        (getattr(dataset, n) for n in ("samples", "imgs", "paths") if hasattr(dataset, n)), None
+    )
+    if files is not None:
+        for entry in files:
+            path = Path(entry[0] if isinstance(entry, list | tuple) else entry)
+            stat = path.stat() if path.exists() else None
+            size, mtime = (stat.st_size, stat.st_mtime_ns) if stat else (-1, -1)
+            digest.update(
+                f"{path}|{size}|{mtime}|{entry[1:] if isinstance(entry, tuple) else ''}".encode()
+            )
+        described = True
+    # object addresses ("<function <lambda> at 0x7f...>") differ between runs: left out
+    transform = re.sub(r" at 0x[0-9a-fA-F]+", "", repr(getattr(dataset, "transform", None)))
+    digest.update(f"transform|{transform}".encode())
+    if not described:
+        log.info(
+            "Fingerprinting the %d items of %s one by one", len(dataset), type(dataset).__name__
+        )
+        for position in range(len(dataset)):
+            for part in dataset[position][:2]:
+                digest.update(torch.as_tensor(part).contiguous().numpy().tobytes())
 
 
 def _images_labels(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,6 +232,11 @@ class FeatureMiner:
         }
         key = hashlib.sha256(json.dumps([fingerprint, *world]).encode()).hexdigest()
         suffix = f"-rank{world[0]}of{world[1]}" if world[1] > 1 else ""
+        if self.cache_dir is not None and self.cache_dir.exists() and not self.cache_dir.is_dir():
+            raise VebiError(
+                f"mining.cache_dir={self.cache_dir} is a file, not a folder: point it at a "
+                "folder (it is created when missing)"
+            )
         cache_dir = self.cache_dir or Path(tempfile.mkdtemp(prefix="vebi-activations-"))
         cache = ActivationCache(cache_dir / f"activations-{key[:16]}{suffix}.h5", key)
         return _Run(model, list(layers), num_classes, device, cache, fingerprint)
@@ -333,11 +384,13 @@ class FeatureMiner:
                     f"{len(names)} class names for a model with {run.num_classes} outputs"
                 )
             started = time.perf_counter()
-            if run.cache.is_complete():
-                log.info("Reusing activation cache %s", run.cache.path)
-                stats = self._statistics_from_cache(run)
-            else:
-                stats = self._extract(run, dataset, np.arange(world[0], len(dataset), world[1]))
+            with run.cache.exclusive():
+                if run.cache.is_complete():
+                    log.info("Reusing activation cache %s", run.cache.path)
+                    stats = self._statistics_from_cache(run)
+                else:
+                    rows = np.arange(world[0], len(dataset), world[1])
+                    stats = self._extract(run, dataset, rows)
             statistics = {name: value.cpu().numpy() for name, value in stats.compute().items()}
             timings["extract_seconds"] = time.perf_counter() - started
             val = self._features_in_memory(run, val_dataset) if val_dataset is not None else None

@@ -10,12 +10,31 @@ from typing import Any
 
 import h5py
 import numpy as np
+import torch
+from torch import nn
 
 from vebi.errors import VebiError
 from vebi.mining.features import FeatureIndex
+from vebi.models.hooks import capture_outputs, eval_mode
 from vebi.utils.io import atomic_path
 
 FORMAT_VERSION = 1
+#: The metadata keys a relevant-features file holds, no more and no fewer.
+META_KEYS = (
+    "layers",
+    "channels",
+    "class_names",
+    "mu",
+    "aggregation",
+    "normalize_layers",
+    "normalize_global",
+    "nonnegative",
+    "label_source",
+    "tolerance",
+    "class_counts",
+    "fingerprint",
+    "metrics",
+)
 
 
 @dataclass(frozen=True)
@@ -57,6 +76,33 @@ class RelevantFeatures:
             raise VebiError(
                 f"weights {self.weights.shape} do not match {self.index.size} features x "
                 f"{len(self.class_names)} classes"
+            )
+        if not np.isfinite(self.weights).all():
+            bad = int((~np.isfinite(self.weights)).sum())
+            raise VebiError(f"the weights hold {bad} NaN/Inf value(s): mine the features again")
+
+    def check_model(self, model: nn.Module, images: torch.Tensor) -> None:
+        """Refuse features whose layers ``model`` lacks or whose channel counts differ from what
+        its layers output on ``images`` (one small forward pass, no gradients)."""
+        with (
+            eval_mode(model),
+            capture_outputs(model, self.index.layers) as outputs,
+            torch.no_grad(),
+        ):
+            model(images[:1])
+        wrong = [
+            f"{layer}: {expected} in the file, {outputs[layer].shape[1]} in the network"
+            for layer, expected in zip(self.index.layers, self.index.channels, strict=True)
+            if layer in outputs and outputs[layer].shape[1] != expected
+        ]
+        missing = [layer for layer in self.index.layers if layer not in outputs]
+        if missing:
+            wrong.append(f"layers {missing} did not run in the forward pass")
+        if wrong:
+            raise VebiError(
+                "these relevant features do not belong to this network ("
+                + "; ".join(wrong)
+                + "): pass the relevant_features.h5 mined from it, or mine again"
             )
 
     @property
@@ -137,10 +183,27 @@ class RelevantFeatures:
             with h5py.File(path, "r") as handle:
                 weights = handle["weights"][...]
                 meta = json.loads(handle.attrs["meta"])
-        except (OSError, KeyError, json.JSONDecodeError) as error:
+        except (OSError, KeyError, TypeError, json.JSONDecodeError) as error:
             raise VebiError(f"{path} is not a readable relevant-features file: {error}") from error
-        index = FeatureIndex(tuple(meta.pop("layers")), tuple(meta.pop("channels")))
-        return cls(weights=weights, index=index, **meta)
+        expected = set(META_KEYS)
+        keys = set(meta) if isinstance(meta, dict) else set()
+        if keys != expected:
+            raise VebiError(
+                f"{path} has unexpected metadata (missing: {sorted(expected - keys)}, unknown: "
+                f"{sorted(keys - expected)}): it was not written by this version of vebi; mine "
+                "the features again"
+            )
+        try:
+            index = FeatureIndex(
+                tuple(str(layer) for layer in meta.pop("layers")),
+                tuple(int(count) for count in meta.pop("channels")),
+            )
+        except (TypeError, ValueError) as error:
+            raise VebiError(f"{path}: malformed layers/channels ({error})") from error
+        try:
+            return cls(weights=weights, index=index, **meta)
+        except VebiError as error:
+            raise VebiError(f"{path}: {error}") from error
 
     def summary(self) -> dict[str, Any]:
         meta = self._meta()

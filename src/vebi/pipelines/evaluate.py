@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from vebi.checkpoint import load_classifier
-from vebi.errors import VebiError
+from vebi.errors import VebiError, require_int_in_range
 from vebi.evaluation.ablation import (
     AblationRelevance,
     sparse_classifier_accuracy,
@@ -150,8 +150,26 @@ def run_evaluators(
     return results, panels, notes
 
 
+def _check_settings(settings: DictConfig) -> None:
+    """Refuse impossible evaluation settings before any work is done."""
+    unknown = set(settings.evaluators) - set(EVALUATORS)
+    if unknown:
+        raise VebiError(f"unknown evaluator(s) {sorted(unknown)}; choose from {list(EVALUATORS)}")
+    require_int_in_range(
+        "evaluation.heatmap_images", settings.get("heatmap_images"), 1, allow_none=True
+    )
+    require_int_in_range("evaluation.max_images", settings.get("max_images"), 1, allow_none=True)
+    require_int_in_range("evaluation.steps", settings.get("steps"), 1)
+    require_int_in_range("evaluation.batch_size", settings.get("batch_size"), 1)
+    if settings.target not in ("label", "predicted"):
+        raise VebiError(
+            f"evaluation.target must be 'label' or 'predicted', got {settings.target!r}"
+        )
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Test the checkpoint and run the evaluators; write ``results.json`` and ``results.md``."""
+    _check_settings(cfg.evaluation)
     if cfg.get("seed") is not None:
         L.seed_everything(int(cfg.seed), workers=True)
     ckpt_path = resolve_checkpoint(cfg)
@@ -189,6 +207,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             loggers=loggers,
             named_classes=module.hparams.get("class_names"),
         )
+        relevant.check_model(module.net, test.images[:1].to(device_for(cfg.trainer)))
         log.info("\n%s\n  (%s: %s)", console_summary(relevant), obtained, relevant_path)
         evaluations, panels, notes = run_evaluators(cfg, module, relevant, test)
         result = {

@@ -12,6 +12,7 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig
 
 from vebi.checkpoint import load_classifier
+from vebi.errors import require_int_in_range
 from vebi.explain.explainer import Explainer
 from vebi.explain.figures import explanation_figure, save_figure
 from vebi.explain.inputs import load_images
@@ -21,7 +22,7 @@ from vebi.mining.relevant import RelevantFeatures
 from vebi.pipelines.common import relevant_features_for, resolve_checkpoint
 from vebi.utils.cli import finish_loggers, wandb_run_dir
 from vebi.utils.instantiate import flat_config, instantiate_loggers
-from vebi.utils.io import atomic_path
+from vebi.utils.io import atomic_path, unique_file_names
 from vebi.utils.log import get_logger
 
 log = get_logger(__name__)
@@ -32,7 +33,7 @@ def _inputs(cfg: DictConfig, datamodule: Any) -> tuple[torch.Tensor, list[str], 
         datamodule.prepare_data()
         datamodule.setup("test")
         dataset = datamodule.data_test
-        count = min(int(cfg.num_images), len(dataset))
+        count = min(require_int_in_range("num_images", cfg.num_images, 1), len(dataset))
         images = torch.stack([torch.as_tensor(dataset[i][0]) for i in range(count)])
         return images, [f"test_{i:05d}" for i in range(count)], []
     return load_images(cfg.input, tuple(datamodule.image_shape))
@@ -40,23 +41,34 @@ def _inputs(cfg: DictConfig, datamodule: Any) -> tuple[torch.Tensor, list[str], 
 
 def explain(cfg: DictConfig) -> dict[str, Any]:
     """Explain ``cfg.input`` with the checkpoint's relevant features; write PNGs and JSON."""
+    batch_size = require_int_in_range("batch_size", cfg.batch_size, 1)
+    require_int_in_range("k", cfg.k, 1)
     ckpt_path = resolve_checkpoint(cfg)
     module = load_classifier(ckpt_path)
+    target = require_int_in_range(
+        f"target (a class id of the model's {module.hparams.num_classes})",
+        cfg.get("target"),
+        0,
+        module.hparams.num_classes - 1,
+        allow_none=True,
+    )
     relevant = RelevantFeatures.load(relevant_features_for(ckpt_path, cfg.get("relevant_features")))
     if relevant.fingerprint.get("model") not in (None, model_fingerprint(module.net)):
         log.warning("the relevant features were mined from other weights than %s", ckpt_path)
     datamodule = instantiate(cfg.data)
     images, names, skipped = _inputs(cfg, datamodule)
+    relevant.check_model(module.net, images[:1])
     explainer = Explainer(module.net, relevant, k=int(cfg.k), rules=Rules(**cfg.rules))
-    targets = None if cfg.get("target") is None else torch.full((len(images),), int(cfg.target))
+    targets = None if target is None else torch.full((len(images),), target)
+    files = unique_file_names(names)
     output_dir = Path(cfg.paths.output_dir) / "explanations"
     loggers = instantiate_loggers(cfg.get("logger"))
     for logger in loggers:
         logger.log_hyperparams({**flat_config(cfg), "ckpt_path": str(ckpt_path)})
     records, figures, failed = [], [], True
     try:
-        for start in range(0, len(images), int(cfg.batch_size)):
-            batch = images[start : start + int(cfg.batch_size)]
+        for start in range(0, len(images), batch_size):
+            batch = images[start : start + batch_size]
             batch_targets = None if targets is None else targets[start : start + len(batch)]
             explanation = explainer(batch, batch_targets)
             probabilities = explanation.logits.softmax(1)
@@ -80,7 +92,7 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
                     titles,
                     heading,
                 )
-                figures.append(save_figure(figure, output_dir / f"{Path(name).stem}.png"))
+                figures.append(save_figure(figure, output_dir / f"{files[start + n]}.png"))
                 records.append(
                     {
                         "image": name,

@@ -10,6 +10,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from vebi.checkpoint import read_checkpoint
 from vebi.errors import VebiError
 from vebi.mining.callback import FeatureMiningCallback, mining_datasets
 from vebi.pipelines.common import make_galleries
@@ -25,6 +26,17 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     Returns the final metrics plus ``best_checkpoint``, ``output_dir`` and ``wandb_dir``.
     """
+    max_epochs = cfg.trainer.get("max_epochs")
+    if max_epochs is not None and max_epochs < 1 and (cfg.trainer.get("max_steps") or -1) < 1:
+        raise VebiError(
+            f"trainer.max_epochs must be >= 1, got {max_epochs} (Lightning reads -1 as 'train "
+            "forever'); to train by steps set trainer.max_steps instead"
+        )
+    resume = cfg.get("ckpt_path")
+    if resume:
+        # the project's safe reader first (weights_only=True, whatever the environment says):
+        # a resume file with code in it is refused before Lightning opens it
+        read_checkpoint(resume)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
@@ -43,7 +55,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     failed = True
     try:
         started = time.perf_counter()
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(model, datamodule=datamodule, ckpt_path=resume, weights_only=True)
         train_seconds = time.perf_counter() - started
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""

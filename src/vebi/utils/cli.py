@@ -1,13 +1,18 @@
-"""Shared plumbing of the command-line entry points (train.py, evaluate.py)."""
+"""Shared plumbing of the command-line entry points (train.py, evaluate.py, ...)."""
 
 from __future__ import annotations
 
+import errno
 import functools
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback as HydraCallback
 from lightning.pytorch.loggers import Logger, WandbLogger
+from omegaconf import DictConfig, OmegaConf
 
 from vebi.errors import VebiError
 from vebi.utils.log import get_logger
@@ -15,11 +20,44 @@ from vebi.utils.log import get_logger
 log = get_logger(__name__)
 T = TypeVar("T")
 
+#: OS errors that describe the machine (disk full, no permission, a file where a folder
+#: should be, ...) rather than a bug: reported as one line, not a traceback.
+ENVIRONMENT_ERRNOS = {
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.EACCES,
+    errno.EPERM,
+    errno.EROFS,
+    errno.EEXIST,
+    errno.ENOTDIR,
+    errno.EISDIR,
+    errno.ENOENT,
+    errno.ENAMETOOLONG,
+}
+
+
+def describe_os_error(error: OSError) -> str:
+    """``cannot write to <path>: <reason>`` (what to do for a full disk)."""
+    where = error.filename or "a file"
+    reason = error.strerror or str(error)
+    advice = (
+        "; free some space or point the paths elsewhere"
+        if error.errno
+        in (
+            errno.ENOSPC,
+            errno.EDQUOT,
+        )
+        else ""
+    )
+    return f"cannot write to {where}: {reason}{advice}"
+
 
 def report_user_errors(task: Callable[..., T]) -> Callable[..., T]:
-    """Turn a :class:`VebiError` into one logged error (``error: ...`` on stderr) and exit 1.
+    """Turn a :class:`VebiError`, or an OS error about the machine (disk full, permissions, a
+    file in place of a folder), into one logged error (``error: ...`` on stderr) and exit 1.
 
-    Bugs (any other exception) keep their traceback.
+    Bugs (any other exception) keep their traceback. Nothing is left half-written: files are
+    written to a temporary name and renamed (:func:`vebi.utils.io.atomic_path`).
     """
 
     @functools.wraps(task)
@@ -28,6 +66,11 @@ def report_user_errors(task: Callable[..., T]) -> Callable[..., T]:
             return task(*args, **kwargs)
         except VebiError as error:
             log.error("%s", error)
+            raise SystemExit(1) from None
+        except OSError as error:
+            if error.errno not in ENVIRONMENT_ERRNOS:
+                raise
+            log.error("%s", describe_os_error(error))
             raise SystemExit(1) from None
 
     return wrapper
@@ -51,3 +94,27 @@ def finish_loggers(loggers: list[Logger], failed: bool = False) -> None:
                 wandb.finish(exit_code=1 if failed else 0)
         else:
             logger.finalize("failed" if failed else "success")
+
+
+class RunDirCheck(HydraCallback):
+    """Hydra callback: create the run (or sweep) dir before Hydra does, and turn a failure
+    (a log dir under /proc, on a file, without permission) into one ``error:`` line on stderr
+    and exit status 1 instead of Hydra's traceback."""
+
+    def _check(self, config: DictConfig, key: str) -> None:
+        HydraConfig.instance().set_config(config)
+        folder = OmegaConf.select(config, key)
+        try:
+            Path(str(folder)).mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            print(
+                f"error: {describe_os_error(error)} (the run dir, from paths.log_dir)",
+                file=sys.stderr,
+            )
+            raise SystemExit(1) from None
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config, "hydra.sweep.dir")

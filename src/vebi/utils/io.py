@@ -6,7 +6,7 @@ import contextlib
 import hashlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 
@@ -51,3 +51,19 @@ def md5_of_file(path: str | os.PathLike[str], chunk_size: int = 1 << 20) -> str:
 def safe_file_name(name: str, max_length: int = 40) -> str:
     """``name`` with every character but letters, digits, ``-`` and ``_`` replaced by ``_``."""
     return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)[:max_length]
+
+
+def unique_file_names(names: Sequence[str], max_length: int = 80) -> list[str]:
+    """A distinct file-safe name (no suffix) for each of ``names``, in order: ``a.png`` and
+    ``a.jpg`` become ``a_png`` and ``a_jpg``; names equal after cleaning get ``-2``, ``-3``..."""
+    chosen: list[str] = []
+    taken: set[str] = set()
+    for name in names:
+        base = safe_file_name(name, max_length) or "image"
+        candidate, number = base, 1
+        while candidate in taken:
+            number += 1
+            candidate = f"{base}-{number}"
+        taken.add(candidate)
+        chosen.append(candidate)
+    return chosen
