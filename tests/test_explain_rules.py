@@ -160,3 +160,88 @@ def test_per_image_channels_and_errors() -> None:
     gelu = nn.Sequential(nn.Conv2d(1, 2, 3), nn.GELU(), nn.Flatten(), nn.Linear(2 * 26 * 26, 2))
     with pytest.raises(VebiError, match="no backward rule for GELU"):
         backprop_feature(gelu, images, "0", 0)
+
+
+# ------------------------------------------------------------------ open rules
+def _naive_zplus(conv: nn.Conv2d, x: torch.Tensor, relevance: torch.Tensor) -> torch.Tensor:
+    """z+ by its definition, loop by loop: every output position shares its relevance among
+    the inputs of its window in proportion to x * max(W, 0)."""
+    weight = conv.weight.detach().clamp_min(0)
+    (stride, _), (padding, _) = conv.stride, conv.padding
+    kernel = weight.shape[-1]
+    padded = F.pad(x, (padding,) * 4)
+    result = torch.zeros_like(padded)
+    for n in range(x.shape[0]):
+        for k in range(weight.shape[0]):
+            for py in range(relevance.shape[2]):
+                for px in range(relevance.shape[3]):
+                    rows = slice(py * stride, py * stride + kernel)
+                    cols = slice(px * stride, px * stride + kernel)
+                    contributions = padded[n, :, rows, cols] * weight[k]
+                    z = contributions.sum() + 1e-9
+                    result[n, :, rows, cols] += contributions / z * relevance[n, k, py, px]
+    return result[:, :, padding : padding + x.shape[2], padding : padding + x.shape[3]]
+
+
+@pytest.mark.parametrize(("stride", "padding"), [(1, 0), (2, 1)])
+def test_zplus_rule_equals_its_definition(stride: int, padding: int) -> None:
+    from vebi.explain.rules import ZPlusConv
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3, stride=stride, padding=padding, bias=False)
+    model = nn.Sequential(conv).eval()
+    x = torch.rand(2, 2, 7, 7, requires_grad=True)
+    relevance = torch.rand_like(model(x))
+    with backward_rules(model, Rules(conv=ZPlusConv())):
+        (ours,) = torch.autograd.grad(model(x), x, grad_outputs=relevance)
+    torch.testing.assert_close(ours, _naive_zplus(conv, x.detach(), relevance))
+    if padding == 0:  # nothing falls on the padding: relevance is conserved
+        torch.testing.assert_close(ours.sum(), relevance.sum())
+
+
+def test_a_rule_from_config_and_the_presets() -> None:
+    from omegaconf import OmegaConf
+
+    from vebi.explain.rules import PRESETS, GuidedReLU, StrideFixConv, ZPlusConv
+
+    config = OmegaConf.create({"conv": {"_target_": "vebi.explain.rules.ZPlusConv"}})
+    rules = Rules.from_config(config)
+    assert rules.composite().rules == (GuidedReLU(), ZPlusConv())
+    assert Rules().composite().rules == (GuidedReLU(), StrideFixConv())  # the project default
+    assert Rules(preset="guided").composite().rules == (GuidedReLU(),)
+    assert set(PRESETS) >= {"deconvnet", "guided", "guided_stride_fix"}
+    with pytest.raises(VebiError, match="unknown rules preset"):
+        Rules(preset="lrp")
+    # a preset reproduces Captum like the explicit choices do
+    model = randomised(SmallVGG(in_channels=1))
+    images = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    ours = backprop_feature(model, images, "conv3", 2, rules=Rules(preset="guided"))
+    theirs = NeuronGuidedBackprop(model, model.conv3).attribute(
+        images, neuron_selector=_half_energy(2)
+    )
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+class FunctionalReLUNet(nn.Module):
+    """ReLU applied with F.relu in forward: no module to install a rule on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.fc = nn.Linear(4 * 26 * 26, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(F.relu(self.conv(x)).flatten(1))
+
+
+def test_functional_relu_is_refused_by_module_not_explained_by_its_gradient() -> None:
+    model = FunctionalReLUNet().eval()
+    images = torch.rand(2, 1, 28, 28)
+    with pytest.raises(VebiError, match=r"^the model applies ReLU functionally \(relu\)"):
+        backprop_feature(model, images, "fc", 0)
+    # the gradient rules are what autograd does anyway: allowed
+    signal = backprop_feature(model, images, "fc", 0, rules=Rules(preset="gradient"))
+    assert torch.isfinite(signal).all()
+    nested = nn.Sequential(nn.Identity(), FunctionalReLUNet()).eval()
+    with pytest.raises(VebiError, match=r"module '1' \(FunctionalReLUNet\) applies ReLU"):
+        backprop_feature(nested, images, "1.fc", 0)

@@ -107,3 +107,37 @@ def test_stride_fix_lowers_artefacts_on_a_trained_net(mnist_root) -> None:
             signal = backprop_feature(model, test, layer, 3, relu="guided", conv=conv)
             scores[conv] = checkerboard_score(signal_to_heatmap(signal), periods).mean().item()
         assert scores["stride_fix"] < 0.5 * scores["standard"], scores
+
+
+def test_resnet_with_in_place_additions_equals_single_backprops() -> None:
+    """torchvision's Bottleneck adds the shortcut in place onto bn3's output: the explainer
+    copies such captured outputs (found on the first call) and no others, with the same maps
+    as one backprop per feature, on the first call and on later ones."""
+    import numpy as np
+    import torchvision
+
+    from tests.explain_models import randomised
+    from vebi.mining import RelevantFeatures
+    from vebi.mining.features import FeatureIndex
+
+    model = randomised(torchvision.models.resnet50(num_classes=4))
+    for module in model.modules():
+        if isinstance(module, torch.nn.ReLU):
+            module.inplace = True
+    layers = ("layer1.0.bn3", "layer2.0.conv2", "layer3.1.relu")
+    index = FeatureIndex(layers, (256, 128, 1024))
+    weights = np.zeros((index.size, 4))
+    for c in range(4):
+        chosen = [("layer1.0.bn3", 3 + c), ("layer2.0.conv2", c), ("layer3.1.relu", 7 * c)]
+        weights[[index.feature_id(*feature) for feature in chosen], c] = [0.5, 0.3, 0.2]
+    relevant = RelevantFeatures(weights, index, list("abcd"), mu=1.0)
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    explainer = Explainer(model, relevant, k=3)
+    first = explainer(images)
+    assert explainer._copied == {"layer1.0.bn3"}  # the only output changed in place
+    second = explainer(images)
+    torch.testing.assert_close(second.maps, first.maps)
+    for n in range(len(images)):
+        for slot, feature in enumerate(first.features[n]):
+            signal = backprop_feature(model, images[n : n + 1], feature.layer, feature.channel)
+            torch.testing.assert_close(first.maps[n, slot], signal_to_heatmap(signal)[0])

@@ -11,6 +11,8 @@ the config. Input-space signals all go through the same
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +21,7 @@ from torch import nn
 from vebi.errors import VebiError
 from vebi.explain.explainer import Explainer
 from vebi.explain.heatmaps import min_max_scale, signal_to_heatmap
-from vebi.explain.rules import Rules
+from vebi.explain.rules import DEFAULT_PRESET, Rules
 from vebi.mining.features import FeatureExtractor
 from vebi.mining.relevant import RelevantFeatures
 from vebi.models.hooks import capture_outputs, eval_mode, trace_leaf_calls
@@ -46,18 +48,21 @@ class HeatmapMethod(ABC):
 
 
 class VebiExplanation(HeatmapMethod):
-    """Ours: the top-k relevant features that fire, propagated with ``rules`` (see
-    :class:`~vebi.explain.explainer.Explainer`). ``combine="max"`` is the combined map (pixel-wise
-    max of the k maps), ``combine="best"`` the map of the single highest-scoring feature."""
+    """Ours: the top-k relevant features that fire, propagated with the rules of ``preset``
+    (its relu/conv/pool choices replaced where given; see :mod:`vebi.explain.rules`).
+    ``combine="max"`` is the combined map (pixel-wise max of the k maps), ``combine="best"``
+    the map of the single highest-scoring feature."""
 
     def __init__(
         self,
         model: nn.Module,
         relevant: RelevantFeatures,
         k: int = 3,
-        relu: str = "guided",
-        conv: str = "stride_fix",
-        pool: str = "standard",
+        preset: str = DEFAULT_PRESET,
+        relu: Any = None,
+        conv: Any = None,
+        pool: Any = None,
+        extra: Sequence[Any] = (),
         combine: str = "max",
     ) -> None:
         super().__init__(model, relevant)
@@ -65,7 +70,12 @@ class VebiExplanation(HeatmapMethod):
             raise VebiError(f"combine must be 'max' or 'best', got {combine!r}")
         self.combine = combine
         self.explainer = Explainer(
-            model, relevant, k=1 if combine == "best" else k, rules=Rules(relu, conv, pool)
+            model,
+            relevant,
+            k=1 if combine == "best" else k,
+            rules=Rules.from_config(
+                {"preset": preset, "relu": relu, "conv": conv, "pool": pool, "extra": extra}
+            ),
         )
 
     def __call__(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:

@@ -8,12 +8,11 @@ import torch
 from torch import nn
 
 from vebi.errors import VebiError
-from vebi.explain.backprop import channel_signal
 from vebi.explain.heatmaps import signal_to_heatmap
 from vebi.explain.rules import Rules, backward_rules
 from vebi.mining.features import FeatureExtractor
 from vebi.mining.relevant import RelevantFeatures
-from vebi.models.hooks import capture_outputs
+from vebi.models.hooks import capture_outputs, eval_mode
 
 
 @dataclass(frozen=True)
@@ -72,6 +71,9 @@ class Explainer:
         self._channel = torch.tensor(
             [f - relevant.index.offsets[i] for f, i in enumerate(self._layer_id.tolist())]
         )
+        # captured outputs the model changes in place downstream (out += identity) need a
+        # copy; None = not known yet (copy all, then keep copying only those that need it)
+        self._copied: set[str] | None = None
 
     def _choose(self, x: torch.Tensor, classes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per image, up to k feature ids (N, k; -1 = none): the largest positive scores
@@ -86,42 +88,50 @@ class Explainer:
         return torch.where(valid, chosen, torch.full_like(chosen, -1)), fallback[:, 0].cpu()
 
     def __call__(self, images: torch.Tensor, targets: torch.Tensor | None = None) -> Explanation:
+        while True:  # runs twice only when a captured output turns out to need a copy
+            result = self._explain(images, targets)
+            if result is not None:
+                return result
+
+    def _explain(self, images: torch.Tensor, targets: torch.Tensor | None) -> Explanation | None:
         relevant = self.relevant
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with (
-                backward_rules(self.model, self.rules),
-                FeatureExtractor(
-                    self.model,
-                    relevant.layers,
-                    relevant.aggregation,
-                    relevant.normalize_layers,
-                    relevant.normalize_global,
-                ) as extractor,
-                capture_outputs(self.model, self.layers) as outputs,
-                torch.enable_grad(),
-            ):
-                inputs = images.detach().clone().requires_grad_(True)
-                x, logits = extractor.forward(inputs)
-                if logits.shape[1] != relevant.num_classes:
-                    raise VebiError(
-                        f"the model has {logits.shape[1]} outputs but the relevant features "
-                        f"were mined for {relevant.num_classes} classes"
-                    )
-                classes = (
-                    logits.argmax(1)
-                    if targets is None
-                    else torch.as_tensor(targets).to(images.device).long()
+        copied = self._copied
+        with (
+            eval_mode(self.model),
+            backward_rules(self.model, self.rules),
+            FeatureExtractor(
+                self.model,
+                relevant.layers,
+                relevant.aggregation,
+                relevant.normalize_layers,
+                relevant.normalize_global,
+            ) as extractor,
+            capture_outputs(
+                self.model, self.layers, copy=True if copied is None else copied
+            ) as outputs,
+            torch.enable_grad(),
+        ):
+            inputs = images.detach().requires_grad_(True)
+            x, logits = extractor.forward(inputs)
+            touched = outputs.modified_in_place()
+            if copied is not None and touched - copied:  # a copy was needed after all
+                self._copied = copied | touched
+                return None
+            self._copied = touched
+            if logits.shape[1] != relevant.num_classes:
+                raise VebiError(
+                    f"the model has {logits.shape[1]} outputs but the relevant features "
+                    f"were mined for {relevant.num_classes} classes"
                 )
-                chosen, fallback = self._choose(x.detach(), classes)
-                maps = torch.zeros(len(images), self.k, *images.shape[-2:], device=images.device)
-                for slot in range(self.k):
-                    self._backprop_slot(
-                        slot, chosen, outputs, inputs, maps, last=slot == self.k - 1
-                    )
-        finally:
-            self.model.train(was_training)
+            classes = (
+                logits.argmax(1)
+                if targets is None
+                else torch.as_tensor(targets).to(images.device).long()
+            )
+            chosen, fallback = self._choose(x.detach(), classes)
+            maps = torch.zeros(len(images), self.k, *images.shape[-2:], device=images.device)
+            for slot in range(self.k):
+                self._backprop_slot(slot, chosen, outputs, inputs, maps, last=slot == self.k - 1)
         features = self._describe(chosen, x, classes)
         return Explanation(
             classes=classes.detach().cpu(),
@@ -137,16 +147,15 @@ class Explainer:
     ) -> list[list[ChosenFeature]]:
         ids = chosen.clamp_min(0).cpu()
         weights = self.weights[ids, classes.cpu()[:, None]]
-        scores = x.cpu().gather(1, ids) * weights
+        scores = (x.cpu().gather(1, ids) * weights).tolist()
         layers, channels = self._layer_id[ids].tolist(), self._channel[ids].tolist()
+        present, weights = (chosen >= 0).tolist(), weights.tolist()
         names = self.relevant.index.layers
         return [
             [
-                ChosenFeature(
-                    names[layers[n][i]], channels[n][i], float(scores[n, i]), float(weights[n, i])
-                )
+                ChosenFeature(names[layers[n][i]], channels[n][i], scores[n][i], weights[n][i])
                 for i in range(chosen.shape[1])
-                if chosen[n, i] >= 0
+                if present[n][i]
             ]
             for n in range(len(chosen))
         ]
@@ -166,16 +175,18 @@ class Explainer:
         if not present.any():
             return
         layer_ids = torch.where(present, self._layer_id[features.clamp_min(0)], -1)
-        channels = self._channel[features.clamp_min(0)].to(inputs.device)
+        channels = self._channel[features.clamp_min(0)]
+        rows = torch.arange(len(features))
         tensors, signals = [], []
         for layer_id in layer_ids[present].unique().tolist():
             output = outputs[self.relevant.index.layers[layer_id]]
-            activation = output[:, :, None, None] if output.ndim == 2 else output
-            mine = (layer_ids == layer_id).to(inputs.device)
-            signal = channel_signal(activation, torch.where(mine, channels, 0))
-            signal[~mine] = 0
+            mine = layer_ids == layer_id
+            # each image's own channel map where this layer holds its feature, else 0
+            keep = torch.zeros(output.shape[:2], dtype=torch.bool)
+            keep[rows[mine], channels[mine]] = True
+            keep = keep.to(output.device).view(*output.shape[:2], *[1] * (output.ndim - 2))
             tensors.append(output)
-            signals.append(signal.view_as(output))
+            signals.append(torch.where(keep, output.detach(), 0.0))
         (grad,) = torch.autograd.grad(tensors, inputs, grad_outputs=signals, retain_graph=not last)
         rows = present.to(inputs.device)
         maps[rows, slot] = signal_to_heatmap(grad[rows])

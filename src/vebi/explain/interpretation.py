@@ -58,7 +58,7 @@ def average_visualisations(
             order = rows[np.argsort(-features[rows, feature.feature_id], kind="stable")[:top_n]]
             chosen = indices[order].tolist()
             images = torch.stack([torch.as_tensor(dataset[i][0]) for i in chosen]).to(device)
-            signal = backprop_feature(model, images, feature.layer, feature.channel, **vars(rules))
+            signal = backprop_feature(model, images, feature.layer, feature.channel, rules=rules)
             results.append(
                 FeatureVisualisation(
                     class_id,

@@ -8,7 +8,7 @@ recording layer outputs during a forward pass, and switching to eval mode for a 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -55,23 +55,48 @@ def check_layer_names(model: nn.Module, layers: Sequence[str]) -> None:
         raise VebiError(f"layers listed twice in {list(layers)}")
 
 
+class CapturedOutputs(dict):
+    """Layer name -> recorded output, and which of them the model went on to change in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._watched: dict[str, tuple[torch.Tensor, int]] = {}
+
+    def watch(self, name: str, passed_on: torch.Tensor) -> None:
+        self._watched[name] = (passed_on, passed_on._version)
+
+    def modified_in_place(self) -> set[str]:
+        """Layers whose output (the recorded tensor, or the copy the model went on with) was
+        modified in place after it was recorded."""
+        return {name for name, (t, version) in self._watched.items() if t._version != version}
+
+
 @contextlib.contextmanager
-def capture_outputs(model: nn.Module, layers: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
+def capture_outputs(
+    model: nn.Module, layers: Sequence[str], copy: bool | Collection[str] = True
+) -> Iterator[CapturedOutputs]:
     """Record the output of each named module (its last call) during forward passes.
 
-    The recorded tensor stays part of the autograd graph; the model continues with a copy, so
-    in-place operations downstream (``out += identity``) cannot change it.
+    The recorded tensor stays part of the autograd graph. For the layers in ``copy`` (all by
+    default) the model continues with a copy, so that in-place operations downstream
+    (``out += identity``) cannot change the recorded tensor; for the others it continues with
+    the tensor itself (no copy). Either way ``modified_in_place()`` tells afterwards which
+    outputs were changed in place: a caller that skipped a copy it needed can run again.
     """
     check_layer_names(model, layers)
     modules = dict(model.named_modules())
-    captured: dict[str, torch.Tensor] = {}
+    captured = CapturedOutputs()
 
     def hook(name: str) -> Any:
+        copied = copy is True or (copy is not False and name in copy)
+
         def record(module: nn.Module, inputs: Any, output: Any) -> torch.Tensor:
             if not isinstance(output, torch.Tensor):
                 raise VebiError(f"layer {name} does not output a single tensor")
             captured[name] = output
-            return output.clone()
+            passed_on = output.clone() if copied else output
+            captured.watch(name, passed_on)
+            return passed_on
 
         return record
 

@@ -58,7 +58,8 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(cfg.data)
     images, names, skipped = _inputs(cfg, datamodule)
     relevant.check_model(module.net, images[:1])
-    explainer = Explainer(module.net, relevant, k=int(cfg.k), rules=Rules(**cfg.rules))
+    rules = Rules.from_config(cfg.rules)
+    explainer = Explainer(module.net, relevant, k=int(cfg.k), rules=rules)
     targets = None if target is None else torch.full((len(images),), target)
     files = unique_file_names(names)
     output_dir = Path(cfg.paths.output_dir) / "explanations"
@@ -106,7 +107,7 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
                 )
         result = {
             "checkpoint": str(ckpt_path),
-            "rules": dict(cfg.rules),
+            "rules": {"preset": rules.preset, **rules.choices()},
             "k": int(cfg.k),
             "explanations": records,
             "skipped": skipped,
@@ -124,10 +125,7 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
         failed = False
     finally:
         finish_loggers(loggers, failed=failed)
-    lines = [
-        f"\nExplained {len(records)} image(s) with k = {cfg.k} features ({cfg.rules.relu}, "
-        f"{cfg.rules.conv}, {cfg.rules.pool}):"
-    ]
+    lines = [f"\nExplained {len(records)} image(s) with k = {cfg.k} features ({rules.describe()}):"]
     for record in records:
         features = ", ".join(
             f"{f['layer']}/{f['channel']} ({f['score']:.3f})" for f in record["features"]
