@@ -39,23 +39,25 @@ from vebi.models import SmallVGG, TorchvisionClassifier
 from vebi.models.hooks import trace_leaf_calls
 
 ROOT = Path(__file__).resolve().parents[1]
-REPEATS = 5
+REPEATS = 15
 BIG_REPEATS = 3
 
 
-def timed(function, device: str, repeats: int = REPEATS) -> float:
-    """Median wall time of ``repeats`` calls after one warm-up."""
-    function()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        function()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+def timed(functions: dict, device: str, repeats: int = REPEATS) -> dict[str, float]:
+    """Median wall time of each function over ``repeats`` rounds, after a warm-up round; the
+    functions take turns within each round, so drifts of the machine hit all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in functions}
+    for round_number in range(repeats + 1):
+        for name, function in functions.items():
+            if device == "cuda":
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            function()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            if round_number:  # round 0 warms up
+                times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def _ratios(
@@ -88,11 +90,12 @@ def _ratios(
                 captured["a"], inputs, grad_outputs=signal, retain_graph=channel < 2
             )
 
-    seconds = {
-        "ours": timed(lambda: explainer(images), device, repeats),
-        "guided": timed(lambda: guided.attribute(images, target=targets), device, repeats),
-        "floor": timed(floor, device, repeats),
+    functions = {
+        "ours": lambda: explainer(images),
+        "guided": lambda: guided.attribute(images, target=targets),
+        "floor": floor,
     }
+    seconds = timed(functions, device, repeats)
     return {"model": name, "batch": len(images), **seconds}
 
 
@@ -137,8 +140,10 @@ def speed(ckpt: Path, device: str, batch: int, datamodule: MNISTDataModule, big:
             relevant, deepest = synthetic_relevant(net, images[:1], classes=1000, per_class=20)
             name = f"{architecture} (random weights, 224 px)"
             rows.append(_ratios(name, net, relevant, images, deepest, device, BIG_REPEATS))
-    print(f"\nSpeed of a k = 3 explanation (median of {REPEATS} runs, {BIG_REPEATS} for the")
-    print("224 px models, after a warm-up; device " + device + "):")
+    print(
+        f"\nSpeed of a k = 3 explanation (median of {REPEATS} rounds, {BIG_REPEATS} for the 224 px"
+    )
+    print(f"models, after a warm-up round; the three take turns in each round; device {device}):")
     header = (
         f"  {'model':34s} {'batch':>5s} {'ours s':>8s} {'guided s':>9s} {'floor s':>8s} "
         f"{'ours/guided':>12s} {'floor/guided':>13s}"

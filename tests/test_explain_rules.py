@@ -245,3 +245,26 @@ def test_functional_relu_is_refused_by_module_not_explained_by_its_gradient() ->
     nested = nn.Sequential(nn.Identity(), FunctionalReLUNet()).eval()
     with pytest.raises(VebiError, match=r"module '1' \(FunctionalReLUNet\) applies ReLU"):
         backprop_feature(nested, images, "1.fc", 0)
+
+
+@pytest.mark.parametrize(
+    ("size", "kernel", "stride", "padding", "groups"),
+    [(32, 1, 2, 0, 1), (56, 1, 2, 0, 2), (64, 7, 2, 3, 1), (28, 3, 2, 1, 4), (9, 3, 3, 0, 1)],
+)
+def test_stride_fix_fast_paths_equal_the_definition(size, kernel, stride, padding, groups) -> None:
+    """The merged-kernel and 1 x 1 shortcuts of stride_fix against upsampling followed by the
+    stride-1 transposed convolution, written out by hand (as in the reference test above)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 8, kernel, stride=stride, padding=padding, groups=groups, bias=False)
+    model = nn.Sequential(conv).eval()
+    x = torch.rand(2, 8, size, size, requires_grad=True)
+    signal = torch.rand_like(model(x))
+    with backward_rules(model, Rules(conv="stride_fix")):
+        (ours,) = torch.autograd.grad(model(x), x, grad_outputs=signal)
+    stride1_size = size + 2 * padding - kernel + 1
+    upsampled = F.interpolate(signal, size=stride1_size, mode="nearest")
+    x1 = x.detach().clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(
+        F.conv2d(x1, conv.weight, None, 1, padding, 1, groups), x1, grad_outputs=upsampled
+    )
+    torch.testing.assert_close(ours, expected)

@@ -182,6 +182,7 @@ class Explainer:
             output = outputs[self.relevant.index.layers[layer_id]]
             mine = layer_ids == layer_id
             # each image's own channel map where this layer holds its feature, else 0
+            # (the chosen channel maps, zeros elsewhere)
             keep = torch.zeros(output.shape[:2], dtype=torch.bool)
             keep[rows[mine], channels[mine]] = True
             keep = keep.to(output.device).view(*output.shape[:2], *[1] * (output.ndim - 2))

@@ -131,11 +131,17 @@ class ReLURule(Rule):
         return x.clamp_min(0)
 
 
+def _pass_where_positive(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """g * [x > 0] in one fused pass (autograd's own ReLU backward kernel; an order of
+    magnitude faster than multiplying by a boolean mask)."""
+    return torch.ops.aten.threshold_backward(grad, x, 0)
+
+
 class GradientReLU(ReLURule):
     """g * [x > 0]: the ReLU's own gradient."""
 
     def backward(self, module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        return grad * (x > 0)
+        return _pass_where_positive(grad, x)
 
 
 class DeconvnetReLU(ReLURule):
@@ -149,12 +155,20 @@ class GuidedReLU(ReLURule):
     """max(g, 0) * [x > 0]: guided backpropagation (Springenberg et al.)."""
 
     def backward(self, module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        return grad.clamp_min(0) * (x > 0)
+        return _pass_where_positive(grad, x).clamp_min_(0)
 
 
 class StrideFixConv(Rule):
     """Strided convolutions: nearest-neighbour upsampling of g to the stride-1 output size,
-    then the stride-1 transposed convolution with the layer's weights and padding."""
+    then the stride-1 transposed convolution with the layer's weights and padding.
+
+    When the stride-1 size is exactly s times the output size (e.g. every strided layer of a
+    ResNet at 224 px) and there is no dilation, the two steps are one transposed convolution
+    with stride s and the kernel W convolved with an s x s box of ones: upsampling by
+    repetition is itself a transposed convolution with that box, and two transposed
+    convolutions compose into one. It gives the same signal (to float rounding) with
+    (k + s - 1)^2 instead of s^2 k^2 multiplications per value: 2.25x fewer for k = 3, s = 2.
+    """
 
     module_types = (nn.Conv2d,)
 
@@ -171,6 +185,24 @@ class StrideFixConv(Rule):
             x.shape[-2 + axis] + 2 * padding[axis] - dilation[axis] * (kernel[axis] - 1)
             for axis in range(2)
         ]
+        stride = module.stride
+        weight = module.weight.detach()
+        exact = all(size[axis] == stride[axis] * grad.shape[-2 + axis] for axis in range(2))
+        if exact and tuple(kernel) == (1, 1) and tuple(padding) == (0, 0):
+            # a 1 x 1 convolution commutes with the upsampling: apply it at the low resolution
+            low = F.conv_transpose2d(grad, weight, groups=module.groups)
+            return low.repeat_interleave(stride[0], 2).repeat_interleave(stride[1], 3)
+        if exact and tuple(dilation) == (1, 1):
+            # W convolved with the s x s box: the sum of W shifted to every offset in the box
+            merged = weight.new_zeros(
+                *weight.shape[:2], *(k + s - 1 for k, s in zip(kernel, stride, strict=True))
+            )
+            for row in range(stride[0]):
+                for column in range(stride[1]):
+                    merged[..., row : row + kernel[0], column : column + kernel[1]] += weight
+            return F.conv_transpose2d(
+                grad, merged, stride=stride, padding=padding, groups=module.groups
+            )
         upsampled = F.interpolate(grad, size=size, mode="nearest")
         return F.conv_transpose2d(
             upsampled,

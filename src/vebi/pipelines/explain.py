@@ -107,7 +107,8 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
                 )
         result = {
             "checkpoint": str(ckpt_path),
-            "rules": {"preset": rules.preset, **rules.choices()},
+            "rules": rules.choices(),
+            "rules_preset": rules.preset,
             "k": int(cfg.k),
             "explanations": records,
             "skipped": skipped,
