@@ -120,3 +120,14 @@ def test_every_experiment_mines_after_training(compose_cfg) -> None:
     for experiment in EXPERIMENTS:
         cfg = compose_cfg("train", [f"experiment={experiment}"])
         assert cfg.callbacks.feature_mining.miner == cfg.mining
+
+
+def test_ddp_is_one_override_away(compose_cfg) -> None:
+    cfg = compose_cfg("train", ["experiment=mnist", "trainer.devices=2", "trainer.strategy=ddp"])
+    assert (cfg.trainer.strategy, cfg.trainer.devices, cfg.trainer.num_nodes) == ("ddp", 2, 1)
+    preset = compose_cfg("train", ["experiment=mnist", "trainer=ddp"])
+    assert preset.trainer.strategy == "ddp" and preset.trainer.sync_batchnorm is True
+    trainer = instantiate(
+        preset.trainer, accelerator="cpu", devices=2, logger=False, enable_checkpointing=False
+    )
+    assert trainer.num_devices == 2 and type(trainer.strategy).__name__ == "DDPStrategy"

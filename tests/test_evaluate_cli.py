@@ -88,6 +88,9 @@ def test_evaluate_runs_every_evaluator_on_mnist(
     # line_series plots: one (x, y, method) row per point of every method's curve
     assert values["heatmaps/deletion_curves_table/nrows"][-1] == 6 * len(METHODS)
     assert values["heatmaps/panels/count"][-1] == 10
+    # test metrics under their own names, the prefix once
+    assert values["test/sparse_accuracy"][-1] == pytest.approx(metrics["test/sparse_accuracy"])
+    assert not [key for key in values if key.startswith("test/test/")]
 
 
 def test_multirun_over_mu_and_k_mines_what_is_missing(
@@ -199,3 +202,23 @@ def test_localisation_on_generated_an8flower(tmp_path: Path) -> None:
     assert values["heatmaps/iou_curves_table/nrows"][-1] == 19 * 4
     assert values["heatmaps/vebi/iou_mean"][-1] == pytest.approx(methods["vebi"]["iou_mean"])
     assert len(list((run / "panels").glob("*.png"))) == 6
+
+
+def test_results_name_paths_relative_to_the_project(tmp_path: Path) -> None:
+    from vebi.pipelines.evaluate import portable_paths
+
+    root = tmp_path / "project"
+    result = {
+        "checkpoint": str(root / "logs/train/mnist/run/checkpoints/best.ckpt"),
+        "output_dir": str(root / "logs/evaluate/mnist/run"),
+        "relevant_features": "/elsewhere/relevant_features.h5",
+        "wandb_dir": None,
+        "figures": {"iou_curves": str(root / "logs/evaluate/mnist/run/iou_curves.png")},
+        "metrics": {"test/acc": 0.99},
+    }
+    portable = portable_paths(result, root)
+    assert portable["checkpoint"] == "logs/train/mnist/run/checkpoints/best.ckpt"
+    assert portable["figures"]["iou_curves"] == "logs/evaluate/mnist/run/iou_curves.png"
+    assert portable["relevant_features"] == "/elsewhere/relevant_features.h5"  # outside: kept
+    assert portable["wandb_dir"] is None and portable["metrics"] == result["metrics"]
+    assert result["checkpoint"].startswith(str(root))  # the in-memory result is untouched

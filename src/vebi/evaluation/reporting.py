@@ -234,7 +234,7 @@ def log_to_wandb(
         import wandb
 
         run = logger.experiment
-        summary = {f"test/{k}": v for k, v in result["metrics"].items()}
+        summary = dict(result["metrics"])  # named test/... already
         if "ablation" in result:
             summary |= {f"ablation/{k}": v for k, v in result["ablation"]["average"].items()}
             rows = result["ablation"]["per_class"]

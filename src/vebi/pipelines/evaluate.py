@@ -227,7 +227,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         result["figures"] = {name: str(path) for name, path in figures.items()}
         log_to_wandb(loggers, result, figures)
         result["wandb_dir"] = wandb_run_dir(loggers)
-        _write_results(result, output_dir)
+        _write_results(result, output_dir, Path(cfg.paths.root_dir))
         failed = False
     finally:
         finish_loggers(loggers, failed=failed)
@@ -242,8 +242,33 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
-def _write_results(result: dict[str, Any], output_dir: Path) -> None:
+PATH_KEYS = ("checkpoint", "relevant_features", "output_dir", "wandb_dir")
+
+
+def portable_paths(result: dict[str, Any], root: Path) -> dict[str, Any]:
+    """``result`` with its file paths relative to the project ``root`` where they lie inside
+    it, so that results copied elsewhere (experiments/results) name no machine's folders."""
+
+    def portable(path: Any) -> Any:
+        if not path:
+            return path
+        try:
+            return str(Path(path).resolve().relative_to(root.resolve()))
+        except ValueError:
+            return str(path)
+
+    copy = dict(result)
+    for key in PATH_KEYS:
+        if key in copy:
+            copy[key] = portable(copy[key])
+    if "figures" in copy:
+        copy["figures"] = {name: portable(path) for name, path in copy["figures"].items()}
+    return copy
+
+
+def _write_results(result: dict[str, Any], output_dir: Path, root: Path) -> None:
+    portable = portable_paths(result, root)
     with atomic_path(output_dir / "results.json") as tmp:
-        tmp.write_text(json.dumps(result, indent=2))
+        tmp.write_text(json.dumps(portable, indent=2))
     with atomic_path(output_dir / "results.md") as tmp:
-        tmp.write_text(results_markdown(result))
+        tmp.write_text(results_markdown(portable))
