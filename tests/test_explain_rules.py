@@ -157,9 +157,11 @@ def test_per_image_channels_and_errors() -> None:
         backprop_feature(model, images, "conv9", 0)
     with pytest.raises(VebiError, match="unknown relu rule"):
         backprop_feature(model, images, "conv3", 0, relu="lrp")
-    gelu = nn.Sequential(nn.Conv2d(1, 2, 3), nn.GELU(), nn.Flatten(), nn.Linear(2 * 26 * 26, 2))
-    with pytest.raises(VebiError, match="no backward rule for GELU"):
-        backprop_feature(gelu, images, "0", 0)
+    softplus = nn.Sequential(
+        nn.Conv2d(1, 2, 3), nn.Softplus(), nn.Flatten(), nn.Linear(2 * 26 * 26, 2)
+    )
+    with pytest.raises(VebiError, match="no backward rule for Softplus"):
+        backprop_feature(softplus, images, "0", 0)
 
 
 # ------------------------------------------------------------------ open rules
@@ -268,3 +270,29 @@ def test_stride_fix_fast_paths_equal_the_definition(size, kernel, stride, paddin
         F.conv2d(x1, conv.weight, None, 1, padding, 1, groups), x1, grad_outputs=upsampled
     )
     torch.testing.assert_close(ours, expected)
+
+
+def test_smooth_activations_and_norms_go_by_their_gradient() -> None:
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), nn.SiLU(), nn.Conv2d(8, 8, 3), nn.GELU()]
+    head = [nn.Flatten(), nn.LayerNorm(8 * 28 * 28), nn.Linear(8 * 28 * 28, 3)]
+    model = nn.Sequential(*layers, *head).eval()
+    images = torch.rand(2, 3, 32, 32)
+    inputs = images.clone().requires_grad_(True)
+    output = model[:5](inputs)
+    (expected,) = torch.autograd.grad(0.5 * output[:, 1].pow(2).sum(), inputs)
+    ours = backprop_feature(model, images, "4", 1, rules=Rules(preset="guided"))
+    torch.testing.assert_close(ours, expected)  # no ReLU: every layer by its gradient
+
+
+def test_every_unsupported_module_is_named_up_front() -> None:
+    from vebi.explain.rules import check_rule_coverage
+
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3), nn.Softplus(), nn.Conv2d(2, 2, 3), nn.Hardswish(), nn.Flatten()
+    )
+    with pytest.raises(VebiError) as error:
+        check_rule_coverage(model)
+    message = str(error.value)
+    assert "Softplus at '1'" in message and "Hardswish at '3'" in message
+    check_rule_coverage(SmallVGG(in_channels=1))  # covered: no error

@@ -9,7 +9,7 @@ from torch import nn
 
 from vebi.errors import VebiError
 from vebi.explain.heatmaps import signal_to_heatmap
-from vebi.explain.rules import Rules, backward_rules
+from vebi.explain.rules import Rules, backward_rules, check_rule_coverage
 from vebi.mining.features import FeatureExtractor
 from vebi.mining.relevant import RelevantFeatures
 from vebi.models.hooks import capture_outputs, eval_mode
@@ -61,6 +61,7 @@ class Explainer:
         self.relevant = relevant
         self.k = k
         self.rules = rules or Rules()
+        check_rule_coverage(model, self.rules)  # every unsupported module named, up front
         mask = relevant.relevant_mask()
         used = mask.any(axis=1).nonzero()[0]
         self.layers = list(dict.fromkeys(relevant.index.locate(int(f))[0] for f in used))

@@ -65,6 +65,10 @@ GRADIENT_MODULES: tuple[type[nn.Module], ...] = (
     nn.AdaptiveAvgPool2d,
     nn.AdaptiveMaxPool2d,
     nn.LocalResponseNorm,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.SiLU,
+    nn.GELU,
     Normalize,
 )
 
@@ -288,12 +292,33 @@ class Composite:
                 return rule
         if isinstance(module, self.gradient_modules):
             return None
+        raise VebiError(self._unsupported([("", module)]))
+
+    def rules_for(self, model: nn.Module) -> list[tuple[nn.Module, Rule | None]]:
+        """(leaf module, its rule or None) for every leaf of ``model``; one error naming every
+        module no rule covers."""
+        chosen, missing = [], []
+        for name, module in leaf_modules(model).items():
+            try:
+                chosen.append((module, self.rule_for(module)))
+            except VebiError as error:
+                if not str(error).startswith("no backward rule"):
+                    raise
+                missing.append((name, module))
+        if missing:
+            raise VebiError(self._unsupported(missing))
+        return chosen
+
+    def _unsupported(self, modules: list[tuple[str, nn.Module]]) -> str:
         types = {t.__name__ for rule in self.rules for t in rule.module_types}
         supported = sorted(types | {t.__name__ for t in self.gradient_modules})
-        raise VebiError(
-            f"no backward rule for {type(module).__name__} ({module}); supported: "
-            f"{', '.join(supported)}. Add a rule for it (a vebi.explain.rules.Rule subclass, "
-            "passed in rules.extra)"
+        named = "; ".join(
+            f"{type(module).__name__}{f' at {name!r}' if name else ''} ({module})"
+            for name, module in modules
+        )
+        return (
+            f"no backward rule for {named}; supported: {', '.join(supported)}. Add a rule for "
+            "it (a vebi.explain.rules.Rule subclass, passed in rules.extra)"
         )
 
     @property
@@ -440,6 +465,19 @@ def _functional_relu_guard(model: nn.Module) -> Iterator[None]:
                 guard.__exit__(None, None, None)
 
 
+def check_rule_coverage(
+    model: nn.Module, rules: Rules | Composite | None = None, hint: str = ""
+) -> None:
+    """Refuse, naming every one, the modules of ``model`` that ``rules`` (default: the
+    project's) cannot explain: called when a model first enters a job, before any work.
+    ``hint`` is added to the message (e.g. how to run the job without explanations)."""
+    rules = rules or Rules()
+    try:
+        (rules.composite() if isinstance(rules, Rules) else rules).rules_for(model)
+    except VebiError as error:
+        raise VebiError(f"{error}{hint}") from None
+
+
 @contextlib.contextmanager
 def backward_rules(model: nn.Module, rules: Rules | Composite | None = None) -> Iterator[nn.Module]:
     """Install ``rules`` (default: the project's) in ``model``'s leaf modules; restore them
@@ -447,7 +485,7 @@ def backward_rules(model: nn.Module, rules: Rules | Composite | None = None) -> 
     work); a functional ReLU in a forward is refused (module docstring)."""
     rules = rules or Rules()
     composite = rules.composite() if isinstance(rules, Rules) else rules
-    chosen = [(module, composite.rule_for(module)) for module in leaf_modules(model).values()]
+    chosen = composite.rules_for(model)
     patched: list[tuple[nn.Module, Any]] = []
     try:
         with contextlib.ExitStack() as guard:
@@ -484,4 +522,5 @@ __all__: Sequence[str] = [
     "SwitchUnpool",
     "ZPlusConv",
     "backward_rules",
+    "check_rule_coverage",
 ]

@@ -45,6 +45,10 @@ def relevant_features_for(ckpt_path: Path, explicit: str | None) -> Path:
     return path
 
 
+#: How to go on when the model has layers that the galleries' backward rules do not cover.
+NO_GALLERIES = "; or go on without the interpretation galleries: interpretation.galleries=false"
+
+
 def make_galleries(
     cfg: DictConfig,
     net: nn.Module,

@@ -74,7 +74,11 @@ def build_methods(
 
 
 def run_evaluators(
-    cfg: DictConfig, module: ClassifierModule, relevant: RelevantFeatures, test: EvaluationImages
+    cfg: DictConfig,
+    module: ClassifierModule,
+    relevant: RelevantFeatures,
+    test: EvaluationImages,
+    methods: dict[str, HeatmapMethod],
 ) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
     """(results, panel figures, notes) of the evaluators listed in ``evaluation.evaluators``."""
     settings = cfg.evaluation
@@ -137,7 +141,6 @@ def run_evaluators(
             batch_size=int(settings.batch_size),
             evaluators=heatmap_evaluators,
         )
-        methods = build_methods(cfg, module, relevant)
         scores, kept = scorer(net, methods, subset, classes, keep=keep)
         if keep is not None:
             panels = class_panels(subset, rows, kept, relevant.class_names)
@@ -209,7 +212,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         )
         relevant.check_model(module.net, test.images[:1].to(device_for(cfg.trainer)))
         log.info("\n%s\n  (%s: %s)", console_summary(relevant), obtained, relevant_path)
-        evaluations, panels, notes = run_evaluators(cfg, module, relevant, test)
+        # the heatmap methods are built before any evaluator runs: a model they cannot explain
+        # (a module without backward rule) is refused now, not after the ablation
+        heatmaps = set(cfg.evaluation.evaluators) & {"localisation", "faithfulness", "artefacts"}
+        methods = build_methods(cfg, module, relevant) if heatmaps else {}
+        evaluations, panels, notes = run_evaluators(cfg, module, relevant, test, methods)
         result = {
             "checkpoint": str(ckpt_path),
             "num_test_images": len(test_dataset),

@@ -9,9 +9,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from vebi.checkpoint import load_classifier
+from vebi.explain.rules import check_rule_coverage
 from vebi.mining.callback import mining_datasets
 from vebi.mining.reporting import console_summary, save_and_log
-from vebi.pipelines.common import make_galleries, resolve_checkpoint
+from vebi.pipelines.common import NO_GALLERIES, make_galleries, resolve_checkpoint
 from vebi.utils.cli import finish_loggers, wandb_run_dir
 from vebi.utils.instantiate import device_for, flat_config, instantiate_loggers
 from vebi.utils.log import get_logger
@@ -34,6 +35,8 @@ def mine(cfg: DictConfig) -> dict[str, Any]:
     failed = True
     try:
         dataset, val_dataset = mining_datasets(datamodule)
+        if (cfg.get("interpretation") or {}).get("galleries", True):
+            check_rule_coverage(module.net, hint=NO_GALLERIES)  # the galleries need backward rules
         report = miner.mine(module.net, dataset, val_dataset, module.class_names)
         path = save_and_log(report, Path(cfg.paths.output_dir), loggers)
         make_galleries(

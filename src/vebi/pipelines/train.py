@@ -12,8 +12,9 @@ from omegaconf import DictConfig
 
 from vebi.checkpoint import read_checkpoint
 from vebi.errors import VebiError
+from vebi.explain.rules import check_rule_coverage
 from vebi.mining.callback import FeatureMiningCallback, mining_datasets
-from vebi.pipelines.common import make_galleries
+from vebi.pipelines.common import NO_GALLERIES, make_galleries
 from vebi.utils.cli import finish_loggers, wandb_run_dir
 from vebi.utils.instantiate import flat_config, instantiate_callbacks, instantiate_loggers
 from vebi.utils.log import get_logger
@@ -47,6 +48,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             f"{model.hparams.num_classes}"
         )
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    galleries = (cfg.get("interpretation") or {}).get("galleries", True)
+    if galleries and any(isinstance(c, FeatureMiningCallback) for c in callbacks):
+        check_rule_coverage(model.net, hint=NO_GALLERIES)  # galleries need backward rules
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in loggers:
