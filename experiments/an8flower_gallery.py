@@ -1,6 +1,8 @@
 """Draw a gallery of generated an8Flower images with their masks (one column per class).
 
 Usage: python experiments/an8flower_gallery.py [--variant double] [--out PATH.png]
+(default: logs/figures/an8flower_<variant>.png; --out docs/images/an8flower_<variant>.png
+replaces the README's picture)
 The images are drawn afresh by the generator (same seed as the data sets: same pictures).
 """
 
@@ -22,7 +24,7 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    out = args.out or Path(f"docs/images/an8flower_{args.variant}.png")
+    out = args.out or Path(f"logs/figures/an8flower_{args.variant}.png")
     generator = An8FlowerGenerator(args.variant, image_size=112, seed=0)
     classes = generator.variant.num_classes
     figure = Figure(figsize=(1.3 * classes, 2.7 * args.per_class))

@@ -7,8 +7,10 @@
 
 Each table runs ``evaluate.py`` on the newest checkpoint of its experiment (training one first
 with ``train.py`` when there is none) and copies the results (``results.md``, ``results.json``)
-and a few figures into ``experiments/results/<table>/``, replacing the previous ones at once.
-Extra arguments after ``--`` go to evaluate.py as Hydra overrides.
+and a few figures into ``<out>/<table>/``, replacing the previous ones at once. ``--out``
+defaults to ``logs/paper_tables`` (not tracked); ``--out experiments/results`` updates the
+recorded tables of the repository. Extra arguments after ``--`` go to evaluate.py as Hydra
+overrides.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "experiments" / "results"
+RECORDED = ROOT / "experiments" / "results"
+DEFAULT_OUT = ROOT / "logs" / "paper_tables"
 
 #: table -> (experiment, evaluate.py overrides, how many per-class panels to keep)
 TABLES: dict[str, tuple[str, list[str], int]] = {
@@ -45,8 +48,8 @@ def _has_checkpoint(experiment: str) -> bool:
     return any((ROOT / "logs" / "train" / experiment).glob("*/checkpoints/best.ckpt"))
 
 
-def reproduce(table: str, extra: list[str]) -> Path:
-    """Train if needed, evaluate, and copy the results into ``experiments/results/<table>``."""
+def reproduce(table: str, extra: list[str], out: Path = DEFAULT_OUT) -> Path:
+    """Train if needed, evaluate, and copy the results into ``<out>/<table>``."""
     experiment, overrides, panels = TABLES[table]
     if not _has_checkpoint(experiment):
         print(f"No checkpoint of {experiment}: training one first", flush=True)
@@ -62,17 +65,18 @@ def reproduce(table: str, extra: list[str]) -> Path:
             *extra,
         ]
     )
-    staging = Path(tempfile.mkdtemp(prefix=f".{table}-", dir=RESULTS))
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{table}-", dir=out))
     try:
         _collect(run_dir, staging, panels)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    target = RESULTS / table
+    target = out / table
     if target.exists():
         shutil.rmtree(target)
     staging.rename(target)
-    print(f"\n{table}: results in {target.relative_to(ROOT)}", flush=True)
+    print(f"\n{table}: results in {target}", flush=True)
     return target
 
 
@@ -106,11 +110,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("table", choices=[*TABLES, "all"])
     parser.add_argument("overrides", nargs="*", help="extra evaluate.py overrides (after --)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        help=f"folder of the tables (default {DEFAULT_OUT.relative_to(ROOT)}; "
+        f"{RECORDED.relative_to(ROOT)} updates the recorded ones)",
+    )
     args = parser.parse_args()
-    RESULTS.mkdir(parents=True, exist_ok=True)
     (ROOT / "logs").mkdir(exist_ok=True)
     for table in TABLES if args.table == "all" else [args.table]:
-        reproduce(table, args.overrides)
+        reproduce(table, args.overrides, args.out.resolve())
 
 
 if __name__ == "__main__":

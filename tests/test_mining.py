@@ -224,3 +224,26 @@ def test_model_fingerprint_covers_buffers_of_any_shape() -> None:
     assert before == model_fingerprint(model)
     model.bn3.num_batches_tracked += 1
     assert model_fingerprint(model) != before
+
+
+def test_cache_is_deleted_after_use_when_asked(tmp_path: Path, caplog) -> None:
+    import logging
+
+    from torch.utils.data import TensorDataset
+
+    data = TensorDataset(torch.rand(64, 1, 28, 28), torch.arange(64) % 10)
+    for keep in (True, False):
+        miner = FeatureMiner(
+            mu=5.0, cache_dir=tmp_path / str(keep), progress=False, keep_cache=keep
+        )
+        with caplog.at_level(logging.INFO):
+            report = miner.mine(seeded_lenet(), data)
+        assert report.cache_path.is_file() and "Activation cache:" in caplog.text
+        miner.release(report)
+        assert report.cache_path.is_file() == keep
+
+
+def test_caches_follow_the_log_dir(compose_cfg, tmp_path: Path) -> None:
+    cfg = compose_cfg("train", ["experiment=mnist", f"paths.log_dir={tmp_path / 'elsewhere'}"])
+    assert cfg.mining.cache_dir == str(tmp_path / "elsewhere" / "cache")
+    assert cfg.mining.keep_cache is True

@@ -150,6 +150,8 @@ class FeatureMiner:
         batch_size: images per forward pass; chunk_rows: rows per resumable cache chunk.
         cache_dir: folder of the activation caches (named by fingerprint); ``None`` keeps
             none after the run.
+        keep_cache: ``False`` lets the jobs delete this run's cache once they are done with
+            it (after the interpretation galleries, which rank images from it): :meth:`release`.
         progress: show progress bars.
     """
 
@@ -170,6 +172,7 @@ class FeatureMiner:
         chunk_rows: int = 4096,
         cache_dir: str | Path | None = None,
         progress: bool = True,
+        keep_cache: bool = True,
     ) -> None:
         for value in [mu, *(mu_candidates or [])]:
             if not np.isfinite(value) or value <= 0:
@@ -193,6 +196,7 @@ class FeatureMiner:
         self.chunk_rows = chunk_rows
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.progress = progress
+        self.keep_cache = keep_cache
 
     # ------------------------------------------------------------------ helpers
     def _extractor(self, model: nn.Module, layers: Sequence[str]) -> FeatureExtractor:
@@ -291,6 +295,13 @@ class FeatureMiner:
                 if pending:
                     cache.write_rows(position, pending)
         cache.finish()
+        size = cache.path.stat().st_size / 2**20
+        log.info(
+            "Activation cache: %.0f MB in %s (reused by later runs on the same weights and data; "
+            "delete it freely, or set mining.keep_cache=false)",
+            size,
+            cache.path,
+        )
         return stats
 
     def _statistics_from_cache(self, run: _Run) -> GramStatistics:
@@ -358,6 +369,16 @@ class FeatureMiner:
                 best = (accuracy, candidate, solution)
         log.info("Chose mu = %g by held-out sparse accuracy: %s", best[1], path)
         return best[1], best[2], path
+
+    def release(self, report: MiningReport) -> None:
+        """Delete the run's activation cache unless ``keep_cache`` (call when done with it)."""
+        if self.keep_cache or report.cache_path is None:
+            return
+        path = Path(report.cache_path)
+        size = path.stat().st_size / 2**20 if path.exists() else 0.0
+        path.unlink(missing_ok=True)
+        path.with_name(path.name + ".lock").unlink(missing_ok=True)
+        log.info("Deleted the activation cache %s (%.0f MB; mining.keep_cache=false)", path, size)
 
     # ------------------------------------------------------------------ main
     def mine(

@@ -84,6 +84,7 @@ def load_or_mine(
     datamodule.setup("fit")
     dataset, val_dataset = mining_datasets(datamodule)
     report = miner.mine(model, dataset, val_dataset, list(class_names))
+    miner.release(report)
     path = save_and_log(report, output_dir, list(loggers))
     check_classes(report.relevant, num_classes, named_classes, path)
     return report.relevant, path, "mined"

@@ -42,6 +42,7 @@ def mine(cfg: DictConfig) -> dict[str, Any]:
         make_galleries(
             cfg, module.net, report, dataset, Path(cfg.paths.output_dir) / "galleries", loggers
         )
+        miner.release(report)
         wandb_dir = wandb_run_dir(loggers)
         failed = False
     finally:

@@ -79,6 +79,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 mining.output_dir / "galleries",
                 loggers,
             )
+            mining.miner.release(mining.report)
         result = {
             **metrics,
             "relevant_features": str(mining.artefact_path)
