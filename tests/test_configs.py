@@ -131,3 +131,22 @@ def test_ddp_is_one_override_away(compose_cfg) -> None:
         preset.trainer, accelerator="cpu", devices=2, logger=False, enable_checkpointing=False
     )
     assert trainer.num_devices == 2 and type(trainer.strategy).__name__ == "DDPStrategy"
+
+
+def test_wandb_runs_of_a_sweep_have_their_own_names(compose_cfg) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf, open_dict
+
+    from vebi.utils.instantiate import instantiate_loggers
+
+    cfg = compose_cfg("evaluate", ["experiment=mnist"])
+    (single,) = instantiate_loggers(cfg.logger)
+    assert single.name == "vebi" and single._wandb_init["name"] == "mnist-evaluate"
+    OmegaConf.set_readonly(cfg.hydra, False)
+    with open_dict(cfg):
+        cfg.hydra.mode = RunMode.MULTIRUN
+        cfg.hydra.job.num = 3
+    HydraConfig.instance().set_config(cfg)
+    (swept,) = instantiate_loggers(cfg.logger)
+    assert swept._wandb_init["name"] == "mnist-evaluate-3"

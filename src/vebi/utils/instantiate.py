@@ -35,7 +35,30 @@ def instantiate_callbacks(group: DictConfig | None) -> list[Callback]:
     return instantiate_group(group, Callback)
 
 
+def sweep_job_number() -> int | None:
+    """The job's number inside a Hydra multirun (sweep), None outside one."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    config = HydraConfig.get()
+    if config.mode != RunMode.MULTIRUN:
+        return None
+    return config.job.get("num")
+
+
 def instantiate_loggers(group: DictConfig | None) -> list[Logger]:
+    """The loggers of ``group``; inside a sweep every W&B run's name ends with the job's
+    number (``mnist-evaluate-3``), so the runs of one sweep can be told apart."""
+    number = sweep_job_number()
+    if group and number is not None:
+        group = OmegaConf.create(OmegaConf.to_container(group, resolve=True))
+        for entry in group.values():
+            if isinstance(entry, Mapping) and str(entry.get("_target_", "")).endswith(
+                "WandbLogger"
+            ):
+                entry["name"] = f"{entry.get('name') or 'run'}-{number}"
     return instantiate_group(group, Logger)
 
 
