@@ -127,6 +127,14 @@ def test_multirun_over_mu_and_k_mines_what_is_missing(
     assert seen[(5.0, 1)].startswith(str(tmp_path)) and seen[(5.0, 1)].endswith(
         "mining/relevant_features.h5"
     )
+    # one table for the whole sweep, a row per job
+    (summary,) = tmp_path.rglob("sweep_summary.json")
+    rows = json.loads(summary.read_text())
+    assert sorted((row["mu"], row["k"]) for row in rows) == sorted(seen)
+    assert all("vebi/deletion_auc" in row and "test/sparse_accuracy" in row for row in rows)
+    assert "mining.mu=5" in rows[0]["overrides"] and "paths." not in rows[0]["overrides"]
+    markdown = summary.with_suffix(".md").read_text()
+    assert markdown.startswith("# Sweep: 4 jobs") and markdown.count("\n| ") == 5
 
 
 def test_class_mismatch_is_a_clear_error(short_run: dict, mnist_root: Path, tmp_path: Path) -> None:

@@ -146,7 +146,10 @@ class FeatureMiner:
         tolerance: weights above it make a feature relevant.
         solvers / solver_options: cvxpy solvers tried in order, and their options.
         mu_candidates: if given, mu is picked among them by the held-out accuracy of the
-            sparse classifier argmax(x^T W) (needs a validation set).
+            sparse classifier argmax(x^T W) (needs a validation set): the smallest mu whose
+            accuracy is within ``mu_tolerance`` of the best one. Accuracy grows with mu (more
+            features per class), so the largest would always win; a small tolerance keeps the
+            relevant sets small, which is what interpretation wants.
         batch_size: images per forward pass; chunk_rows: rows per resumable cache chunk.
         cache_dir: folder of the activation caches (named by fingerprint); ``None`` keeps
             none after the run.
@@ -168,6 +171,7 @@ class FeatureMiner:
         solvers: Sequence[str] = DEFAULT_SOLVERS,
         solver_options: dict[str, dict[str, Any]] | None = None,
         mu_candidates: Sequence[float] | None = None,
+        mu_tolerance: float = 0.01,
         batch_size: int = 500,
         chunk_rows: int = 4096,
         cache_dir: str | Path | None = None,
@@ -192,6 +196,9 @@ class FeatureMiner:
         self.solvers = tuple(solvers)
         self.solver_options = {k: dict(v) for k, v in (solver_options or {}).items()}
         self.mu_candidates = [float(v) for v in mu_candidates] if mu_candidates else None
+        if not 0 <= mu_tolerance < 1:
+            raise VebiError(f"mu_tolerance must be in [0, 1) (accuracy points), got {mu_tolerance}")
+        self.mu_tolerance = float(mu_tolerance)
         self.batch_size = batch_size
         self.chunk_rows = chunk_rows
         self.cache_dir = Path(cache_dir) if cache_dir else None
@@ -359,16 +366,34 @@ class FeatureMiner:
             return self.mu, self._solve(statistics, self.mu), []
         if val is None:
             raise VebiError("choosing mu from mu_candidates needs a validation set")
-        path, best = [], None
+        path, solutions = [], {}
         targets = self._targets(val["labels"], val["predictions"])
-        for candidate in self.mu_candidates:
+        for candidate in sorted(set(self.mu_candidates)):
             solution = self._solve(statistics, candidate)
             accuracy = float(np.mean(np.argmax(val["features"] @ solution.weights, 1) == targets))
-            path.append({"mu": candidate, "sparse_accuracy": accuracy})
-            if best is None or accuracy > best[0]:
-                best = (accuracy, candidate, solution)
-        log.info("Chose mu = %g by held-out sparse accuracy: %s", best[1], path)
-        return best[1], best[2], path
+            relevant = int((solution.weights > self.tolerance).sum())
+            path.append({"mu": candidate, "sparse_accuracy": accuracy, "relevant": relevant})
+            solutions[candidate] = solution
+        best = max(row["sparse_accuracy"] for row in path)
+        chosen = min(
+            row["mu"] for row in path if row["sparse_accuracy"] >= best - self.mu_tolerance
+        )
+        table = "\n".join(
+            f"  {row['mu']:>8g} {100 * row['sparse_accuracy']:9.2f}% {row['relevant']:9d}"
+            + ("   <- chosen" if row["mu"] == chosen else "")
+            for row in path
+        )
+        log.info(
+            "mu chosen by held-out sparse accuracy: the smallest within %.1f points of the best "
+            "(%.2f%%)\n  %8s %10s %9s\n%s",
+            100 * self.mu_tolerance,
+            100 * best,
+            "mu",
+            "accuracy",
+            "relevant",
+            table,
+        )
+        return chosen, solutions[chosen], path
 
     def release(self, report: MiningReport) -> None:
         """Delete the run's activation cache unless ``keep_cache`` (call when done with it)."""

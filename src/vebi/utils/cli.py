@@ -118,3 +118,70 @@ class RunDirCheck(HydraCallback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._check(config, "hydra.sweep.dir")
+
+
+class SweepSummary(HydraCallback):
+    """Hydra callback: at the end of a multirun, one table of the jobs that wrote a
+    ``results.json`` (evaluate.py sweeps): ``sweep_summary.md`` and ``sweep_summary.json`` in
+    the sweep dir, a row per job with its overrides and its headline numbers."""
+
+    def __init__(self) -> None:
+        self.sweep_dir: Path | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        HydraConfig.instance().set_config(config)
+        self.sweep_dir = Path(str(OmegaConf.select(config, "hydra.sweep.dir")))
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.sweep_dir is not None:
+            summarise_sweep(self.sweep_dir)
+
+
+def _headline(results: dict[str, Any]) -> dict[str, Any]:
+    """The numbers of one evaluation that a sweep table shows."""
+    row: dict[str, Any] = {"mu": results.get("mu"), "k": results.get("k")}
+    row.update(results.get("metrics", {}))
+    for key, value in (results.get("ablation") or {}).get("average", {}).items():
+        row[f"ablation/{key}"] = value
+    for method, scores in ((results.get("heatmaps") or {}).get("methods") or {}).items():
+        for key, value in scores.items():
+            if isinstance(value, int | float):
+                row[f"{method}/{key}"] = value
+    return row
+
+
+def summarise_sweep(sweep_dir: Path) -> Path | None:
+    """Write the sweep's table (module doc of :class:`SweepSummary`); None without results."""
+    import json
+
+    import yaml
+
+    from vebi.utils.io import atomic_path
+
+    rows = []
+    for path in sorted(sweep_dir.glob("*/results.json"), key=lambda p: p.parent.name):
+        overrides_file = path.parent / ".hydra" / "overrides.yaml"
+        overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
+        swept = [o for o in overrides if not o.startswith(("paths.", "ckpt_path", "mining.cache"))]
+        results = json.loads(path.read_text())
+        rows.append({"job": path.parent.name, "overrides": " ".join(swept), **_headline(results)})
+    if not rows:
+        return None
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    with atomic_path(sweep_dir / "sweep_summary.json") as tmp:
+        tmp.write_text(json.dumps(rows, indent=2))
+
+    def cell(value: Any) -> str:
+        return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+    lines = [
+        f"# Sweep: {len(rows)} jobs",
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
+        *("| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows),
+    ]
+    with atomic_path(sweep_dir / "sweep_summary.md") as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    log.info("Sweep summary of %d jobs: %s", len(rows), sweep_dir / "sweep_summary.md")
+    return sweep_dir / "sweep_summary.md"
