@@ -78,7 +78,7 @@ def _check_shapes(net: nn.Module, state_dict: Mapping[str, Any], path: Path) -> 
     """Compare the network's parameter shapes (``net`` may live on the meta device) with the
     checkpoint's tensors before anything real is allocated."""
     expected = {f"net.{name}": tuple(t.shape) for name, t in net.state_dict().items()}
-    stored = {k: v for k, v in state_dict.items() if not k.startswith(("train_", "val_", "test_"))}
+    stored = dict(state_dict)  # the module's own state is its network's (metrics keep none)
     missing = sorted(set(expected) - set(stored))
     unexpected = sorted(set(stored) - set(expected))
     wrong = [

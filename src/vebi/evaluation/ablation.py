@@ -26,7 +26,6 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassStatScores
 from tqdm.auto import tqdm
 
 from vebi.errors import VebiError
-from vebi.mining.features import FeatureExtractor
 from vebi.mining.relevant import RelevantFeatures
 from vebi.models.hooks import check_layer_names, eval_mode
 
@@ -180,13 +179,7 @@ def sparse_classifier_accuracy(
     with (
         eval_mode(model),
         torch.no_grad(),
-        FeatureExtractor(
-            model,
-            relevant.layers,
-            relevant.aggregation,
-            relevant.normalize_layers,
-            relevant.normalize_global,
-        ) as extractor,
+        relevant.extractor(model) as extractor,
     ):
         for start in range(0, len(images), batch_size):
             x, logits = extractor.forward(images[start : start + batch_size])

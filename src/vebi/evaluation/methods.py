@@ -22,7 +22,6 @@ from vebi.errors import VebiError
 from vebi.explain.explainer import Explainer
 from vebi.explain.heatmaps import min_max_scale, signal_to_heatmap
 from vebi.explain.rules import DEFAULT_PRESET, Rules
-from vebi.mining.features import FeatureExtractor
 from vebi.mining.relevant import RelevantFeatures
 from vebi.models.hooks import capture_outputs, eval_mode, trace_leaf_calls
 
@@ -172,13 +171,7 @@ class TopUnitActivation(HeatmapMethod):
         with (
             eval_mode(self.model),
             torch.no_grad(),
-            FeatureExtractor(
-                self.model,
-                relevant.layers,
-                relevant.aggregation,
-                relevant.normalize_layers,
-                relevant.normalize_global,
-            ) as extractor,
+            relevant.extractor(self.model) as extractor,
             capture_outputs(self.model, relevant.layers) as outputs,
         ):
             x, _ = extractor.forward(images)

@@ -10,7 +10,6 @@ from torch import nn
 from vebi.errors import VebiError
 from vebi.explain.heatmaps import signal_to_heatmap
 from vebi.explain.rules import Rules, backward_rules, check_rule_coverage
-from vebi.mining.features import FeatureExtractor
 from vebi.mining.relevant import RelevantFeatures
 from vebi.models.hooks import capture_outputs, eval_mode
 
@@ -100,13 +99,7 @@ class Explainer:
         with (
             eval_mode(self.model),
             backward_rules(self.model, self.rules),
-            FeatureExtractor(
-                self.model,
-                relevant.layers,
-                relevant.aggregation,
-                relevant.normalize_layers,
-                relevant.normalize_global,
-            ) as extractor,
+            relevant.extractor(self.model) as extractor,
             capture_outputs(
                 self.model, self.layers, copy=True if copied is None else copied
             ) as outputs,

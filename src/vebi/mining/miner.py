@@ -83,8 +83,11 @@ def _fingerprint_into(digest: Any, dataset: Dataset) -> None:
     if files is not None:
         for entry in files:
             path = Path(entry[0] if isinstance(entry, list | tuple) else entry)
-            stat = path.stat() if path.exists() else None
-            size, mtime = (stat.st_size, stat.st_mtime_ns) if stat else (-1, -1)
+            try:
+                stat = path.stat()
+                size, mtime = stat.st_size, stat.st_mtime_ns
+            except OSError:  # missing: the loader will say so
+                size, mtime = -1, -1
             digest.update(
                 f"{path}|{size}|{mtime}|{entry[1:] if isinstance(entry, tuple) else ''}".encode()
             )

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from vebi.errors import VebiError
-from vebi.mining.features import FeatureIndex
+from vebi.mining.features import FeatureExtractor, FeatureIndex
 from vebi.models.hooks import capture_outputs, eval_mode
 from vebi.utils.io import atomic_path
 
@@ -80,6 +80,13 @@ class RelevantFeatures:
         if not np.isfinite(self.weights).all():
             bad = int((~np.isfinite(self.weights)).sum())
             raise VebiError(f"the weights hold {bad} NaN/Inf value(s): mine the features again")
+
+    def extractor(self, model: nn.Module) -> FeatureExtractor:
+        """A :class:`FeatureExtractor` computing x as these features were mined (same layers,
+        aggregation and normalisations)."""
+        return FeatureExtractor(
+            model, self.layers, self.aggregation, self.normalize_layers, self.normalize_global
+        )
 
     def check_model(self, model: nn.Module, images: torch.Tensor) -> None:
         """Refuse features whose layers ``model`` lacks or whose channel counts differ from what

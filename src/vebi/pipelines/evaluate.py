@@ -80,12 +80,10 @@ def run_evaluators(
     test: EvaluationImages,
     methods: dict[str, HeatmapMethod],
 ) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
-    """(results, panel figures, notes) of the evaluators listed in ``evaluation.evaluators``."""
+    """(results, panel figures, notes) of the evaluators listed in ``evaluation.evaluators``
+    (settings checked by :func:`_check_settings`)."""
     settings = cfg.evaluation
     evaluators = list(settings.evaluators)
-    unknown = set(evaluators) - set(EVALUATORS)
-    if unknown:
-        raise VebiError(f"unknown evaluator(s) {sorted(unknown)}; choose from {list(EVALUATORS)}")
     device = next(module.net.parameters()).device
     net = module.net.eval()
     results: dict[str, Any] = {}
@@ -118,7 +116,7 @@ def run_evaluators(
         subset = test.subset(balanced_subset(test.labels, limit, int(cfg.seed)))
         if settings.target == "label":
             classes = subset.labels
-        elif settings.target == "predicted":
+        else:  # "predicted"
             with torch.no_grad():
                 classes = torch.cat(
                     [
@@ -126,10 +124,6 @@ def run_evaluators(
                         for i in range(0, len(subset), 256)
                     ]
                 )
-        else:
-            raise VebiError(
-                f"evaluation.target must be 'label' or 'predicted', got {settings.target!r}"
-            )
         rows = panel_rows(subset.labels, int(settings.panel_images_per_class))
         keep = torch.cat(list(rows.values())) if rows else None
         scorer = HeatmapEvaluation(
