@@ -192,25 +192,31 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _ddp_worker(rank: int, world: int, port: int, images, labels, out_dir: str) -> None:
+def _ddp_worker(rank: int, world: int, port: int, images, labels, out_dir: str, gram: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
         data = torch.utils.data.TensorDataset(images, labels)
-        report = _miner(Path(out_dir) / "cache").mine(seeded_lenet(), data)
+        report = _miner(Path(out_dir) / "cache", gram=gram).mine(seeded_lenet(), data)
         np.save(Path(out_dir) / f"weights{rank}.npy", report.relevant.weights)
         np.save(Path(out_dir) / f"counts{rank}.npy", np.asarray(report.relevant.class_counts))
     finally:
         dist.destroy_process_group()
 
 
-def test_ddp_two_processes_match_one(mnist_root: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("gram", ["dense", "streamed"])
+def test_ddp_two_processes_match_one(mnist_root: Path, tmp_path: Path, gram: str) -> None:
+    """Each process extracts its shard; the dense G, or the streamed passes over each shard's
+    cache, are all-reduced: every process gets the W of one process (a dense solve)."""
     data = mnist_subset(mnist_root, 1001)  # odd: the shards differ in size, none is padded
-    single = _miner(tmp_path / "single").mine(seeded_lenet(), data)
+    single = _miner(tmp_path / "single", gram="dense").mine(seeded_lenet(), data)
     images, labels = data.tensors
     mp.spawn(
-        _ddp_worker, args=(2, _free_port(), images, labels, str(tmp_path)), nprocs=2, join=True
+        _ddp_worker,
+        args=(2, _free_port(), images, labels, str(tmp_path), gram),
+        nprocs=2,
+        join=True,
     )
     for rank in range(2):
         weights = np.load(tmp_path / f"weights{rank}.npy")
@@ -253,3 +259,25 @@ def test_caches_follow_the_log_dir(compose_cfg, tmp_path: Path) -> None:
     cfg = compose_cfg("train", ["experiment=mnist", f"paths.log_dir={tmp_path / 'elsewhere'}"])
     assert cfg.mining.cache_dir == str(tmp_path / "elsewhere" / "cache")
     assert cfg.mining.keep_cache is True
+
+
+def test_streamed_mining_equals_dense_mining(mnist_root: Path, tmp_path: Path, caplog) -> None:
+    """gram=streamed (G never formed, as for big networks) mines the W of gram=dense; the
+    feature counts are printed before extraction; big m gets smaller cache chunks."""
+    import logging
+
+    data = mnist_subset(mnist_root, 600)
+    dense = _miner(tmp_path / "dense", gram="dense").mine(seeded_lenet(), data)
+    with caplog.at_level(logging.INFO):
+        streamed = _miner(tmp_path / "streamed", gram="streamed").mine(seeded_lenet(), data)
+    np.testing.assert_allclose(streamed.relevant.weights, dense.relevant.weights, atol=1e-6)
+    assert streamed.relevant.metrics["sparse_accuracy_train"] == pytest.approx(
+        dense.relevant.metrics["sparse_accuracy_train"]
+    )
+    assert "Mining 1140 features of 6 layers for 10 classes (G streamed" in caplog.text
+    assert "relu3" in caplog.text and "   500" in caplog.text
+    miner = FeatureMiner()  # chunks of at most 4096 rows and 64 MB
+    assert miner._dense(1140) and not miner._dense(70400)
+    assert miner._chunk_rows(1140) == 4096 and miner._chunk_rows(70400) == 238
+    with pytest.raises(VebiError, match="gram must be one of"):
+        FeatureMiner(gram="sparse")

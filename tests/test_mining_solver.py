@@ -13,14 +13,21 @@ from vebi.mining.solver import SolverFailedError, lasso_objective
 
 
 @pytest.fixture(scope="module")
-def mnist_statistics(mnist_root) -> tuple[np.ndarray, np.ndarray, int]:
-    """G and B of LeNet responses (all default layers, m = 1140) on 3,000 real digits."""
+def mnist_responses(mnist_root) -> tuple[np.ndarray, np.ndarray]:
+    """X (float32) of LeNet responses (all default layers, m = 1140) on 3,000 real digits, Y."""
     data = mnist_subset(mnist_root, 3000)
     images, labels = data.tensors
     model = seeded_lenet()
     with FeatureExtractor(model, ["conv1", "pool1", "conv2", "pool2", "conv3", "relu3"]) as ex:
-        x = torch.cat([ex(images[i : i + 500])[0] for i in range(0, 3000, 500)]).double().numpy()
-    y = np.eye(10)[labels.numpy()]
+        x = torch.cat([ex(images[i : i + 500])[0] for i in range(0, 3000, 500)]).numpy()
+    return x, np.eye(10)[labels.numpy()]
+
+
+@pytest.fixture(scope="module")
+def mnist_statistics(mnist_responses) -> tuple[np.ndarray, np.ndarray, int]:
+    """G and B of the responses, and N."""
+    x, y = mnist_responses
+    x = x.astype(np.float64)
     return x.T @ x, x.T @ y, len(x)
 
 
@@ -134,3 +141,38 @@ def test_gram_statistics_equal_the_products() -> None:
     assert result["num_samples"].item() == 700
     with pytest.raises(ValueError, match="labels outside"):
         stats.update(x[:2], torch.tensor([0, 4]))
+
+
+@pytest.mark.parametrize("union_gram_max", [4096, 0])  # one X_U^T X_U, or one per class
+def test_streamed_gram_reaches_the_same_optimum(
+    mnist_responses, mnist_statistics, monkeypatch, union_gram_max: int
+) -> None:
+    """G streamed from row blocks of X (never formed) gives the dense solve's W and objective;
+    a small first working set makes it take several rounds, each two passes over X."""
+    from vebi.mining import statistics
+
+    monkeypatch.setattr(statistics, "UNION_GRAM_MAX", union_gram_max)
+    x, _ = mnist_responses
+    gram, cross, n = mnist_statistics
+    streamed = statistics.StreamedGram(
+        lambda: (x[i : i + 700] for i in range(0, len(x), 700)), 1140
+    )
+    solution = mu_lasso(streamed, cross[:, :4], 10.0, initial_size=2)
+    dense = mu_lasso(gram, cross[:, :4], 10.0, initial_size=2)
+    assert max(solution.iterations) > 1
+    assert streamed.passes == 2 * max(solution.iterations)
+    np.testing.assert_allclose(solution.weights, dense.weights, atol=1e-7, rtol=0)
+    np.testing.assert_allclose(solution.objective, dense.objective, rtol=1e-9)
+    np.testing.assert_allclose(
+        solution.objective, lasso_objective(gram, cross[:, :4], dense.weights), rtol=1e-9
+    )
+    reference = lasso_homotopy_reference(gram, cross[:, :4], 10.0, n)
+    _assert_agrees(gram, cross[:, :4], solution.weights, reference, 10.0, nonnegative=True)
+
+
+def test_streamed_gram_refuses_blocks_of_the_wrong_width() -> None:
+    from vebi.mining.statistics import StreamedGram
+
+    streamed = StreamedGram(lambda: iter([np.ones((3, 5), np.float32)]), 4)
+    with pytest.raises(ValueError, match=r"blocks must be \(n, 4\)"):
+        streamed.products([np.array([0])], [np.array([1.0])])

@@ -33,6 +33,50 @@ class FeatureVisualisation:
     dataset_indices: list[int]  # the top-N images it averages
 
 
+def top_images_per_feature(
+    relevant: RelevantFeatures, cache: ActivationCache, top_n: int
+) -> dict[tuple[int, int], list[int]]:
+    """For each class c and relevant feature f of c: the data-set indices of the ``top_n``
+    images of class c with the largest x[f], largest first (ties: the earlier row first).
+
+    One streamed pass over the cache, reading only the relevant features' columns and keeping
+    a running top-N per (class, feature): memory O(C k N_top), not N x m.
+    """
+    wanted = {c: [f.feature_id for f in relevant.relevant(c)] for c in range(relevant.num_classes)}
+    columns = sorted({f for ids in wanted.values() for f in ids})
+    if not columns:
+        return {}
+    position = {f: j for j, f in enumerate(columns)}
+    # running best: per class, values (k, f) and dataset indices (k, f), sorted best first
+    best: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    offset = 0
+    for chunk in cache.iter_chunks(fields=("features", "labels", "indices")):
+        values = chunk["features"][:, columns]
+        for class_id, ids in wanted.items():
+            rows = np.flatnonzero(chunk["labels"] == class_id)
+            if not ids or len(rows) == 0:
+                continue
+            new_values = values[np.ix_(rows, [position[f] for f in ids])]
+            new_rows = np.broadcast_to((offset + rows)[:, None], new_values.shape)
+            new_indices = np.broadcast_to(chunk["indices"][rows][:, None], new_values.shape)
+            if class_id in best:
+                old_values, old_rows, old_indices = best[class_id]
+                new_values = np.concatenate([old_values, new_values])
+                new_rows = np.concatenate([old_rows, new_rows])
+                new_indices = np.concatenate([old_indices, new_indices])
+            # sort by value descending, then by cache row ascending (stable ties)
+            order = np.lexsort((new_rows, -new_values), axis=0)[:top_n]
+            best[class_id] = tuple(
+                np.take_along_axis(a, order, 0) for a in (new_values, new_rows, new_indices)
+            )
+        offset += len(chunk["labels"])
+    ranked = {}
+    for class_id, (_, _, indices) in best.items():
+        for j, feature_id in enumerate(wanted[class_id]):
+            ranked[(class_id, feature_id)] = indices[:, j].tolist()
+    return ranked
+
+
 def average_visualisations(
     model: nn.Module,
     relevant: RelevantFeatures,
@@ -46,17 +90,13 @@ def average_visualisations(
     of c ranked by x[f], each normalised to [0, 1], averaged (and the images averaged too)."""
     rules = rules or Rules()
     device = device or next(model.parameters()).device
-    labels = cache.read("labels")
-    indices = cache.read("indices")
-    features = np.concatenate([chunk["features"] for chunk in cache.iter_chunks()])
+    ranked = top_images_per_feature(relevant, cache, top_n)
     results = []
     for class_id in range(relevant.num_classes):
-        rows = np.flatnonzero(labels == class_id)
         for feature in relevant.relevant(class_id):
-            if len(rows) == 0:
+            chosen = ranked.get((class_id, feature.feature_id), [])
+            if not chosen:
                 break
-            order = rows[np.argsort(-features[rows, feature.feature_id], kind="stable")[:top_n]]
-            chosen = indices[order].tolist()
             images = torch.stack([torch.as_tensor(dataset[i][0]) for i in chosen]).to(device)
             signal = backprop_feature(model, images, feature.layer, feature.channel, rules=rules)
             results.append(

@@ -103,10 +103,13 @@ class ActivationCache:
             return int(handle["features"].shape[0])
 
     def iter_chunks(
-        self, rows: int | None = None, partial: bool = False
+        self,
+        rows: int | None = None,
+        partial: bool = False,
+        fields: Sequence[str] = ("features", "labels", "predictions", "indices"),
     ) -> Iterator[dict[str, np.ndarray]]:
-        """Yield blocks ``{features, labels, predictions, indices}`` of the finished cache, or
-        of the complete rows of the partial file (``partial=True``)."""
+        """Yield blocks ``{features, labels, predictions, indices}`` (or the chosen ``fields``)
+        of the finished cache, or of the complete rows of the partial file (``partial=True``)."""
         path = self.partial_path if partial else self.path
         with h5py.File(path, "r") as handle:
             features = handle["features"]
@@ -114,10 +117,7 @@ class ActivationCache:
             step = rows or features.chunks[0]
             for start in range(0, total, step):
                 stop = min(start + step, total)
-                yield {
-                    name: handle[name][start:stop]
-                    for name in ("features", "labels", "predictions", "indices")
-                }
+                yield {name: handle[name][start:stop] for name in fields}
 
     def read(self, name: str) -> np.ndarray:
         with h5py.File(self.path, "r") as handle:

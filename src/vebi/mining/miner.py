@@ -26,13 +26,16 @@ from vebi.errors import VebiError
 from vebi.mining.cache import ActivationCache
 from vebi.mining.features import FeatureExtractor, default_feature_layers
 from vebi.mining.relevant import RelevantFeatures
-from vebi.mining.solver import DEFAULT_SOLVERS, LassoSolution, mu_lasso
-from vebi.mining.statistics import GramStatistics
+from vebi.mining.solver import DEFAULT_SOLVERS, DenseGram, GramOperator, LassoSolution, mu_lasso
+from vebi.mining.statistics import GramStatistics, StreamedGram
 from vebi.models.hooks import eval_mode
 from vebi.utils.log import get_logger
 
 log = get_logger(__name__)
 LABEL_SOURCES = ("ground_truth", "predicted")
+GRAM_MODES = ("auto", "dense", "streamed")
+#: Bytes of float32 features per activation-cache chunk (what one read or write holds in RAM).
+CHUNK_BYTES = 64 * 2**20
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -153,7 +156,13 @@ class FeatureMiner:
             accuracy is within ``mu_tolerance`` of the best one. Accuracy grows with mu (more
             features per class), so the largest would always win; a small tolerance keeps the
             relevant sets small, which is what interpretation wants.
-        batch_size: images per forward pass; chunk_rows: rows per resumable cache chunk.
+        gram: how the solver gets G = X^T X (m x m): ``dense`` accumulates it during the
+            forward pass (m^2 memory, fastest for small m); ``streamed`` never forms it and
+            streams its slices from the activation cache (memory O(mC), see
+            :mod:`vebi.mining.statistics`); ``auto`` (default) is dense up to
+            ``dense_max_features`` features (G = 128 MB at 4096), streamed above.
+        batch_size: images per forward pass; chunk_rows: rows per resumable cache chunk (at
+            most 64 MB of features: fewer rows for large m).
         cache_dir: folder of the activation caches (named by fingerprint); ``None`` keeps
             none after the run.
         keep_cache: ``False`` lets the jobs delete this run's cache once they are done with
@@ -175,6 +184,8 @@ class FeatureMiner:
         solver_options: dict[str, dict[str, Any]] | None = None,
         mu_candidates: Sequence[float] | None = None,
         mu_tolerance: float = 0.01,
+        gram: str = "auto",
+        dense_max_features: int = 4096,
         batch_size: int = 500,
         chunk_rows: int = 4096,
         cache_dir: str | Path | None = None,
@@ -186,6 +197,10 @@ class FeatureMiner:
                 raise VebiError(f"mu must be a positive number, got {value}")
         if labels not in LABEL_SOURCES:
             raise VebiError(f"labels must be one of {LABEL_SOURCES}, got {labels!r}")
+        if gram not in GRAM_MODES:
+            raise VebiError(f"gram must be one of {GRAM_MODES}, got {gram!r}")
+        self.gram = gram
+        self.dense_max_features = int(dense_max_features)
         if batch_size < 1 or chunk_rows < 1:
             raise VebiError("batch_size and chunk_rows must be >= 1")
         self.mu = float(mu)
@@ -227,6 +242,15 @@ class FeatureMiner:
     def _targets(self, labels: Any, predictions: Any) -> Any:
         return labels if self.labels == "ground_truth" else predictions
 
+    def _dense(self, num_features: int) -> bool:
+        """Whether G is accumulated in memory for ``num_features`` features."""
+        if self.gram == "auto":
+            return num_features <= self.dense_max_features
+        return self.gram == "dense"
+
+    def _chunk_rows(self, num_features: int) -> int:
+        return max(1, min(self.chunk_rows, CHUNK_BYTES // (4 * max(num_features, 1))))
+
     def _accumulate(self, stats: GramStatistics, block: dict[str, np.ndarray]) -> None:
         targets = self._targets(block["labels"], block["predictions"])
         stats.update(torch.from_numpy(block["features"]), torch.from_numpy(targets))
@@ -239,6 +263,18 @@ class FeatureMiner:
         layers = self.layers or default_feature_layers(model, probe)
         with self._extractor(model, layers) as extractor:
             num_classes = int(extractor(probe, " in the first image")[1].shape[1])
+            index = extractor.index
+        log.info(
+            "Mining %d features of %d layers for %d classes (G %s):\n%s",
+            index.size,
+            len(index.layers),
+            num_classes,
+            "in memory" if self._dense(index.size) else "streamed from the activation cache",
+            "\n".join(
+                f"  {layer:<32} {count:6d}"
+                for layer, count in zip(index.layers, index.channels, strict=True)
+            ),
+        )
         fingerprint = {
             "model": model_fingerprint(model),
             "data": dataset_fingerprint(dataset),
@@ -261,8 +297,11 @@ class FeatureMiner:
         with self._extractor(run.model, run.layers) as extractor, ThreadPoolExecutor(1) as writer:
             probe, _ = _images_labels(next(iter(self._loader(dataset, indices[:1]))))
             extractor(probe.to(run.device), " in the first image")
-            stats = GramStatistics(extractor.index.size, run.num_classes).to(run.device)
-            done = cache.resume_or_create(len(indices), extractor.index, self.chunk_rows)
+            size = extractor.index.size
+            chunk_rows = self._chunk_rows(size)
+            stats = GramStatistics(size, run.num_classes, with_gram=self._dense(size))
+            stats = stats.to(run.device)
+            done = cache.resume_or_create(len(indices), extractor.index, chunk_rows)
             if done:  # replay the complete rows batch by batch: the same sums, bit for bit
                 for block in cache.iter_chunks(self.batch_size, partial=True):
                     self._accumulate(stats, block)
@@ -295,7 +334,7 @@ class FeatureMiner:
                     )
                     pending_rows += len(images)
                     bar.update(len(images))
-                    if pending_rows >= self.chunk_rows:  # write in the background, in order
+                    if pending_rows >= chunk_rows:  # write in the background, in order
                         if writing is not None:
                             writing.result()
                         writing = writer.submit(cache.write_rows, position, pending)
@@ -316,8 +355,9 @@ class FeatureMiner:
 
     def _statistics_from_cache(self, run: _Run) -> GramStatistics:
         index = run.cache.feature_index()
-        stats = GramStatistics(index.size, run.num_classes).to(run.device)
-        for block in run.cache.iter_chunks(self.batch_size):
+        stats = GramStatistics(index.size, run.num_classes, with_gram=self._dense(index.size))
+        stats = stats.to(run.device)
+        for block in run.cache.iter_chunks(self.batch_size):  # as extracted: the same sums
             self._accumulate(stats, block)
         return stats
 
@@ -339,9 +379,22 @@ class FeatureMiner:
             "predictions": np.concatenate(predictions),
         }
 
-    def _solve(self, statistics: dict[str, np.ndarray], mu: float) -> LassoSolution:
+    def _gram(self, run: _Run, statistics: dict[str, np.ndarray]) -> GramOperator:
+        """G in memory, or streamed from this process's activation cache."""
+        if "gram" in statistics:
+            return DenseGram(statistics["gram"])
+        size = int(statistics["cross"].shape[0])
+        rows = self._chunk_rows(size)
+        return StreamedGram(
+            lambda: (b["features"] for b in run.cache.iter_chunks(rows, fields=("features",))),
+            size,
+        )
+
+    def _solve(
+        self, statistics: dict[str, np.ndarray], mu: float, gram: GramOperator
+    ) -> LassoSolution:
         solution = mu_lasso(
-            statistics["gram"],
+            gram,
             statistics["cross"],
             mu,
             self.nonnegative,
@@ -363,16 +416,19 @@ class FeatureMiner:
         return sparse / max(total, 1), network / max(total, 1)
 
     def _choose_mu(
-        self, statistics: dict[str, np.ndarray], val: dict[str, np.ndarray] | None
+        self,
+        statistics: dict[str, np.ndarray],
+        gram: GramOperator,
+        val: dict[str, np.ndarray] | None,
     ) -> tuple[float, LassoSolution, list[dict[str, float]]]:
         if not self.mu_candidates:
-            return self.mu, self._solve(statistics, self.mu), []
+            return self.mu, self._solve(statistics, self.mu, gram), []
         if val is None:
             raise VebiError("choosing mu from mu_candidates needs a validation set")
         path, solutions = [], {}
         targets = self._targets(val["labels"], val["predictions"])
         for candidate in sorted(set(self.mu_candidates)):
-            solution = self._solve(statistics, candidate)
+            solution = self._solve(statistics, candidate, gram)
             accuracy = float(np.mean(np.argmax(val["features"] @ solution.weights, 1) == targets))
             relevant = int((solution.weights > self.tolerance).sum())
             path.append({"mu": candidate, "sparse_accuracy": accuracy, "relevant": relevant})
@@ -450,11 +506,13 @@ class FeatureMiner:
                 f"class {names[c]!r} has no samples: its relevant set is empty", stacklevel=2
             )
         started = time.perf_counter()
-        mu, solution, mu_path = self._choose_mu(statistics, val)
+        gram = self._gram(run, statistics)
+        mu, solution, mu_path = self._choose_mu(statistics, gram, val)
         timings["solve_seconds"] = time.perf_counter() - started
 
         split = "val" if val is not None else "train"
-        blocks = [val] if val is not None else run.cache.iter_chunks(self.chunk_rows)
+        rows = self._chunk_rows(solution.weights.shape[0])
+        blocks = [val] if val is not None else run.cache.iter_chunks(rows)
         sparse, network = self._accuracies(blocks, solution.weights)
         metrics = {
             "mu": mu,

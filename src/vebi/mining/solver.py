@@ -23,7 +23,7 @@ import time
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import cvxpy as cp
 import numpy as np
@@ -110,9 +110,64 @@ def _kkt_violations(
     return violation, multiplier
 
 
-def _solve_one_class(
-    gram: np.ndarray,
+class GramOperator(Protocol):
+    """What the working-set loop needs of G = X^T X (m x m), without ever forming it whole."""
+
+    size: int
+
+    def submatrices(self, index_sets: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """G[S, S] for each index set S."""
+
+    def products(
+        self, index_sets: Sequence[np.ndarray], weights: Sequence[np.ndarray]
+    ) -> np.ndarray:
+        """(m, len(index_sets)): column j = G[:, S_j] w_j."""
+
+
+class DenseGram:
+    """G held in memory (small m): submatrices and products are slices of it."""
+
+    def __init__(self, gram: np.ndarray) -> None:
+        self.gram = gram
+        self.size = len(gram)
+
+    def submatrices(self, index_sets: Sequence[np.ndarray]) -> list[np.ndarray]:
+        return [self.gram[np.ix_(s, s)] for s in index_sets]
+
+    def products(
+        self, index_sets: Sequence[np.ndarray], weights: Sequence[np.ndarray]
+    ) -> np.ndarray:
+        return np.stack(
+            [self.gram[:, s] @ w for s, w in zip(index_sets, weights, strict=True)], axis=1
+        )
+
+
+class _Working:
+    """One class's working-set state."""
+
+    def __init__(self, cross: np.ndarray, nonnegative: bool, initial_size: int, tolerance: float):
+        m = len(cross)
+        score = cross if nonnegative else np.abs(cross)
+        self.working = np.zeros(m, dtype=bool)
+        self.working[np.argsort(-score, kind="stable")[: min(m, initial_size)]] = True
+        self.cross = cross
+        self.scale = tolerance * (1.0 + 2.0 * float(np.max(np.abs(cross))))
+        self.weights = np.zeros(m)
+        self.w_sub = np.zeros(0)
+        self.solver = ""
+        self.iterations = 0
+        self.violation = 0.0
+        self.objective = 0.0
+
+    @property
+    def indices(self) -> np.ndarray:
+        return np.flatnonzero(self.working)
+
+
+def _working_set_rounds(
+    operator: GramOperator,
     cross: np.ndarray,
+    classes: list[int],
     mu: float,
     nonnegative: bool,
     solvers: Sequence[str],
@@ -121,37 +176,50 @@ def _solve_one_class(
     tolerance: float,
     max_iterations: int,
     failures: list[str],
-) -> tuple[np.ndarray, str, int, int, float]:
-    m = len(cross)
-    score = cross if nonnegative else np.abs(cross)
-    working = np.zeros(m, dtype=bool)
-    working[np.argsort(-score, kind="stable")[: min(m, initial_size)]] = True
-    weights = np.zeros(m)
-    scale = tolerance * (1.0 + 2.0 * float(np.max(np.abs(cross))))
-    solver_used = ""
-    for iteration in range(1, max_iterations + 1):
-        indices = np.flatnonzero(working)
-        sub = gram[np.ix_(indices, indices)]
-        w_sub, solver_used = _restricted_solve(
-            sub, cross[indices], mu, nonnegative, solvers, solver_options, failures
-        )
-        if nonnegative:
-            w_sub = np.maximum(w_sub, 0.0)
-        weights = np.zeros(m)
-        weights[indices] = w_sub
-        gradient = 2.0 * (gram[:, indices] @ w_sub - cross)
-        violation, _ = _kkt_violations(gradient, weights, working, nonnegative)
-        worst = float(violation.max()) if (~working).any() else 0.0
-        if worst <= scale:
-            return weights, solver_used, iteration, int(working.sum()), max(worst, 0.0)
-        violators = np.flatnonzero(violation > scale)
-        grow = max(initial_size, int(working.sum()))
-        working[violators[np.argsort(-violation[violators])[:grow]]] = True
-    raise SolverFailedError(f"the working set did not converge in {max_iterations} rounds")
+) -> dict[int, _Working]:
+    """The working-set loop of the module doc for all ``classes`` at once: each round asks the
+    operator once for the sub-Gram matrices and once for the gradients of the unfinished
+    classes (two streamed passes when G is not in memory)."""
+    states = {c: _Working(cross[:, c], nonnegative, initial_size, tolerance) for c in classes}
+    active = list(classes)
+    for _ in range(max_iterations):
+        if not active:
+            return states
+        index_sets = [states[c].indices for c in active]
+        for c, sub in zip(active, operator.submatrices(index_sets), strict=True):
+            state = states[c]
+            state.w_sub, state.solver = _restricted_solve(
+                sub, state.cross[state.indices], mu, nonnegative, solvers, solver_options, failures
+            )
+            if nonnegative:
+                state.w_sub = np.maximum(state.w_sub, 0.0)
+            state.iterations += 1
+        products = operator.products(index_sets, [states[c].w_sub for c in active])
+        still_active = []
+        for j, c in enumerate(active):
+            state = states[c]
+            state.weights = np.zeros(len(state.cross))
+            state.weights[index_sets[j]] = state.w_sub
+            gradient = 2.0 * (products[:, j] - state.cross)
+            # w^T G w - 2 b^T w, with G w from the same product
+            state.objective = float(state.weights @ (products[:, j] - 2.0 * state.cross))
+            violation, _ = _kkt_violations(gradient, state.weights, state.working, nonnegative)
+            worst = float(violation.max()) if (~state.working).any() else 0.0
+            state.violation = max(worst, 0.0)
+            if worst <= state.scale:
+                continue
+            violators = np.flatnonzero(violation > state.scale)
+            grow = max(initial_size, int(state.working.sum()))
+            state.working[violators[np.argsort(-violation[violators])[:grow]]] = True
+            still_active.append(c)
+        active = still_active
+    if active:
+        raise SolverFailedError(f"the working set did not converge in {max_iterations} rounds")
+    return states
 
 
 def mu_lasso(
-    gram: np.ndarray,
+    gram: np.ndarray | GramOperator,
     cross: np.ndarray,
     mu: float = 10.0,
     nonnegative: bool = True,
@@ -164,7 +232,8 @@ def mu_lasso(
     """Solve the mu-lasso for every column of ``cross`` (module doc); returns W (m x C).
 
     Args:
-        gram: G = X^T X, (m, m), symmetric positive semi-definite.
+        gram: G = X^T X, (m, m), symmetric positive semi-definite; or a :class:`GramOperator`
+            that computes its slices on demand (e.g. streamed from an activation cache).
         cross: B = X^T Y, (m, C) (or (m,) for one class).
         mu: the L1 bound, > 0.
         nonnegative: constrain w >= 0 (project default).
@@ -173,20 +242,47 @@ def mu_lasso(
         initial_size: features in the first working set (those most correlated with y).
         tolerance: KKT violations below ``tolerance * (1 + max|2b|)`` count as satisfied.
     """
-    gram = np.asarray(gram, dtype=np.float64)
     cross = np.asarray(cross, dtype=np.float64)
     if cross.ndim == 1:
         cross = cross[:, None]
-    m = len(gram)
-    if gram.shape != (m, m) or cross.shape[0] != m:
-        raise VebiError(f"gram must be (m, m) and cross (m, C); got {gram.shape} and {cross.shape}")
+    if isinstance(gram, np.ndarray) or not hasattr(gram, "products"):
+        gram = np.asarray(gram, dtype=np.float64)
+        m = len(gram)
+        if gram.shape != (m, m) or cross.shape[0] != m:
+            raise VebiError(
+                f"gram must be (m, m) and cross (m, C); got {gram.shape} and {cross.shape}"
+            )
+        if not np.isfinite(gram).all():
+            raise VebiError("the statistics G = X^T X or B = X^T Y contain NaN/Inf")
+        operator: GramOperator = DenseGram(gram)
+    else:
+        operator = gram
+        m = operator.size
+        if cross.shape[0] != m:
+            raise VebiError(f"cross must be ({m}, C), got {cross.shape}")
     if not np.isfinite(mu) or mu <= 0:
         raise VebiError(f"mu must be a positive number, got {mu}")
-    if not (np.isfinite(gram).all() and np.isfinite(cross).all()):
+    if not np.isfinite(cross).all():
         raise VebiError("the statistics G = X^T X or B = X^T Y contain NaN/Inf")
     if not solvers:
         raise VebiError("no solver given")
     started = time.perf_counter()
+    failures: list[str] = []
+    # no positive sample (or all-zero features): the optimum is w = 0
+    classes = [c for c in range(cross.shape[1]) if np.any(cross[:, c])]
+    states = _working_set_rounds(
+        operator,
+        cross,
+        classes,
+        mu,
+        nonnegative,
+        solvers,
+        solver_options or {},
+        initial_size,
+        tolerance,
+        max_iterations,
+        failures,
+    )
     solution = LassoSolution(
         weights=np.zeros((m, cross.shape[1])),
         objective=np.zeros(cross.shape[1]),
@@ -195,33 +291,22 @@ def mu_lasso(
         working_set_sizes=[],
         max_kkt_violation=[],
         seconds=0.0,
+        failures=failures,
     )
     for c in range(cross.shape[1]):
-        if not np.any(cross[:, c]):
-            # no positive sample (or all-zero features): the optimum is w = 0
+        state = states.get(c)
+        if state is None:
             solution.solver_used.append("none (b = 0)")
             solution.iterations.append(0)
             solution.working_set_sizes.append(0)
             solution.max_kkt_violation.append(0.0)
             continue
-        weights, solver, iterations, size, violation = _solve_one_class(
-            gram,
-            cross[:, c],
-            mu,
-            nonnegative,
-            solvers,
-            solver_options or {},
-            initial_size,
-            tolerance,
-            max_iterations,
-            solution.failures,
-        )
-        solution.weights[:, c] = weights
-        solution.solver_used.append(solver)
-        solution.iterations.append(iterations)
-        solution.working_set_sizes.append(size)
-        solution.max_kkt_violation.append(violation)
-    solution.objective = lasso_objective(gram, cross, solution.weights)
+        solution.weights[:, c] = state.weights
+        solution.objective[c] = state.objective
+        solution.solver_used.append(state.solver)
+        solution.iterations.append(state.iterations)
+        solution.working_set_sizes.append(len(state.w_sub))
+        solution.max_kkt_violation.append(state.violation)
     solution.seconds = time.perf_counter() - started
     return solution
 
