@@ -107,7 +107,8 @@ def synthetic_relevant(
     lie: each explanation then propagates through nearly the whole network (the costly case).
     Returns the features and the deepest layer that holds one (the floor's start)."""
     layers = default_feature_layers(model, probe)
-    shapes = dict(trace_leaf_calls(model, probe))
+    modules = dict(model.named_modules())
+    shapes = dict(trace_leaf_calls(model, probe, {n: modules[n] for n in layers}))
     index = FeatureIndex(tuple(layers), tuple(shapes[layer][1] for layer in layers))
     deep = range(index.offsets[2 * len(layers) // 3], index.size)
     generator = np.random.default_rng(seed)

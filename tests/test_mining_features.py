@@ -38,7 +38,7 @@ def test_default_layers_of_resnet_and_vgg() -> None:
     resnet = torchvision.models.resnet18(num_classes=5).eval()
     layers = default_feature_layers(resnet, torch.rand(1, 3, 64, 64))
     assert layers[0] == "conv1" and "fc" not in layers and layers[-1] == "avgpool"
-    assert "layer4.1.relu" in layers  # a re-used ReLU: its last call (the block output)
+    assert "layer4.1" in layers and not any(name.startswith("layer4.1.") for name in layers)
     vgg = torchvision.models.vgg11(num_classes=4).eval()
     layers = default_feature_layers(vgg, torch.rand(1, 3, 32, 32))
     assert "classifier.6" not in layers and "classifier.5" not in layers  # logits, dropout
@@ -157,3 +157,49 @@ def test_nan_weights_are_reported_with_the_layer() -> None:
         FeatureExtractor(model, ["conv1", "conv2", "conv3"]) as extractor,
     ):
         extractor(torch.rand(4, 1, 28, 28), batch_label=" in batch 0")
+
+
+def test_default_layers_of_a_resnet_are_its_block_outputs() -> None:
+    """A ResNet's residual blocks count as one layer each (their inner layers are left out);
+    the stem and the average pool stay, the logits do not."""
+    from vebi.models import TorchvisionClassifier
+
+    torch.manual_seed(0)
+    model = TorchvisionClassifier("resnet18", num_classes=5).eval()
+    images = torch.rand(1, 3, 64, 64)
+    layers = default_feature_layers(model, images)
+    blocks = [f"net.layer{i}.{j}" for i in range(1, 5) for j in range(2)]
+    assert layers == ["net.conv1", "net.bn1", "net.relu", "net.maxpool", *blocks, "net.avgpool"]
+    with FeatureExtractor(model, layers) as extractor:
+        x, _ = extractor(images)
+    assert x.shape == (1, 4 * 64 + 2 * (64 + 128 + 256 + 512) + 512)
+
+
+def test_layers_selected_by_glob_type_or_name() -> None:
+    from vebi.mining.features import select_feature_layers
+    from vebi.models import TorchvisionClassifier
+
+    torch.manual_seed(0)
+    model = TorchvisionClassifier("resnet18", num_classes=5).eval()
+    images = torch.rand(1, 3, 64, 64)
+    # types and globs: the matches in the order they run
+    assert select_feature_layers(model, images, ["net.avgpool", "type:BasicBlock"]) == [
+        *(f"net.layer{i}.{j}" for i in range(1, 5) for j in range(2)),
+        "net.avgpool",
+    ]
+    assert select_feature_layers(model, images, ["net.layer4.*.conv?"]) == [
+        "net.layer4.0.conv1",
+        "net.layer4.0.conv2",
+        "net.layer4.1.conv1",
+        "net.layer4.1.conv2",
+    ]
+    # plain names: kept as given
+    assert select_feature_layers(model, images, ["net.layer2", "net.conv1"]) == [
+        "net.layer2",
+        "net.conv1",
+    ]
+    assert select_feature_layers(model, images, None) == default_feature_layers(model, images)
+    with pytest.raises(VebiError, match=r"'type:Bottleneck' matches no module.*BasicBlock"):
+        select_feature_layers(model, images, ["type:Bottleneck"])
+    with pytest.raises(VebiError, match="unknown layer"):
+        select_feature_layers(model, images, ["net.nothing"])

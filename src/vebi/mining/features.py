@@ -14,6 +14,7 @@ Steps 2 and 4 can be switched off. A :class:`FeatureIndex` maps feature ids <-> 
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from vebi.errors import VebiError
 from vebi.models.hooks import check_layer_names, leaf_modules, trace_leaf_calls
@@ -33,6 +35,9 @@ AGGREGATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 #: Leaf modules whose output is never a feature layer of its own (a copy, or not a feature map).
 NON_FEATURE_MODULES = (Normalize, nn.Dropout, nn.Dropout2d, nn.Flatten, nn.Identity)
+#: Blocks whose output is one feature layer and whose inner layers are not (residual blocks:
+#: inside them the signal is only half of what the network passes on).
+FEATURE_BLOCKS: tuple[type[nn.Module], ...] = (BasicBlock, Bottleneck)
 
 
 class NonFiniteActivationError(VebiError):
@@ -85,25 +90,68 @@ class FeatureIndex:
 
 
 def default_feature_layers(model: nn.Module, images: torch.Tensor) -> list[str]:
-    """Every layer output from the input up to, not including, the logits.
+    """The feature layers when none are named (docs/method.md, section 1):
+
+    * every leaf layer output from the input up to, not including, the logits (for a VGG:
+      every conv, relu, pool and fully connected output, as in the paper);
+    * but a residual block (:data:`FEATURE_BLOCKS`, e.g. a ResNet's ``Bottleneck``) counts as
+      one layer, its output, and the layers inside it are left out (for a ResNet-50: the stem,
+      the 16 block outputs and the average pool, m = 17,408 instead of 70,400).
 
     The logits layer is the last leaf module with parameters; it and everything after it are
     left out, and so are modules that only copy or reshape (normalisation of the input,
     dropout, flatten, identity). Outputs must be (N, K, H, W) or (N, K).
     """
-    calls = trace_leaf_calls(model, images)
     leaves = leaf_modules(model)
+    blocks = {n: m for n, m in model.named_modules() if n and isinstance(m, FEATURE_BLOCKS)}
+    calls = trace_leaf_calls(model, images, {**leaves, **blocks})
     with_params = [
-        i for i, (name, _) in enumerate(calls) if any(True for _ in leaves[name].parameters())
+        i
+        for i, (name, _) in enumerate(calls)
+        if name in leaves and any(True for _ in leaves[name].parameters())
     ]
     if not with_params:
         raise VebiError("the model has no layer with parameters: cannot tell where the logits are")
     layers = []
     for name, shape in calls[: with_params[-1]]:
-        if isinstance(leaves[name], NON_FEATURE_MODULES) or len(shape) not in (2, 4):
+        if any(name.startswith(block + ".") for block in blocks):
+            continue
+        if isinstance(leaves.get(name), NON_FEATURE_MODULES) or len(shape) not in (2, 4):
             continue
         layers.append(name)
     return layers
+
+
+def select_feature_layers(
+    model: nn.Module, images: torch.Tensor, specs: Sequence[str] | None
+) -> list[str]:
+    """The layers named by ``specs``, or :func:`default_feature_layers` when there are none.
+
+    A spec is a module name (``features.29``), a glob over module names (``net.layer4.*``,
+    ``features.*``) or a module type (``type:Conv2d``, ``type:Bottleneck``). Module names
+    alone are kept in the given order; with globs or types the matches are put in the order
+    they run. A spec that matches nothing is an error listing the model's layers.
+    """
+    if not specs:
+        return default_feature_layers(model, images)
+    if not any("*" in s or "?" in s or "[" in s or s.startswith("type:") for s in specs):
+        check_layer_names(model, specs)
+        return list(specs)
+    modules = {name: module for name, module in model.named_modules() if name}
+    chosen: dict[str, nn.Module] = {}
+    for spec in specs:
+        if spec.startswith("type:"):
+            matches = [n for n, m in modules.items() if type(m).__name__ == spec[5:]]
+        else:
+            matches = [n for n in modules if fnmatch.fnmatchcase(n, spec)]
+        if not matches:
+            kinds = sorted({type(m).__name__ for m in modules.values()})
+            raise VebiError(
+                f"layer spec {spec!r} matches no module; the model's layers are: "
+                f"{', '.join(modules)}; its module types: {', '.join(kinds)}"
+            )
+        chosen.update((n, modules[n]) for n in matches)
+    return [name for name, _ in trace_leaf_calls(model, images, chosen)]
 
 
 class FeatureExtractor:

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from vebi.errors import VebiError
 from vebi.mining.cache import ActivationCache
-from vebi.mining.features import FeatureExtractor, default_feature_layers
+from vebi.mining.features import FeatureExtractor, select_feature_layers
 from vebi.mining.relevant import RelevantFeatures
 from vebi.mining.solver import DEFAULT_SOLVERS, DenseGram, GramOperator, LassoSolution, mu_lasso
 from vebi.mining.statistics import GramStatistics, StreamedGram
@@ -145,7 +145,9 @@ class FeatureMiner:
 
     Args:
         mu: the L1 bound of the mu-lasso (> 0).
-        layers: module names to read; ``None`` = every layer output up to the logits.
+        layers: module names, globs (``net.layer4.*``) or types (``type:Conv2d``) to read;
+            ``None`` = the defaults of :func:`~vebi.mining.features.default_feature_layers`
+            (every layer output up to the logits; a residual block counts as one layer).
         aggregation: ``energy`` (default), ``mean`` or ``max`` per channel.
         nonnegative: constrain the weights to w >= 0.
         labels: ``ground_truth`` or ``predicted`` labels as the regression targets.
@@ -260,7 +262,7 @@ class FeatureMiner:
         device = next(model.parameters()).device
         probe, _ = _images_labels(next(iter(self._loader(dataset, [0]))))
         probe = probe.to(device)
-        layers = self.layers or default_feature_layers(model, probe)
+        layers = select_feature_layers(model, probe, self.layers)
         with self._extractor(model, layers) as extractor:
             num_classes = int(extractor(probe, " in the first image")[1].shape[1])
             index = extractor.index

@@ -22,9 +22,11 @@ def leaf_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {name: module for name, module in model.named_modules() if not any(module.children())}
 
 
-def trace_leaf_calls(model: nn.Module, images: torch.Tensor) -> list[tuple[str, torch.Size]]:
-    """Named leaf modules in the order they run on ``images`` (each once, its last call kept),
-    with the shape of their output."""
+def trace_leaf_calls(
+    model: nn.Module, images: torch.Tensor, modules: dict[str, nn.Module] | None = None
+) -> list[tuple[str, torch.Size]]:
+    """Named leaf modules (or the given ``modules``) in the order their calls end on ``images``
+    (each once, its last call kept), with the shape of their output."""
     order: dict[str, torch.Size] = {}
 
     def record(name: str) -> Callable[..., None]:
@@ -36,7 +38,7 @@ def trace_leaf_calls(model: nn.Module, images: torch.Tensor) -> list[tuple[str, 
         return hook
 
     with contextlib.ExitStack() as stack:
-        for name, module in leaf_modules(model).items():
+        for name, module in (leaf_modules(model) if modules is None else modules).items():
             if name:
                 stack.callback(module.register_forward_hook(record(name)).remove)
         with torch.no_grad():
