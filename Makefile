@@ -1,12 +1,13 @@
 # `make run`: set up .venv (first time) and train + evaluate the default MNIST experiment.
 # `make test`: set up .venv (first time) and run the test suite (minutes).
 # `make acceptance`: the long acceptance runs (MNIST >= 99 %, an8Flower >= 95 %); CI runs both.
+# `make gpu-check`: the pipeline on a CUDA GPU against the CPU (skips without CUDA).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup run test acceptance lint clean
+.PHONY: setup run test acceptance lint clean gpu-check
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +26,9 @@ test: $(STAMP)
 
 acceptance: $(STAMP)
 	$(PY) -m pytest -m slow
+
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -9,7 +9,7 @@ import torch
 from tests.mining_models import planted_colour_data, planted_colour_model
 from vebi.errors import VebiError
 from vebi.evaluation import AblationRelevance, ablated, sparse_classifier_accuracy
-from vebi.evaluation.ablation import per_class_correct, summarise_ablation
+from vebi.evaluation.ablation import correct_per_image, stratified_sample, summarise_ablation
 from vebi.mining.features import FeatureExtractor, FeatureIndex
 from vebi.mining.relevant import RelevantFeatures
 
@@ -45,8 +45,7 @@ def test_relevant_features_matter_more_than_random_ones() -> None:
     model = planted_colour_model()
     images, labels = planted_colour_data(per_class=30).tensors
     relevant = _planted_relevant()
-    base = per_class_correct(model, images, labels, 3, batch_size=50)
-    assert base.tolist() == [30, 30, 30]  # the planted model is perfect
+    assert correct_per_image(model, images, labels, batch_size=50).all()  # a perfect model
     records = AblationRelevance(draws=6, seed=0)(model, relevant, images, labels, progress=False)
     assert [r.class_name for r in records] == ["red", "green", "blue"]
     for record in records:
@@ -89,3 +88,27 @@ def test_sparse_classifier_accuracy_matches_a_hand_count() -> None:
         (logits.argmax(1) == labels).float().mean().item()
     )
     assert result["sparse_accuracy"] > 0.9  # the colour channel decides
+
+
+def test_ablation_costs_linear_in_the_images_and_agrees_with_the_exact_count() -> None:
+    """drop_others on a stratified sample of K other images: N + (1 + draws) * sum_c (N_c +
+    K_!c) forwards; with K = all images it is the exact drop over every other image."""
+    model = planted_colour_model()
+    images, labels = planted_colour_data(per_class=40).tensors
+    relevant = _planted_relevant()
+    sample = stratified_sample(labels, 30, seed=0)
+    assert torch.bincount(labels[sample]).tolist() == [10, 10, 10]
+    assert torch.equal(sample, stratified_sample(labels, 30, seed=0))  # seeded
+    sampled = AblationRelevance(draws=2, seed=0, other_images=30)
+    # 120 baseline + 3 sets x 3 classes x (40 own + 20 others)
+    assert sampled.planned_forwards(labels, relevant) == 120 + 3 * 3 * 60
+    exact = AblationRelevance(draws=2, seed=0, other_images=None)
+    assert exact.planned_forwards(labels, relevant) == 120 + 3 * 3 * 120
+    fewer = sampled(model, relevant, images, labels, progress=False)
+    every = exact(model, relevant, images, labels, progress=False)
+    for a, b in zip(fewer, every, strict=True):
+        assert a.drop_own == b.drop_own == pytest.approx(1.0)
+        assert a.drop_others == b.drop_others == pytest.approx(0.0)
+        assert a.random_drop_own == b.random_drop_own  # the same random sets, same own images
+    with pytest.raises(VebiError, match="other_images must be"):
+        AblationRelevance(other_images=0)

@@ -27,7 +27,10 @@ def test_there_are_experiments() -> None:
 def test_experiment_composes_and_instantiates(
     compose_cfg, config_name: str, experiment: str
 ) -> None:
-    cfg = compose_cfg(config_name, [f"experiment={experiment}"])
+    # pretrained weights would be downloaded: tests never do (the download path has its own
+    # test with the network cut off)
+    offline = ["model.net.pretrained=false"] if experiment == "imagenet" else []
+    cfg = compose_cfg(config_name, [f"experiment={experiment}", *offline])
     assert cfg.experiment_name == experiment
     assert isinstance(instantiate(cfg.data), LightningDataModule)
     model = instantiate(cfg.model)

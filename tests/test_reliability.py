@@ -368,3 +368,23 @@ def test_changing_any_image_changes_the_cache_key(tmp_path: Path) -> None:
     folder_before = dataset_fingerprint(ImageFolder(str(tmp_path)))
     Image.new("L", (8, 8), color=200).save(tmp_path / "class1" / "005.png")  # replaced
     assert dataset_fingerprint(ImageFolder(str(tmp_path))) != folder_before
+
+
+def test_newest_checkpoint_includes_multirun_jobs(tmp_path: Path) -> None:
+    """The README's multirun example writes multirun_<time>/<job>/checkpoints/best.ckpt:
+    the newest-checkpoint lookup finds those as well as single runs."""
+    import os
+
+    from vebi.checkpoint import newest_checkpoint
+
+    single = tmp_path / "2026-01-01_00-00-00" / "checkpoints" / "best.ckpt"
+    job = tmp_path / "multirun_2026-01-02_00-00-00" / "1" / "checkpoints" / "best.ckpt"
+    for age, path in ((100, single), (10, job)):
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"x")
+        os.utime(path, (time.time() - age, time.time() - age))
+    assert newest_checkpoint(tmp_path) == job
+    os.utime(single, None)
+    assert newest_checkpoint(tmp_path) == single
+    with pytest.raises(CheckpointError, match="no checkpoint matches"):
+        newest_checkpoint(tmp_path / "nothing")

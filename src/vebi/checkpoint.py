@@ -183,12 +183,24 @@ def load_classifier(
     return module.eval()
 
 
-def newest_checkpoint(search_root: str | Path, pattern: str = "*/checkpoints/best.ckpt") -> Path:
-    """The most recently written checkpoint matching ``pattern`` under ``search_root``."""
-    candidates = sorted(Path(search_root).glob(pattern), key=lambda p: p.stat().st_mtime)
+#: Where training runs keep their best checkpoint: single runs, and the jobs of a multirun.
+CHECKPOINT_PATTERNS = ("*/checkpoints/best.ckpt", "multirun_*/*/checkpoints/best.ckpt")
+
+
+def newest_checkpoint(
+    search_root: str | Path, patterns: str | tuple[str, ...] = CHECKPOINT_PATTERNS
+) -> Path:
+    """The most recently written checkpoint matching any of ``patterns`` under ``search_root``
+    (by default those of single runs and of multirun jobs)."""
+    patterns = (patterns,) if isinstance(patterns, str) else patterns
+    root = Path(search_root)
+    candidates = sorted(
+        {path for pattern in patterns for path in root.glob(pattern)},
+        key=lambda p: p.stat().st_mtime,
+    )
     if not candidates:
         raise CheckpointError(
-            f"no checkpoint matches {Path(search_root) / pattern}: train one first "
-            "(`python train.py experiment=...`) or pass ckpt_path=..."
+            f"no checkpoint matches {' or '.join(str(root / p) for p in patterns)}: train one "
+            "first (`python train.py experiment=...`) or pass ckpt_path=..."
         )
     return candidates[-1]

@@ -3,6 +3,7 @@
 from vebi.data.an8flower import An8FlowerDataModule, An8FlowerGenerator
 from vebi.data.fashion144k import Fashion144kDataModule
 from vebi.data.image_folder import ImageFolderDataModule
+from vebi.data.imagenet import ImageNetDataModule
 from vebi.data.mnist import MNISTDataModule
 
 __all__ = [
@@ -10,5 +11,6 @@ __all__ = [
     "An8FlowerGenerator",
     "Fashion144kDataModule",
     "ImageFolderDataModule",
+    "ImageNetDataModule",
     "MNISTDataModule",
 ]

@@ -4,12 +4,21 @@ Ablating a feature set S means zeroing, in every forward pass, channel k of the 
 layer l for each (l, k) in S. For class c with relevant set R_c:
 
     drop_own(S)    = acc_c - acc_c(S)              (accuracy on the images of class c)
-    drop_others(S) = acc_{!c} - acc_{!c}(S)         (accuracy on all other images)
+    drop_others(S) = acc_{!c} - acc_{!c}(S)         (accuracy on other images)
 
 compared with random sets of the same size and layer distribution: for each layer, as many
 channels of that layer as R_c has there, drawn uniformly without replacement (``draws`` sets,
 mean and standard deviation). Relevant features matter when drop_own(R_c) is well above the
 random sets' drop while drop_others(R_c) stays small.
+
+Cost. drop_own needs the N_c images of class c; drop_others is measured on a fixed, seeded,
+stratified sample of K test images (``other_images``; those of class c left out), not on all
+N - N_c. With one unablated pass for the baseline, the image forwards are
+
+    N + (1 + draws) * sum_c (N_c + K_!c)  <=  N + (1 + draws) * (N + C K)
+
+instead of (1 + draws) * C * N: linear in N. ``other_images=None`` measures drop_others on
+every other image (the exact, C x N cost).
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy, MulticlassStatScores
+from torchmetrics.classification import MulticlassAccuracy
 from tqdm.auto import tqdm
 
 from vebi.errors import VebiError
@@ -54,21 +63,6 @@ def ablated(model: nn.Module, features: FeatureSet) -> Iterator[nn.Module]:
         yield model
 
 
-def per_class_correct(
-    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, num_classes: int, batch_size: int
-) -> torch.Tensor:
-    """(C,) number of correctly classified test images of each class: the true positives of
-    torchmetrics' per-class stat scores (DDP-safe)."""
-    metric = MulticlassStatScores(num_classes=num_classes, average=None).to(images.device)
-    with eval_mode(model), torch.no_grad():
-        for start in range(0, len(images), batch_size):
-            metric.update(
-                model(images[start : start + batch_size]).argmax(1),
-                labels[start : start + batch_size],
-            )
-    return metric.compute()[:, 0].double().cpu()
-
-
 @dataclass
 class ClassAblation:
     """Accuracy drops (in [0, 1]) of one class: its relevant set and the random sets."""
@@ -94,20 +88,59 @@ class ClassAblation:
         }
 
 
+def correct_per_image(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int
+) -> torch.Tensor:
+    """(N,) bool: whether the model classifies each image correctly."""
+    correct = []
+    with eval_mode(model), torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            predicted = model(images[start : start + batch_size]).argmax(1)
+            correct.append((predicted == labels[start : start + batch_size]).cpu())
+    return torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool)
+
+
+def stratified_sample(labels: torch.Tensor, size: int, seed: int) -> torch.Tensor:
+    """Indices of about ``size`` images, the same share of every class (seeded, sorted)."""
+    labels = labels.cpu()
+    if size >= len(labels):
+        return torch.arange(len(labels))
+    generator = torch.Generator().manual_seed(seed)
+    share = size / len(labels)
+    chosen = []
+    for c in torch.unique(labels).tolist():
+        rows = torch.nonzero(labels == c).flatten()
+        count = max(1, round(share * len(rows)))
+        chosen.append(rows[torch.randperm(len(rows), generator=generator)[:count]])
+    return torch.sort(torch.cat(chosen)).values
+
+
 class AblationRelevance:
     """``AblationRelevance(draws=5, seed=0)(model, relevant, images, labels)`` -> per-class
-    :class:`ClassAblation` records (relevant set vs ``draws`` random sets)."""
+    :class:`ClassAblation` records (relevant set vs ``draws`` random sets); module doc for the
+    cost and ``other_images``."""
 
-    def __init__(self, draws: int = 5, seed: int = 0, batch_size: int = 500) -> None:
+    def __init__(
+        self,
+        draws: int = 5,
+        seed: int = 0,
+        batch_size: int = 500,
+        other_images: int | None = 1000,
+    ) -> None:
         if draws < 1:
             raise VebiError(
                 f"evaluation.ablation.draws must be >= 1, got {draws}; 5 (the default) or more "
                 "gives a standard deviation of the random sets' drop that tells a real gap "
                 "from noise"
             )
+        if other_images is not None and other_images < 1:
+            raise VebiError(
+                f"evaluation.ablation.other_images must be >= 1 or null (all), got {other_images}"
+            )
         self.draws = draws
         self.seed = seed
         self.batch_size = batch_size
+        self.other_images = other_images
 
     def random_set(
         self, relevant: RelevantFeatures, layers: Mapping[str, int], rng: np.random.Generator
@@ -119,6 +152,24 @@ class AblationRelevance:
             for layer, n in layers.items()
         }
 
+    def planned_forwards(self, labels: torch.Tensor, relevant: RelevantFeatures) -> int:
+        """Image forwards of :meth:`__call__` (the formula of the module doc; classes without
+        relevant features cost nothing)."""
+        labels = labels.cpu()
+        sample = self._sample(labels)
+        total = len(labels)
+        for c in range(relevant.num_classes):
+            if not relevant.relevant(c):
+                continue
+            own = int((labels == c).sum())
+            total += (1 + self.draws) * (own + int((labels[sample] != c).sum()))
+        return total
+
+    def _sample(self, labels: torch.Tensor) -> torch.Tensor:
+        if self.other_images is None:
+            return torch.arange(len(labels))
+        return stratified_sample(labels, self.other_images, self.seed)
+
     def __call__(
         self,
         model: nn.Module,
@@ -127,33 +178,50 @@ class AblationRelevance:
         labels: torch.Tensor,
         progress: bool = True,
     ) -> list[ClassAblation]:
-        classes = relevant.num_classes
-        counts = torch.bincount(labels.cpu(), minlength=classes).double()
-        base = per_class_correct(model, images, labels, classes, self.batch_size)
+        base = correct_per_image(model, images, labels, self.batch_size)
+        cpu_labels = labels.cpu()
+        sample = self._sample(cpu_labels)
         rng = np.random.default_rng(self.seed)
 
-        def drops(features: FeatureSet, c: int) -> tuple[float, float]:
+        def drops(features: FeatureSet, own: torch.Tensor, others: torch.Tensor) -> tuple:
+            rows = torch.cat([own, others])
             with ablated(model, features):
-                correct = per_class_correct(model, images, labels, classes, self.batch_size)
-            lost = base - correct
-            others = counts.sum() - counts[c]
-            own = float(lost[c] / counts[c]) if counts[c] > 0 else float("nan")
-            return own, float((lost.sum() - lost[c]) / others) if others > 0 else float("nan")
+                correct = correct_per_image(
+                    model,
+                    images[rows.to(images.device)],
+                    labels[rows.to(labels.device)],
+                    self.batch_size,
+                )
+            lost = base[rows].double() - correct.double()
+            n_own = len(own)
+            own_drop = float(lost[:n_own].mean()) if n_own else float("nan")
+            other_drop = float(lost[n_own:].mean()) if len(others) else float("nan")
+            return own_drop, other_drop
 
         records = []
-        bar = tqdm(total=classes * (1 + self.draws), desc="ablation", disable=not progress)
+        bar = tqdm(
+            total=self.planned_forwards(cpu_labels, relevant) - len(labels),
+            desc="ablation",
+            unit="img",
+            disable=not progress,
+        )
         for c, name in enumerate(relevant.class_names):
+            own = torch.nonzero(cpu_labels == c).flatten()
+            others = sample[cpu_labels[sample] != c]
             chosen: dict[str, list[int]] = {}
             for feature in relevant.relevant(c):
                 chosen.setdefault(feature.layer, []).append(feature.channel)
             layers = {layer: len(channels) for layer, channels in chosen.items()}
-            record = ClassAblation(name, sum(layers.values()), layers, *drops(chosen, c))
-            bar.update()
+            if not chosen:  # nothing to ablate (left out of the averages)
+                records.append(ClassAblation(name, 0, {}, 0.0, 0.0, [0.0], [0.0]))
+                continue
+            record = ClassAblation(name, sum(layers.values()), layers, *drops(chosen, own, others))
+            bar.update(len(own) + len(others))
             for _ in range(self.draws):
-                own, others = drops(self.random_set(relevant, layers, rng), c)
-                record.random_drop_own.append(own)
-                record.random_drop_others.append(others)
-                bar.update()
+                own_drop, other_drop = drops(self.random_set(relevant, layers, rng), own, others)
+                record.random_drop_own.append(own_drop)
+                record.random_drop_others.append(other_drop)
+                bar.update(len(own) + len(others))
             records.append(record)
         bar.close()
         return records

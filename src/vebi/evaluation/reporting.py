@@ -14,6 +14,7 @@ from matplotlib.figure import Figure
 from vebi.evaluation.heatmaps import DIRECTIONS, EvaluationImages
 from vebi.explain.figures import overlay, save_figure, to_rgb
 from vebi.utils.io import safe_file_name
+from vebi.utils.wandb_media import log_figures
 
 ABLATION_COLUMNS = (
     "drop_own",
@@ -96,7 +97,7 @@ def ablation_table(rows: Sequence[Mapping[str, Any]], average: Mapping[str, floa
 
 def results_markdown(result: Mapping[str, Any]) -> str:
     """The whole ``results.md``."""
-    parts = [f"# Evaluation of `{result['checkpoint']}`", ""]
+    parts = [f"# Evaluation of `{result.get('checkpoint') or result.get('model')}`", ""]
     parts.append(
         f"{result['num_test_images']} test images; relevant features "
         f"{result['relevant_features']} (mu = {result['mu']})."
@@ -287,9 +288,10 @@ def log_to_wandb(
                 )
         panels = {k: v for k, v in figures.items() if k.startswith("panel/")}
         if panels:
-            logger.log_image(
+            log_figures(
+                [logger],
                 "heatmaps/panels",
-                images=[str(p) for p in panels.values()],
-                caption=[k.removeprefix("panel/") for k in panels],
+                list(panels.values()),
+                [k.removeprefix("panel/") for k in panels],
             )
         run.summary.update(summary)

@@ -11,7 +11,7 @@ from vebi.errors import VebiError
 from vebi.explain.heatmaps import signal_to_heatmap
 from vebi.explain.rules import Rules, backward_rules, check_rule_coverage
 from vebi.mining.relevant import RelevantFeatures
-from vebi.models.hooks import capture_outputs, eval_mode
+from vebi.models.hooks import capture_outputs, eval_mode, network_of
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,7 @@ class Explainer:
     ) -> None:
         if k < 1:
             raise VebiError(f"k must be >= 1, got {k}")
+        model = network_of(model)
         self.model = model
         self.relevant = relevant
         self.k = k

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 import numpy as np
@@ -94,3 +95,24 @@ def gallery_figure(
         axes[0, 0].text(0.5, 0.5, "no relevant features", ha="center", va="center")
     figure.suptitle(heading, fontsize=9)
     return figure
+
+
+def show_explanation(
+    image: torch.Tensor,
+    explanation: Any,
+    index: int = 0,
+    class_names: Sequence[str] | None = None,
+) -> Figure:
+    """The figure of image ``index`` of an :class:`~vebi.explain.Explanation`: the input, the
+    combined map and one map per chosen feature (``figure.savefig(...)`` or display it in a
+    notebook)."""
+    class_id = int(explanation.classes[index])
+    chosen = explanation.features[index]
+    name = class_names[class_id] if class_names else str(class_id)
+    return explanation_figure(
+        image,
+        explanation.maps[index, : len(chosen)].cpu(),
+        explanation.combined[index].cpu(),
+        [f"{f.layer}/{f.channel} s={f.score:.3f}" for f in chosen],
+        f"class {name}" + (" (no relevant feature fired)" if explanation.fallback[index] else ""),
+    )

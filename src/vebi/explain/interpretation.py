@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from lightning.pytorch.loggers import WandbLogger
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -18,6 +17,7 @@ from vebi.explain.rules import Rules
 from vebi.mining.cache import ActivationCache
 from vebi.mining.relevant import RelevantFeatures
 from vebi.utils.io import safe_file_name
+from vebi.utils.wandb_media import log_figures
 
 
 @dataclass
@@ -116,10 +116,14 @@ def average_visualisations(
 def save_galleries(
     visualisations: list[FeatureVisualisation], relevant: RelevantFeatures, folder: str | Path
 ) -> list[Path]:
-    """One PNG per class, ``<folder>/class_<c>_<name>.png``; returns their paths."""
+    """One PNG per class with relevant features, ``<folder>/class_<c>_<name>.png`` (classes
+    without any, e.g. those of a 1000-class head that had no mining images, get none);
+    returns their paths."""
     paths = []
     for class_id, name in enumerate(relevant.class_names):
         tiles = [v for v in visualisations if v.class_id == class_id]
+        if not tiles:
+            continue
         titles = [f"{v.layer}/{v.channel} w={v.weight:.2f}" for v in tiles]
         figure = gallery_figure(
             [v.average_map for v in tiles],
@@ -147,11 +151,5 @@ def interpret_and_log(
     cache = ActivationCache(cache_path, fingerprint="")
     visualisations = average_visualisations(model, relevant, dataset, cache, top_n)
     paths = save_galleries(visualisations, relevant, folder)
-    for logger in loggers:
-        if isinstance(logger, WandbLogger):
-            logger.log_image(
-                "interpretation/galleries",
-                images=[str(p) for p in paths],
-                caption=[f"class {name}" for name in relevant.class_names],
-            )
+    log_figures(loggers, "interpretation/galleries", paths, [p.stem for p in paths])
     return paths

@@ -28,7 +28,7 @@ from vebi.mining.features import FeatureExtractor, select_feature_layers
 from vebi.mining.relevant import RelevantFeatures
 from vebi.mining.solver import DEFAULT_SOLVERS, DenseGram, GramOperator, LassoSolution, mu_lasso
 from vebi.mining.statistics import GramStatistics, StreamedGram
-from vebi.models.hooks import eval_mode
+from vebi.models.hooks import eval_mode, network_of
 from vebi.utils.log import get_logger
 
 log = get_logger(__name__)
@@ -479,6 +479,7 @@ class FeatureMiner:
         Under ``torch.distributed`` each process extracts every world_size-th image and the
         statistics are all-reduced, so every process returns the same W.
         """
+        model = network_of(model)
         if len(dataset) == 0:
             raise VebiError("the mining data set is empty")
         world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -503,9 +504,16 @@ class FeatureMiner:
             val = self._features_in_memory(run, val_dataset) if val_dataset is not None else None
 
         counts = statistics["class_counts"].astype(int)
-        for c in np.flatnonzero(counts == 0):
+        empty = [names[c] for c in np.flatnonzero(counts == 0)]
+        if len(empty) == 1:
             warnings.warn(
-                f"class {names[c]!r} has no samples: its relevant set is empty", stacklevel=2
+                f"class {empty[0]!r} has no samples: its relevant set is empty", stacklevel=2
+            )
+        elif empty:  # e.g. a subset of ImageNet's classes mined on the 1000-class head
+            warnings.warn(
+                f"{len(empty)} of {len(names)} classes have no samples (e.g. {empty[:3]}): "
+                "their relevant sets are empty",
+                stacklevel=2,
             )
         started = time.perf_counter()
         gram = self._gram(run, statistics)
@@ -539,3 +547,21 @@ class FeatureMiner:
         if self.cache_dir is None:
             shutil.rmtree(run.cache.path.parent, ignore_errors=True)
         return MiningReport(relevant, solution, kept, timings, mu_path)
+
+
+def mine_features(
+    model: nn.Module,
+    dataset: Dataset,
+    mu: float = 10.0,
+    val_dataset: Dataset | None = None,
+    class_names: Sequence[str] | None = None,
+    **options: Any,
+) -> RelevantFeatures:
+    """The relevant features of ``model`` on ``dataset`` in one call (the Python API):
+    ``FeatureMiner(mu=mu, **options).mine(model, dataset, val_dataset, class_names).relevant``.
+
+    ``model`` maps [0, 1] images (N, C, H, W) to logits (or is a LightningModule with such a
+    ``net``); ``dataset`` yields (image, label) pairs. Without ``cache_dir`` in ``options``
+    the activation cache is a temporary folder, deleted afterwards.
+    """
+    return FeatureMiner(mu=mu, **options).mine(model, dataset, val_dataset, class_names).relevant

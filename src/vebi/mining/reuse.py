@@ -51,7 +51,7 @@ def load_or_mine(
     model: nn.Module,
     class_names: Sequence[str],
     datamodule: Any,
-    saved: Path,
+    saved: Path | None,
     explicit: bool,
     output_dir: Path,
     loggers: Sequence[Logger] = (),
@@ -59,14 +59,15 @@ def load_or_mine(
 ) -> tuple[RelevantFeatures, Path, str]:
     """The relevant features of ``model`` by the policy of the module docstring.
 
-    ``saved`` is the explicit file (``explicit=True``) or the training run's; ``named_classes``
+    ``saved`` is the explicit file (``explicit=True``) or the training run's (None: a network
+    without training run, mined now); ``named_classes``
     are the class names the checkpoint itself stores (None when it named none). Returns
     (features, their file, ``"loaded"`` or ``"mined"``).
     """
-    if explicit and not saved.is_file():
+    if explicit and (saved is None or not saved.is_file()):
         raise VebiError(f"relevant_features={saved}: no such file")
     num_classes = len(class_names)
-    if saved.is_file():
+    if saved is not None and saved.is_file():
         relevant = RelevantFeatures.load(saved)
         same_mu = miner.mu_candidates is not None or math.isclose(
             relevant.mu, miner.mu, rel_tol=1e-9
@@ -80,7 +81,8 @@ def load_or_mine(
             "%s was mined with mu = %g; mining again with mu = %g", saved, relevant.mu, miner.mu
         )
     else:
-        log.info("No relevant features at %s: mining them now", saved)
+        where = saved or "hand (a network without training run)"
+        log.info("No relevant features at %s: mining them now", where)
     datamodule.setup("fit")
     dataset, val_dataset = mining_datasets(datamodule)
     report = miner.mine(model, dataset, val_dataset, list(class_names))

@@ -318,7 +318,9 @@ def lasso_homotopy_reference(
 
     The lasso path is piecewise linear and its L1 norm grows along it, so the constrained
     solution lies on the segment where ||w||_1 crosses mu (or is the path's end when the bound
-    is not active). Needs scikit-learn (a dev dependency).
+    is not active). The path is followed only until it crosses mu: LARS is run for 8, 16,
+    32, ... steps until its last point has ||w||_1 >= mu or the path ends (at most twice the
+    steps needed). Needs scikit-learn (a dev dependency).
     """
     from sklearn.linear_model import lars_path_gram
 
@@ -327,15 +329,21 @@ def lasso_homotopy_reference(
     for c in range(cross.shape[1]):
         if not np.any(cross[:, c]):
             continue
-        _, _, coefs = lars_path_gram(
-            Xy=cross[:, c],
-            Gram=gram,
-            n_samples=n_samples,
-            method="lasso",
-            positive=nonnegative,
-            max_iter=10 * len(gram),
-        )
-        norms = np.abs(coefs).sum(axis=0)
+        steps, longest = 8, 10 * len(gram)
+        while True:
+            alphas, _, coefs = lars_path_gram(
+                Xy=cross[:, c],
+                Gram=gram,
+                n_samples=n_samples,
+                method="lasso",
+                positive=nonnegative,
+                max_iter=min(steps, longest),
+            )
+            norms = np.abs(coefs).sum(axis=0)
+            ended = len(alphas) - 1 < min(steps, longest) or steps >= longest
+            if norms[-1] >= mu or ended:
+                break
+            steps *= 2
         above = np.flatnonzero(norms >= mu)
         if len(above) == 0:
             weights[:, c] = coefs[:, -1]

@@ -17,6 +17,22 @@ from torch import nn
 from vebi.errors import VebiError
 
 
+def network_of(model: nn.Module) -> nn.Module:
+    """The network to mine or explain: ``model`` itself, or the ``net`` inside a
+    LightningModule such as vebi's ClassifierModule (its loss and metrics are no layers)."""
+    from lightning.pytorch import LightningModule
+
+    if not isinstance(model, LightningModule):
+        return model
+    net = getattr(model, "net", None)
+    if isinstance(net, nn.Module):
+        return net
+    raise VebiError(
+        f"got a LightningModule ({type(model).__name__}) without a `net` attribute: pass the "
+        "network inside it, the nn.Module that maps images to logits"
+    )
+
+
 def leaf_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Modules without children, by qualified name (``""`` when ``model`` itself is a leaf)."""
     return {name: module for name, module in model.named_modules() if not any(module.children())}

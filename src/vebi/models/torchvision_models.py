@@ -73,3 +73,14 @@ class TorchvisionClassifier(nn.Sequential):
             _replace_head(model, num_classes)
         super().__init__(OrderedDict(normalize=Normalize(IMAGENET_MEAN, IMAGENET_STD), net=model))
         self.num_classes = num_classes
+
+
+def imagenet_categories(architecture: str) -> list[str]:
+    """The 1000 ImageNet class names of the torchvision weights of ``architecture`` (shipped
+    with torchvision: no download)."""
+    if architecture not in ARCHITECTURES:
+        raise VebiError(
+            f"unknown architecture {architecture!r}; choose from {sorted(ARCHITECTURES)}"
+        )
+    weights = getattr(torchvision.models, ARCHITECTURES[architecture][1]).DEFAULT
+    return list(weights.meta["categories"])

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import torch
+from hydra.utils import instantiate as hydra_instantiate
 from lightning.pytorch.loggers import Logger
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import Dataset
 
-from vebi.checkpoint import newest_checkpoint
-from vebi.errors import VebiError
+from vebi.checkpoint import load_classifier, newest_checkpoint
+from vebi.errors import CheckpointError, VebiError
 from vebi.explain.interpretation import interpret_and_log
 from vebi.mining.miner import MiningReport
 from vebi.mining.reporting import ARTEFACT_NAME
+from vebi.modules.classifier import ClassifierModule
 from vebi.utils.log import get_logger
 
 log = get_logger(__name__)
@@ -29,18 +35,151 @@ def resolve_checkpoint(cfg: DictConfig) -> Path:
     return path
 
 
+@dataclass
+class LoadedModel:
+    """The classifier a job works on, and where it came from."""
+
+    module: ClassifierModule
+    ckpt_path: Path | None  # None: built from the model config
+    source: str  # for logs and results: the checkpoint, or how the config's weights were set
+
+    @property
+    def net(self) -> nn.Module:
+        return self.module.net
+
+    def saved_features(self) -> Path | None:
+        """The relevant features saved by the checkpoint's training run (None without one)."""
+        return mined_features_path(self.ckpt_path) if self.ckpt_path else None
+
+
+def _config_class_names(cfg: DictConfig, datamodule: Any, num_classes: int) -> list[str] | None:
+    """Class names for a network built from config: the model config's, the data's when they
+    count as many, or the torchvision ImageNet names for a 1000-class pretrained network."""
+    if cfg.model.get("class_names"):
+        return [str(name) for name in cfg.model.class_names]
+    try:
+        names = list(getattr(datamodule, "class_names", None) or [])
+    except VebiError:  # e.g. the data folder is missing: the data step will say so
+        names = []
+    if len(names) == num_classes:
+        return [str(name) for name in names]
+    net = cfg.model.net
+    if num_classes == 1000 and net.get("pretrained") and net.get("architecture"):
+        from vebi.models.torchvision_models import imagenet_categories
+
+        return imagenet_categories(str(net.architecture))
+    return None
+
+
+def _load_state_dict(net: nn.Module, path: Path) -> None:
+    """Weights for ``net`` from a state_dict file (``weights_only=True``: no code runs); a
+    torchvision state_dict also fits the ``net`` inside a vebi TorchvisionClassifier."""
+    if not path.is_file():
+        raise VebiError(f"model_source.state_dict={path}: no such file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # unpickling refused, truncated file, not a torch file
+        raise CheckpointError(f"cannot read the state_dict {path}: {error}") from error
+    if isinstance(state, Mapping) and "state_dict" in state:  # a Lightning checkpoint
+        state = {k.removeprefix("net."): v for k, v in state["state_dict"].items()}
+    if not isinstance(state, Mapping):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a state_dict")
+    targets = [net] + ([net.net] if isinstance(getattr(net, "net", None), nn.Module) else [])
+    errors = []
+    for target in targets:
+        try:
+            target.load_state_dict(state, strict=True)
+            return
+        except RuntimeError as error:
+            errors.append(str(error).splitlines()[0] + " ...")
+    raise CheckpointError(
+        f"the state_dict {path} does not fit model.net ({type(net).__name__}): "
+        + " / ".join(errors)
+        + "; pick the model config it was saved from (model=...)"
+    )
+
+
+def load_model(cfg: DictConfig, datamodule: Any = None) -> LoadedModel:
+    """The network of a mine/explain/evaluate job (``cfg.model_source``):
+
+    * ``from: checkpoint``: the vebi checkpoint ``ckpt_path``, or the newest of the experiment;
+    * ``from: config``: ``cfg.model.net`` built as it is: torchvision's pretrained weights
+      (``model.net.pretrained=true``), a ``state_dict`` file, whatever a custom ``_target_``
+      loads, or random weights when ``allow_random_init`` (refused otherwise). Class names
+      come from the data (or torchvision's ImageNet names for a 1000-class network).
+    """
+    source = cfg.get("model_source") or {"from": "checkpoint"}
+    kind = source.get("from", "checkpoint")
+    if kind == "checkpoint":
+        ckpt_path = resolve_checkpoint(cfg)
+        return LoadedModel(load_classifier(ckpt_path), ckpt_path, str(ckpt_path))
+    if kind != "config":
+        raise VebiError(f"model_source.from must be 'checkpoint' or 'config', got {kind!r}")
+    net_cfg = OmegaConf.to_container(cfg.model.net, resolve=True)
+    state_dict = source.get("state_dict")
+    pretrained = bool(net_cfg.get("pretrained"))
+    custom = "pretrained" not in net_cfg and not net_cfg["_target_"].startswith("vebi.")
+    if not (pretrained or state_dict or custom or source.get("allow_random_init")):
+        raise VebiError(
+            f"model_source=config builds {net_cfg['_target_']} with random weights: load "
+            "weights with model.net.pretrained=true (torchvision ImageNet weights) or "
+            "model_source.state_dict=<file>, or set model_source.allow_random_init=true to "
+            "interpret random weights (tests, timing)"
+        )
+    if pretrained and source.get("allow_random_init"):
+        net_cfg["allow_random_init"] = True  # no network: go on with random weights, warned
+    try:
+        net = hydra_instantiate(OmegaConf.create(net_cfg))
+    except Exception as error:  # hydra wraps what the constructor raised
+        cause = error.__cause__ or error
+        if isinstance(cause, VebiError):
+            raise cause from None
+        raise VebiError(f"cannot build model.net ({net_cfg['_target_']}): {cause}") from error
+    if not isinstance(net, nn.Module):
+        raise VebiError(f"model.net ({net_cfg['_target_']}) built a {type(net).__name__}")
+    if state_dict:
+        _load_state_dict(net, Path(state_dict))
+    num_classes = int(cfg.model.num_classes)
+    module = ClassifierModule(
+        net=net,
+        num_classes=num_classes,
+        class_names=_config_class_names(cfg, datamodule, num_classes),
+        architecture=net_cfg,
+    ).eval()
+    weights = (
+        f"weights from {state_dict}"
+        if state_dict
+        else "pretrained weights"
+        if pretrained
+        else "weights as its constructor sets them"
+        if custom
+        else "random weights"
+    )
+    description = f"model config {net_cfg['_target_']}"
+    if net_cfg.get("architecture"):
+        description += f" ({net_cfg['architecture']})"
+    log.info("Using the network of the %s with %s (no checkpoint)", description, weights)
+    return LoadedModel(module, None, f"{description}, {weights}")
+
+
 def mined_features_path(ckpt_path: Path) -> Path:
     """Where the training run of ``ckpt_path`` saved its relevant features."""
     return ckpt_path.parent.parent / "mining" / ARTEFACT_NAME
 
 
-def relevant_features_for(ckpt_path: Path, explicit: str | None) -> Path:
+def relevant_features_for(model: LoadedModel, explicit: str | None) -> Path:
     """The RelevantFeatures file: ``explicit``, else the one mined in the checkpoint's run."""
-    path = Path(explicit) if explicit else mined_features_path(ckpt_path)
+    path = Path(explicit) if explicit else model.saved_features()
+    if path is None:
+        raise VebiError(
+            "a network built from its config has no training run that mined its features: "
+            "mine them with `python mine.py model_source=config ...` (the same overrides) and "
+            "pass relevant_features=<its relevant_features.h5>"
+        )
     if not path.is_file():
         raise VebiError(
             f"no relevant features at {path}: mine them first with "
-            f"`python mine.py ckpt_path={ckpt_path}` and pass relevant_features=<its output>"
+            f"`python mine.py ckpt_path={model.ckpt_path}` and pass relevant_features=<its output>"
         )
     return path
 

@@ -17,7 +17,6 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from vebi.checkpoint import load_classifier
 from vebi.errors import VebiError, require_int_in_range
 from vebi.evaluation.ablation import (
     AblationRelevance,
@@ -43,7 +42,7 @@ from vebi.mining.relevant import RelevantFeatures
 from vebi.mining.reporting import console_summary
 from vebi.mining.reuse import load_or_mine
 from vebi.modules.classifier import ClassifierModule
-from vebi.pipelines.common import mined_features_path, resolve_checkpoint
+from vebi.pipelines.common import load_model
 from vebi.utils.cli import finish_loggers, wandb_run_dir
 from vebi.utils.instantiate import device_for, flat_config, instantiate_loggers
 from vebi.utils.io import atomic_path
@@ -95,10 +94,19 @@ def run_evaluators(
         )
     if "ablation" in evaluators:
         ablation: AblationRelevance = instantiate(settings.ablation)
+        forwards = ablation.planned_forwards(labels, relevant)
+        log.info(
+            "Ablation: %d image forwards (%d draws, drop on other classes from %s test images)",
+            forwards,
+            ablation.draws,
+            ablation.other_images or "all",
+        )
         records = ablation(net, relevant, images, labels)
         results["ablation"] = {
             "draws": ablation.draws,
             "num_images": len(test),
+            "other_images": ablation.other_images,
+            "forwards": forwards,
             "per_class": [r.row() for r in records],
             "average": summarise_ablation(records),
         }
@@ -169,20 +177,20 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     _check_settings(cfg.evaluation)
     if cfg.get("seed") is not None:
         L.seed_everything(int(cfg.seed), workers=True)
-    ckpt_path = resolve_checkpoint(cfg)
-    module = load_classifier(ckpt_path)
     datamodule = instantiate(cfg.data)
+    model = load_model(cfg, datamodule)
+    module, ckpt_path = model.module, model.ckpt_path
     data_classes = getattr(datamodule, "num_classes", None)
     if data_classes is not None and data_classes != module.hparams.num_classes:
         raise VebiError(
-            f"{ckpt_path} predicts {module.hparams.num_classes} classes but the data "
+            f"{model.source} predicts {module.hparams.num_classes} classes but the data "
             f"({cfg.data._target_}) has {data_classes}: pick the matching experiment=..."
         )
     output_dir = Path(cfg.paths.output_dir)
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[])
     for logger in loggers:
-        logger.log_hyperparams({**flat_config(cfg), "ckpt_path": str(ckpt_path)})
+        logger.log_hyperparams({**flat_config(cfg), "model": model.source})
     failed = True
     try:
         datamodule.prepare_data()
@@ -198,7 +206,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             module.net,
             module.class_names,
             datamodule,
-            Path(explicit) if explicit else mined_features_path(ckpt_path),
+            Path(explicit) if explicit else model.saved_features(),
             explicit=bool(explicit),
             output_dir=output_dir / "mining",
             loggers=loggers,
@@ -212,7 +220,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         methods = build_methods(cfg, module, relevant) if heatmaps else {}
         evaluations, panels, notes = run_evaluators(cfg, module, relevant, test, methods)
         result = {
-            "checkpoint": str(ckpt_path),
+            "checkpoint": str(ckpt_path) if ckpt_path else None,
+            "model": model.source,
             "num_test_images": len(test_dataset),
             "relevant_features": str(relevant_path),
             "mu": relevant.mu,
@@ -233,7 +242,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     finally:
         finish_loggers(loggers, failed=failed)
     acc = result["metrics"].get("test/acc")
-    lines = [results_markdown(result), "Evaluation finished", f"  checkpoint:  {ckpt_path}"]
+    lines = [results_markdown(result), "Evaluation finished", f"  model:       {model.source}"]
     if acc is not None:
         lines.append(f"  test acc:    {100 * acc:.2f}% on {len(test_dataset)} test images")
     lines.append(f"  run files:   {output_dir}")

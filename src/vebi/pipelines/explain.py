@@ -8,10 +8,8 @@ from typing import Any
 
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig
 
-from vebi.checkpoint import load_classifier
 from vebi.errors import require_int_in_range
 from vebi.explain.explainer import Explainer
 from vebi.explain.figures import explanation_figure, save_figure
@@ -19,11 +17,12 @@ from vebi.explain.inputs import load_images
 from vebi.explain.rules import Rules
 from vebi.mining.miner import model_fingerprint
 from vebi.mining.relevant import RelevantFeatures
-from vebi.pipelines.common import relevant_features_for, resolve_checkpoint
+from vebi.pipelines.common import load_model, relevant_features_for
 from vebi.utils.cli import finish_loggers, wandb_run_dir
-from vebi.utils.instantiate import flat_config, instantiate_loggers
+from vebi.utils.instantiate import device_for, flat_config, instantiate_loggers
 from vebi.utils.io import atomic_path, unique_file_names
 from vebi.utils.log import get_logger
+from vebi.utils.wandb_media import log_figures
 
 log = get_logger(__name__)
 
@@ -43,8 +42,10 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
     """Explain ``cfg.input`` with the checkpoint's relevant features; write PNGs and JSON."""
     batch_size = require_int_in_range("batch_size", cfg.batch_size, 1)
     require_int_in_range("k", cfg.k, 1)
-    ckpt_path = resolve_checkpoint(cfg)
-    module = load_classifier(ckpt_path)
+    datamodule = instantiate(cfg.data)
+    model = load_model(cfg, datamodule)
+    device = device_for(cfg.trainer)
+    module = model.module.to(device)
     target = require_int_in_range(
         f"target (a class id of the model's {module.hparams.num_classes})",
         cfg.get("target"),
@@ -52,12 +53,11 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
         module.hparams.num_classes - 1,
         allow_none=True,
     )
-    relevant = RelevantFeatures.load(relevant_features_for(ckpt_path, cfg.get("relevant_features")))
+    relevant = RelevantFeatures.load(relevant_features_for(model, cfg.get("relevant_features")))
     if relevant.fingerprint.get("model") not in (None, model_fingerprint(module.net)):
-        log.warning("the relevant features were mined from other weights than %s", ckpt_path)
-    datamodule = instantiate(cfg.data)
+        log.warning("the relevant features were mined from other weights than %s", model.source)
     images, names, skipped = _inputs(cfg, datamodule)
-    relevant.check_model(module.net, images[:1])
+    relevant.check_model(module.net, images[:1].to(device))
     rules = Rules.from_config(cfg.rules)
     explainer = Explainer(module.net, relevant, k=int(cfg.k), rules=rules)
     targets = None if target is None else torch.full((len(images),), target)
@@ -65,13 +65,13 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
     output_dir = Path(cfg.paths.output_dir) / "explanations"
     loggers = instantiate_loggers(cfg.get("logger"))
     for logger in loggers:
-        logger.log_hyperparams({**flat_config(cfg), "ckpt_path": str(ckpt_path)})
+        logger.log_hyperparams({**flat_config(cfg), "model": model.source})
     records, figures, failed = [], [], True
     try:
         for start in range(0, len(images), batch_size):
             batch = images[start : start + batch_size]
             batch_targets = None if targets is None else targets[start : start + len(batch)]
-            explanation = explainer(batch, batch_targets)
+            explanation = explainer(batch.to(device), batch_targets)
             probabilities = explanation.logits.softmax(1)
             for n in range(len(batch)):
                 name, class_id = names[start + n], int(explanation.classes[n])
@@ -88,8 +88,8 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
                 )
                 figure = explanation_figure(
                     batch[n],
-                    explanation.maps[n, : len(chosen)],
-                    explanation.combined[n],
+                    explanation.maps[n, : len(chosen)].cpu(),
+                    explanation.combined[n].cpu(),
                     titles,
                     heading,
                 )
@@ -106,7 +106,8 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
                     }
                 )
         result = {
-            "checkpoint": str(ckpt_path),
+            "checkpoint": str(model.ckpt_path) if model.ckpt_path else None,
+            "model": model.source,
             "rules": rules.choices(),
             "rules_preset": rules.preset,
             "k": int(cfg.k),
@@ -115,13 +116,7 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
         }
         with atomic_path(output_dir / "explanations.json") as tmp:
             tmp.write_text(json.dumps(result, indent=2))
-        for logger in loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_image(
-                    "explanations",
-                    images=[str(p) for p in figures],
-                    caption=[r["image"] for r in records],
-                )
+        log_figures(loggers, "explanations", figures, [r["image"] for r in records])
         wandb_dir = wandb_run_dir(loggers)
         failed = False
     finally:

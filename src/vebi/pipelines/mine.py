@@ -8,11 +8,10 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from vebi.checkpoint import load_classifier
 from vebi.explain.rules import check_rule_coverage
 from vebi.mining.callback import mining_datasets
 from vebi.mining.reporting import console_summary, save_and_log
-from vebi.pipelines.common import NO_GALLERIES, make_galleries, resolve_checkpoint
+from vebi.pipelines.common import NO_GALLERIES, load_model, make_galleries
 from vebi.utils.cli import finish_loggers, wandb_run_dir
 from vebi.utils.instantiate import device_for, flat_config, instantiate_loggers
 from vebi.utils.log import get_logger
@@ -21,17 +20,17 @@ log = get_logger(__name__)
 
 
 def mine(cfg: DictConfig) -> dict[str, Any]:
-    """Load the checkpoint, mine on the data's training split, save and log the artefact."""
-    ckpt_path = resolve_checkpoint(cfg)
-    module = load_classifier(ckpt_path)
-    module = module.to(device_for(cfg.trainer))
+    """Load the network (checkpoint or config), mine on the data's training split, save and log
+    the artefact."""
     datamodule = instantiate(cfg.data)
+    model = load_model(cfg, datamodule)
+    module = model.module.to(device_for(cfg.trainer))
     datamodule.prepare_data()
     datamodule.setup("fit")
     miner = instantiate(cfg.mining)
     loggers = instantiate_loggers(cfg.get("logger"))
     for logger in loggers:
-        logger.log_hyperparams({**flat_config(cfg), "ckpt_path": str(ckpt_path)})
+        logger.log_hyperparams({**flat_config(cfg), "model": model.source})
     failed = True
     try:
         dataset, val_dataset = mining_datasets(datamodule)
