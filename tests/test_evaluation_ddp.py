@@ -43,7 +43,7 @@ def _results(rows: slice) -> dict[str, torch.Tensor]:
         value = metric.compute()
         out[name] = value["curve"] if isinstance(value, dict) else value
     deletion = DeletionArea(steps=4)
-    deletion.update(curves[rows])
+    deletion.update(curves=curves[rows])
     out["deletion"] = deletion.compute()["auc"]
     artefacts = CheckerboardScore([2])
     artefacts.update(maps[rows])

@@ -59,14 +59,16 @@ def test_reversed_heatmap_gives_a_worse_deletion_area() -> None:
 def test_area_metrics_accumulate_over_batches_and_say_their_direction() -> None:
     curves = torch.rand(10, 6, dtype=torch.float64)
     metric = DeletionArea(steps=5)
-    metric.update(curves[:3])
-    metric.update(curves[3:])
+    metric.update(curves=curves[:3])
+    metric.update(curves=curves[3:])
     result = metric.compute()
     assert torch.allclose(result["curve"], curves.mean(0))
     assert torch.isclose(result["auc"], curve_area(curves).mean())
     assert DeletionArea.higher_is_better is False and InsertionArea.higher_is_better is True
     with pytest.raises(ValueError, match="curves must be"):
-        metric.update(torch.rand(2, 4))
+        metric.update(curves=torch.rand(2, 4))
+    with pytest.raises(ValueError, match="needs model="):
+        metric.update(torch.rand(2, 4, 4), images=torch.rand(2, 1, 4, 4), targets=torch.zeros(2))
 
 
 def test_baselines_and_bad_settings() -> None:

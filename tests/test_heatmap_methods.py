@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from tests.explain_models import randomised
 from tests.mining_models import planted_colour_data, planted_colour_model
 from vebi.errors import VebiError
-from vebi.evaluation import PointingGame
+from vebi.evaluation import CheckerboardScore, DeletionArea, InsertionArea, PointingGame
 from vebi.evaluation.heatmaps import EvaluationImages, HeatmapEvaluation, load_test_images
 from vebi.evaluation.methods import (
     CaptumAttribution,
@@ -146,7 +146,16 @@ def test_controls() -> None:
 def test_scorer_checks_maps_and_skips_localisation_without_masks() -> None:
     model = planted_colour_model()
     images, labels = planted_colour_data(per_class=4).tensors
-    scorer = HeatmapEvaluation(steps=4, periods=[2], batch_size=5)
+    metrics = {
+        "pointing": PointingGame(),
+        "deletion": DeletionArea(steps=4),
+        "insertion": InsertionArea(steps=4, baseline="blur"),
+        "artefacts": CheckerboardScore([2]),
+    }
+    scorer = HeatmapEvaluation(metrics, batch_size=5)
+    chosen, notes = scorer.applicable(model, has_masks=False)
+    assert set(chosen) == {"deletion", "insertion", "artefacts"}
+    assert notes == ["pointing_game skipped: the data set has no ground-truth masks"]
     results, kept = scorer(
         model,
         {"centre": CentreGaussian(model, None)},

@@ -52,3 +52,28 @@ def test_a_lightning_module_is_explained_through_its_network() -> None:
     )
     with pytest.raises(VebiError, match="pass the network inside it"):
         Explainer(LightningModule(), relevant)
+
+
+def test_the_readme_metric_plugs_in_through_the_config(
+    tmp_path: Path, compose_cfg, monkeypatch
+) -> None:
+    """The README's example metric, saved as my_metrics.py, is picked up from the config
+    override it shows and scores as computed by hand."""
+    from vebi.evaluation.heatmaps import metric_info
+    from vebi.pipelines.evaluate import build_metrics
+
+    (block,) = python_blocks("Evaluation")
+    (tmp_path / "my_metrics.py").write_text(block)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = compose_cfg(
+        "evaluate", ["+evaluation.metrics.top_pixels._target_=my_metrics.TopPixelPrecision"]
+    )
+    metrics = build_metrics(cfg.evaluation, ["localisation"])
+    assert list(metrics)[-1] == "top_pixels" and "deletion" not in metrics
+    metric = metrics["top_pixels"]
+    heatmaps = torch.arange(20.0).reshape(2, 2, 5) / 20  # top 10 %: the last pixel of each map
+    masks = torch.zeros(2, 2, 5, dtype=torch.bool)
+    masks[0, 1, 4] = True
+    metric.update(heatmaps, masks)
+    assert metric.result() == {"top_pixel_precision": 0.5}
+    assert metric_info({"top_pixels": metric})["directions"] == {"top_pixel_precision": True}

@@ -11,6 +11,7 @@ from vebi.evaluation.faithfulness import (
 from vebi.evaluation.heatmaps import EvaluationImages, HeatmapEvaluation
 from vebi.evaluation.localisation import MeanThresholdIoU, PointingGame, RelevanceMass, ThresholdIoU
 from vebi.evaluation.methods import HeatmapMethod
+from vebi.evaluation.metric_base import HeatmapMetric
 
 __all__ = [
     "AblationRelevance",
@@ -18,6 +19,7 @@ __all__ = [
     "DeletionArea",
     "HeatmapEvaluation",
     "HeatmapMethod",
+    "HeatmapMetric",
     "InsertionArea",
     "MeanThresholdIoU",
     "PointingGame",

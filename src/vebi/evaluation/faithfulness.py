@@ -13,13 +13,15 @@ area is the trapezoid rule over the removed/revealed fraction in [0, 1].
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torchvision.transforms.functional as TF
 from torch import nn
-from torchmetrics import Metric
 
 from vebi.errors import VebiError
-from vebi.explain.heatmaps import checkerboard_score
+from vebi.evaluation.metric_base import Curve, HeatmapMetric, require
+from vebi.explain.heatmaps import checkerboard_score, stride_periods
 
 BASELINES = ("zero", "blur", "mean")
 #: Input values per forward pass of the perturbed images (2**20: 83 images of 3 x 112 x 112).
@@ -100,56 +102,118 @@ def curve_area(curves: torch.Tensor) -> torch.Tensor:
     return (curves.sum(dim=-1) - (curves[..., 0] + curves[..., -1]) / 2) / steps
 
 
-class _PerturbationArea(Metric):
-    full_state_update = False
+class _PerturbationArea(HeatmapMetric):
+    """Deletion or insertion: ``update`` runs the perturbation path of each map through the
+    model (:func:`perturbation_curves`) and accumulates the curves; ``compute`` gives the mean
+    curve and its area (= the mean of the per-image areas)."""
 
-    def __init__(self, steps: int = 20, **kwargs: object) -> None:
+    group = "faithfulness"
+    needs_model = True
+    mode: str
+
+    def __init__(self, steps: int = 20, baseline: str = "zero", **kwargs: object) -> None:
         super().__init__(**kwargs)
+        if baseline not in BASELINES:
+            raise VebiError(f"unknown baseline {baseline!r}; use one of {BASELINES}")
         self.steps = steps
+        self.baseline = baseline
         self.add_state(
             "curve_sum", torch.zeros(steps + 1, dtype=torch.float64), dist_reduce_fx="sum"
         )
         self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, curves: torch.Tensor) -> None:
-        """``curves`` (N, steps + 1) from :func:`perturbation_curves`."""
+    def update(
+        self,
+        heatmaps: torch.Tensor | None = None,
+        masks: torch.Tensor | None = None,
+        *,
+        images: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+        model: nn.Module | None = None,
+        curves: torch.Tensor | None = None,
+    ) -> None:
+        """Accumulate the curves of ``heatmaps`` (run through ``model``), or given ``curves``
+        (N, steps + 1) from :func:`perturbation_curves`."""
+        if curves is None:
+            curves = perturbation_curves(
+                require(model, "model", self),
+                require(images, "images", self),
+                require(heatmaps, "heatmaps", self),
+                require(targets, "targets", self),
+                self.mode,
+                self.steps,
+                self.baseline,
+            )
         if curves.ndim != 2 or curves.shape[1] != self.steps + 1:
             raise ValueError(f"curves must be (N, {self.steps + 1}); got {tuple(curves.shape)}")
         self.curve_sum += curves.double().sum(dim=0).to(self.curve_sum.device)
         self.count += len(curves)
 
     def compute(self) -> dict[str, torch.Tensor]:
-        """The mean curve and its area (= the mean of the per-image areas)."""
         curve = self.curve_sum / self.count.clamp_min(1)
         return {"curve": curve, "auc": curve_area(curve)}
+
+    def result(self) -> dict[str, Any]:
+        value = self.compute()
+        return {self.name: float(value["auc"]), f"{self.mode}_curve": value["curve"].tolist()}
+
+    def curve(self) -> Curve:
+        x = torch.linspace(0, 1, self.steps + 1).tolist()
+        done, better = ("removed", "lower") if self.mode == "deletion" else ("revealed", "higher")
+        return Curve(
+            self.mode, x, f"fraction of pixels {done}", f"{self.mode} ({better} area is better)"
+        )
 
 
 class DeletionArea(_PerturbationArea):
     """Area under the deletion curve: lower is better (the evidence goes first)."""
 
+    name = "deletion_auc"
+    mode = "deletion"
     higher_is_better = False
 
 
 class InsertionArea(_PerturbationArea):
     """Area under the insertion curve: higher is better."""
 
+    name = "insertion_auc"
+    mode = "insertion"
     higher_is_better = True
 
 
-class CheckerboardScore(Metric):
+class CheckerboardScore(HeatmapMetric):
     """Mean :func:`~vebi.explain.heatmaps.checkerboard_score` of the maps: the share of their
-    spectral energy at the stride grid. Lower is better (no grid artefacts)."""
+    spectral energy at the stride grid. Lower is better (no grid artefacts). ``periods=None``
+    takes the model's first stride period (:func:`~vebi.explain.heatmaps.stride_periods`)."""
 
+    name = "artefact_score"
+    group = "artefacts"
     higher_is_better = False
-    full_state_update = False
 
-    def __init__(self, periods: list[int], **kwargs: object) -> None:
+    def __init__(self, periods: list[int] | None = None, **kwargs: object) -> None:
         super().__init__(**kwargs)
-        self.periods = list(periods)
+        self.periods = list(periods) if periods else None
         self.add_state("score_sum", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, heatmaps: torch.Tensor) -> None:
+    def skip_reason(self, model: nn.Module, has_masks: bool) -> str | None:
+        if self.periods is None:
+            self.periods = stride_periods(model)[:1]
+        if not self.periods:
+            return "artefact score skipped: the model has no strided layer"
+        return None
+
+    def update(
+        self,
+        heatmaps: torch.Tensor,
+        masks: torch.Tensor | None = None,
+        *,
+        images: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+        model: nn.Module | None = None,
+    ) -> None:
+        if self.periods is None:
+            self.periods = stride_periods(require(model, "model", self))[:1]
         self.score_sum += checkerboard_score(heatmaps, self.periods).double().sum()
         self.count += len(heatmaps)
 

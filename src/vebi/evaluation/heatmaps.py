@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,25 +13,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from vebi.errors import VebiError
-from vebi.evaluation.faithfulness import (
-    CheckerboardScore,
-    DeletionArea,
-    InsertionArea,
-    perturbation_curves,
-)
-from vebi.evaluation.localisation import MeanThresholdIoU, PointingGame, RelevanceMass, ThresholdIoU
 from vebi.evaluation.methods import HeatmapMethod
-
-#: Reported metric name -> higher is better (from the metric classes).
-DIRECTIONS: dict[str, bool] = {
-    "iou_mean": ThresholdIoU.higher_is_better,
-    "iou_at_map_mean": MeanThresholdIoU.higher_is_better,
-    "pointing_game": PointingGame.higher_is_better,
-    "relevance_mass": RelevanceMass.higher_is_better,
-    "deletion_auc": DeletionArea.higher_is_better,
-    "insertion_auc": InsertionArea.higher_is_better,
-    "artefact_score": CheckerboardScore.higher_is_better,
-}
+from vebi.evaluation.metric_base import HeatmapMetric
 
 
 @dataclass
@@ -93,55 +76,55 @@ def load_test_images(
     )
 
 
-class HeatmapEvaluation:
-    """Run every method on the same images and score its maps.
+def metric_info(metrics: Mapping[str, HeatmapMetric]) -> dict[str, Any]:
+    """What reporting needs to know of the metrics, as plain data stored with the results:
+    the direction of each headline, the metrics of each group, and the curves to plot."""
+    groups: dict[str, list[str]] = {}
+    for metric in metrics.values():
+        groups.setdefault(metric.group, []).append(metric.name)
+    curves = {}
+    for metric in metrics.values():
+        curve = metric.curve()
+        if curve is not None:
+            curves[curve.key] = {"x": list(curve.x), "x_label": curve.x_label, "title": curve.title}
+    return {
+        "directions": {m.name: bool(m.higher_is_better) for m in metrics.values()},
+        "groups": groups,
+        "curves": curves,
+    }
 
-    Localisation (only with masks): IoU over ``thresholds`` (curve and mean), IoU at each
-    map's mean, pointing game, relevance mass. Faithfulness: deletion / insertion curves and
-    areas (``steps``, baselines). Artefacts: checkerboard score at ``periods`` (skipped when
-    the model has no strides). Also the seconds per image of each method.
+
+class HeatmapEvaluation:
+    """Run every method on the same images and score its maps with every metric.
+
+    ``metrics``: name -> :class:`~vebi.evaluation.metric_base.HeatmapMetric` (each method is
+    scored by a fresh copy of each); those that cannot score this model or data (no masks, no
+    strided layer) are left out with a note (:meth:`applicable`). Also the seconds per image
+    of each method.
     """
 
-    def __init__(
-        self,
-        thresholds: Sequence[float] | None = None,
-        steps: int = 20,
-        deletion_baseline: str = "zero",
-        insertion_baseline: str = "blur",
-        periods: Sequence[int] | None = None,
-        batch_size: int = 64,
-        evaluators: Sequence[str] = ("localisation", "faithfulness", "artefacts"),
-    ) -> None:
-        unknown = set(evaluators) - {"localisation", "faithfulness", "artefacts"}
-        if unknown:
-            raise VebiError(f"unknown heatmap evaluators {sorted(unknown)}")
-        self.thresholds = torch.tensor(
-            thresholds if thresholds is not None else torch.linspace(0.05, 0.95, 19).tolist()
-        )
-        self.steps = steps
-        self.deletion_baseline = deletion_baseline
-        self.insertion_baseline = insertion_baseline
-        self.periods = list(periods or [])
+    def __init__(self, metrics: Mapping[str, HeatmapMetric], batch_size: int = 64) -> None:
+        for name, metric in metrics.items():
+            if not isinstance(metric, HeatmapMetric):
+                raise VebiError(
+                    f"evaluation.metrics.{name} is a {type(metric).__name__}, not a vebi "
+                    "HeatmapMetric (vebi.evaluation.metric_base)"
+                )
+        self.metrics = dict(metrics)
         self.batch_size = batch_size
-        self.evaluators = tuple(evaluators)
 
-    def _metrics(self, has_masks: bool) -> dict[str, Any]:
-        metrics: dict[str, Any] = {}
-        if "localisation" in self.evaluators and has_masks:
-            metrics |= {
-                "iou": ThresholdIoU(self.thresholds),
-                "iou_at_map_mean": MeanThresholdIoU(),
-                "pointing_game": PointingGame(),
-                "relevance_mass": RelevanceMass(),
-            }
-        if "faithfulness" in self.evaluators:
-            metrics |= {
-                "deletion": DeletionArea(self.steps),
-                "insertion": InsertionArea(self.steps),
-            }
-        if "artefacts" in self.evaluators and self.periods:
-            metrics["artefact_score"] = CheckerboardScore(self.periods)
-        return metrics
+    def applicable(
+        self, model: nn.Module, has_masks: bool
+    ) -> tuple[dict[str, HeatmapMetric], list[str]]:
+        """(the metrics that can score ``model`` on this data, notes on those that cannot)."""
+        chosen, notes = {}, []
+        for key, metric in self.metrics.items():
+            reason = metric.skip_reason(model, has_masks)
+            if reason is None:
+                chosen[key] = metric
+            elif reason not in notes:
+                notes.append(reason)
+        return chosen, notes
 
     def __call__(
         self,
@@ -155,29 +138,27 @@ class HeatmapEvaluation:
         """(results per method, maps of the images ``keep`` per method for the panels)."""
         results, kept = {}, {}
         device = next(model.parameters()).device
+        prototypes, _ = self.applicable(model, data.masks is not None)
         for name, method in tqdm(methods.items(), desc="heatmap methods", disable=not progress):
-            metrics = {
-                key: metric.to(device)
-                for key, metric in self._metrics(data.masks is not None).items()
-            }
+            metrics = {key: metric.clone().to(device) for key, metric in prototypes.items()}
+            for metric in metrics.values():
+                metric.reset()
             seconds, pieces = 0.0, []
             for start in range(0, len(data), self.batch_size):
                 rows = slice(start, start + self.batch_size)
                 images, targets = data.images[rows].to(device), classes[rows].to(device)
+                masks = None if data.masks is None else data.masks[rows].to(device)
                 began = time.perf_counter()
                 maps = method(images, targets)
                 seconds += time.perf_counter() - began
                 self._check(name, maps, images)
                 pieces.append(maps.cpu())
-                self._update(
-                    metrics,
-                    model,
-                    images,
-                    maps,
-                    targets,
-                    None if data.masks is None else data.masks[rows].to(device),
-                )
-            results[name] = self._compute(metrics) | {"seconds_per_image": seconds / len(data)}
+                for metric in metrics.values():
+                    metric.update(maps, masks, images=images, targets=targets, model=model)
+            row: dict[str, Any] = {}
+            for metric in metrics.values():
+                row |= metric.result()
+            results[name] = row | {"seconds_per_image": seconds / len(data)}
             if keep is not None:
                 kept[name] = torch.cat(pieces)[keep]
         return results, kept
@@ -189,39 +170,3 @@ class HeatmapEvaluation:
             raise VebiError(f"method {name} returned maps {tuple(maps.shape)}, expected {expected}")
         if not torch.isfinite(maps).all() or maps.min() < 0 or maps.max() > 1:
             raise VebiError(f"method {name} returned maps outside [0, 1] or with NaN/Inf")
-
-    def _update(
-        self,
-        metrics: dict[str, Any],
-        model: nn.Module,
-        images: torch.Tensor,
-        maps: torch.Tensor,
-        targets: torch.Tensor,
-        masks: torch.Tensor | None,
-    ) -> None:
-        for key, metric in metrics.items():
-            if key in ("deletion", "insertion"):
-                baseline = self.deletion_baseline if key == "deletion" else self.insertion_baseline
-                metric.update(
-                    perturbation_curves(model, images, maps, targets, key, self.steps, baseline)
-                )
-            elif key == "artefact_score":
-                metric.update(maps)
-            else:
-                metric.update(maps, masks)
-
-    @staticmethod
-    def _compute(metrics: dict[str, Any]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, metric in metrics.items():
-            value = metric.compute()
-            if key == "iou":
-                out["iou_mean"] = float(value["mean"])
-                out["iou_curve"] = value["curve"].tolist()
-                out["iou_thresholds"] = value["thresholds"].tolist()
-            elif key in ("deletion", "insertion"):
-                out[f"{key}_auc"] = float(value["auc"])
-                out[f"{key}_curve"] = value["curve"].tolist()
-            else:
-                out[key] = float(value)
-        return out

@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.loggers import Logger, WandbLogger
 from matplotlib.figure import Figure
 
-from vebi.evaluation.heatmaps import DIRECTIONS, EvaluationImages
+from vebi.evaluation.heatmaps import EvaluationImages
 from vebi.explain.figures import overlay, save_figure, to_rgb
 from vebi.utils.io import safe_file_name
 from vebi.utils.wandb_media import log_figures
@@ -26,42 +26,28 @@ ABLATION_COLUMNS = (
 )
 
 
-#: The scalar metrics of each heatmap evaluator (one W&B table each, a row per method).
-EVALUATOR_METRICS = {
-    "localisation": ("iou_mean", "iou_at_map_mean", "pointing_game", "relevance_mass"),
-    "faithfulness": ("deletion_auc", "insertion_auc"),
-    "artefacts": ("artefact_score",),
-}
+def _arrow(higher_is_better: bool) -> str:
+    return " (higher better)" if higher_is_better else " (lower better)"
 
 
-def curve_positions(row: Mapping[str, Any], key: str) -> list[float]:
-    """The x values of ``row[key + '_curve']``: the IoU thresholds, or the removed/revealed
-    fractions 0..1 of the deletion and insertion steps."""
-    if key == "iou":
-        return list(row["iou_thresholds"])
-    return torch.linspace(0, 1, len(row[f"{key}_curve"])).tolist()
-
-
-def _arrow(metric: str) -> str:
-    return " (higher better)" if DIRECTIONS.get(metric, True) else " (lower better)"
-
-
-def heatmap_metric_names(results: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    """The scalar metrics present, in :data:`DIRECTIONS` order, then the timing."""
+def heatmap_metric_names(
+    results: Mapping[str, Mapping[str, Any]], info: Mapping[str, Any]
+) -> list[str]:
+    """The headline metrics present, in the configured order, then the timing."""
     present = {key for row in results.values() for key in row}
-    return [m for m in DIRECTIONS if m in present] + ["seconds_per_image"]
+    return [m for m in info["directions"] if m in present] + ["seconds_per_image"]
 
 
-def heatmap_table(results: Mapping[str, Mapping[str, Any]]) -> str:
+def heatmap_table(results: Mapping[str, Mapping[str, Any]], info: Mapping[str, Any]) -> str:
     """Markdown: a row per method, a column per metric (direction in the header, best bold)."""
-    metrics = heatmap_metric_names(results)
+    directions = info["directions"]
+    metrics = heatmap_metric_names(results, info)
     best = {}
     for metric in metrics[:-1]:
         values = [row[metric] for row in results.values()]
-        best[metric] = max(values) if DIRECTIONS[metric] else min(values)
+        best[metric] = max(values) if directions[metric] else min(values)
     header = "| method | " + " | ".join(
-        f"{m}{' ↑' if DIRECTIONS.get(m, True) else ' ↓'}" if m in DIRECTIONS else "s / image"
-        for m in metrics
+        f"{m}{' ↑' if directions[m] else ' ↓'}" if m in directions else "s / image" for m in metrics
     )
     lines = [header + " |", "|---" * (len(metrics) + 1) + "|"]
     for name, row in results.items():
@@ -120,22 +106,21 @@ def results_markdown(result: Mapping[str, Any]) -> str:
             f"## Heatmaps ({heatmaps['num_images']} test images, explaining the "
             f"{heatmaps['target']} class)",
             "",
-            heatmap_table(heatmaps["methods"]),
+            heatmap_table(heatmaps["methods"], heatmaps["metrics"]),
         ]
     parts += ["", *[f"- {note}" for note in result.get("notes", [])]]
     return "\n".join(parts).rstrip() + "\n"
 
 
 def curves_figure(
-    results: Mapping[str, Mapping[str, Any]], key: str, x_label: str, title: str
+    results: Mapping[str, Mapping[str, Any]], key: str, xs: list[float], x_label: str, title: str
 ) -> Figure:
-    """One line per method of ``results[method][key + '_curve']``."""
+    """One line per method of ``results[method][key + '_curve']`` at ``xs``."""
     figure = Figure(figsize=(5.5, 3.6))
     axis = figure.subplots()
     colours = matplotlib.colormaps["tab20"].colors
     for i, (name, row) in enumerate(results.items()):
         curve = row[f"{key}_curve"]
-        xs = curve_positions(row, key)
         axis.plot(
             xs,
             curve,
@@ -208,17 +193,13 @@ def save_figures(
 ) -> dict[str, Path]:
     """Write the curve plots and the per-class panels as PNGs; return name -> path."""
     paths: dict[str, Path] = {}
-    methods = result.get("heatmaps", {}).get("methods", {})
+    heatmaps = result.get("heatmaps") or {}
+    methods = heatmaps.get("methods", {})
     first = next(iter(methods.values()), {})
-    for key, x_label, title in (
-        ("iou", "threshold", "IoU of the thresholded map with the mask"),
-        ("deletion", "fraction of pixels removed", "deletion (lower area is better)"),
-        ("insertion", "fraction of pixels revealed", "insertion (higher area is better)"),
-    ):
+    for key, curve in (heatmaps.get("metrics") or {}).get("curves", {}).items():
         if f"{key}_curve" in first:
-            paths[f"{key}_curves"] = save_figure(
-                curves_figure(methods, key, x_label, title), output_dir / f"{key}_curves.png"
-            )
+            figure = curves_figure(methods, key, curve["x"], curve["x_label"], curve["title"])
+            paths[f"{key}_curves"] = save_figure(figure, output_dir / f"{key}_curves.png")
     for name, figure in panels.items():
         paths[f"panel/{name}"] = save_figure(figure, output_dir / "panels" / f"{name}.png")
     return paths
@@ -247,13 +228,16 @@ def log_to_wandb(
                     )
                 }
             )
-        methods = result.get("heatmaps", {}).get("methods", {})
+        heatmaps = result.get("heatmaps") or {}
+        methods = heatmaps.get("methods", {})
         if methods:
-            metrics = heatmap_metric_names(methods)
+            info = heatmaps["metrics"]
+            directions = info["directions"]
+            metrics = heatmap_metric_names(methods, info)
             for name, row in methods.items():
                 summary |= {f"heatmaps/{name}/{m}": row[m] for m in metrics}
             present = set(metrics)
-            for evaluator, names in EVALUATOR_METRICS.items():
+            for group, names in info["groups"].items():
                 columns = [m for m in names if m in present]
                 if not columns:
                     continue
@@ -261,28 +245,22 @@ def log_to_wandb(
                 table = wandb.Table(
                     columns=[
                         "method",
-                        *[m + (_arrow(m) if m in DIRECTIONS else "") for m in columns],
+                        *[m + (_arrow(directions[m]) if m in directions else "") for m in columns],
                     ],
                     data=[[name, *[row[m] for m in columns]] for name, row in methods.items()],
                 )
-                run.log({f"heatmaps/{evaluator}": table})
-            for key, x_name in (
-                ("iou", "threshold"),
-                ("deletion", "fraction removed"),
-                ("insertion", "fraction revealed"),
-            ):
+                run.log({f"heatmaps/{group}": table})
+            for key, curve in info["curves"].items():
                 if f"{key}_curve" not in next(iter(methods.values())):
                     continue
-                curves = [row[f"{key}_curve"] for row in methods.values()]
-                xs = curve_positions(next(iter(methods.values())), key)
                 run.log(
                     {
                         f"heatmaps/{key}_curves": wandb.plot.line_series(
-                            xs=xs,
-                            ys=curves,
+                            xs=curve["x"],
+                            ys=[row[f"{key}_curve"] for row in methods.values()],
                             keys=list(methods),
                             title=f"{key} curves",
-                            xname=x_name,
+                            xname=curve["x_label"],
                         )
                     }
                 )

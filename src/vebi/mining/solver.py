@@ -7,7 +7,9 @@ For each class c, with G = X^T X (m x m) and b_c = X^T y_c:
 which equals argmin ||X w - y_c||^2 under the same constraints (the dropped y^T y is constant).
 
 Exact and fast: cvxpy (Clarabel by default) solves the problem restricted to a small working
-set S, then the optimality (KKT) conditions are checked on all m features. With gradient
+set S (the restricted problems of all classes in one separable cvxpy problem per round, so
+cvxpy compiles once per round rather than once per class), then the optimality (KKT)
+conditions are checked on all m features. With gradient
 g = 2 (G w - b) and lambda >= 0 the multiplier of the L1 bound, w is optimal iff
 
 * non-negative: g_j = -lambda where w_j > 0 and g_j >= -lambda where w_j = 0;
@@ -27,6 +29,7 @@ from typing import Any, Protocol
 
 import cvxpy as cp
 import numpy as np
+import scipy.sparse as sp
 
 from vebi.errors import VebiError
 from vebi.utils.log import get_logger
@@ -64,19 +67,29 @@ def lasso_objective(gram: np.ndarray, cross: np.ndarray, weights: np.ndarray) ->
 
 
 def _restricted_solve(
-    gram: np.ndarray,
-    cross: np.ndarray,
+    grams: Sequence[np.ndarray],
+    crosses: Sequence[np.ndarray],
     mu: float,
     nonnegative: bool,
     solvers: Sequence[str],
     solver_options: Mapping[str, Mapping[str, Any]],
     failures: list[str],
-) -> tuple[np.ndarray, str]:
-    size = len(cross)
-    w = cp.Variable(size, nonneg=nonnegative)
-    bound = cp.sum(w) <= mu if nonnegative else cp.norm1(w) <= mu
+) -> tuple[list[np.ndarray], str]:
+    """The restricted problems of several classes as one cvxpy problem (they are separable:
+    a block-diagonal quadratic and one L1 bound per class), so that cvxpy compiles once per
+    round instead of once per class, which would cost more than the solves."""
+    sizes = [len(c) for c in crosses]
+    edges = np.concatenate([[0], np.cumsum(sizes)])
+    gram = sp.block_diag([sp.csr_matrix((g + g.T) / 2) for g in grams], format="csc")
+    cross = np.concatenate(crosses)
+    owner = sp.csr_matrix(
+        (np.ones(edges[-1]), np.arange(edges[-1]), edges),
+        shape=(len(sizes), edges[-1]),
+    )
+    w = cp.Variable(int(edges[-1]), nonneg=nonnegative)
+    spent = owner @ w if nonnegative else owner @ cp.abs(w)
     objective = cp.Minimize(cp.quad_form(w, cp.psd_wrap(gram)) - 2 * cross @ w)
-    problem = cp.Problem(objective, [bound])
+    problem = cp.Problem(objective, [spent <= mu])
     for solver in solvers:
         try:
             with warnings.catch_warnings():
@@ -87,7 +100,8 @@ def _restricted_solve(
             log.warning("solver %s failed (%s); trying the next one", solver, error)
             continue
         if problem.status == cp.OPTIMAL and w.value is not None:
-            return np.asarray(w.value, dtype=np.float64), solver
+            value = np.asarray(w.value, dtype=np.float64)
+            return [value[a:b] for a, b in zip(edges[:-1], edges[1:], strict=True)], solver
         failures.append(f"{solver}: status {problem.status}")
         log.warning("solver %s ended with status %s; trying the next one", solver, problem.status)
     raise SolverFailedError(
@@ -186,13 +200,19 @@ def _working_set_rounds(
         if not active:
             return states
         index_sets = [states[c].indices for c in active]
-        for c, sub in zip(active, operator.submatrices(index_sets), strict=True):
+        solved, solver = _restricted_solve(
+            operator.submatrices(index_sets),
+            [states[c].cross[s] for c, s in zip(active, index_sets, strict=True)],
+            mu,
+            nonnegative,
+            solvers,
+            solver_options,
+            failures,
+        )
+        for c, w_sub in zip(active, solved, strict=True):
             state = states[c]
-            state.w_sub, state.solver = _restricted_solve(
-                sub, state.cross[state.indices], mu, nonnegative, solvers, solver_options, failures
-            )
-            if nonnegative:
-                state.w_sub = np.maximum(state.w_sub, 0.0)
+            state.w_sub = np.maximum(w_sub, 0.0) if nonnegative else w_sub
+            state.solver = solver
             state.iterations += 1
         products = operator.products(index_sets, [states[c].w_sub for c in active])
         still_active = []

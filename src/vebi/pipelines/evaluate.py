@@ -28,8 +28,10 @@ from vebi.evaluation.heatmaps import (
     HeatmapEvaluation,
     balanced_subset,
     load_test_images,
+    metric_info,
 )
 from vebi.evaluation.methods import HeatmapMethod
+from vebi.evaluation.metric_base import GROUPS, HeatmapMetric
 from vebi.evaluation.reporting import (
     class_panels,
     log_to_wandb,
@@ -37,7 +39,6 @@ from vebi.evaluation.reporting import (
     results_markdown,
     save_figures,
 )
-from vebi.explain.heatmaps import stride_periods
 from vebi.mining.relevant import RelevantFeatures
 from vebi.mining.reporting import console_summary
 from vebi.mining.reuse import load_or_mine
@@ -50,7 +51,22 @@ from vebi.utils.log import get_logger
 
 log = get_logger(__name__)
 
-EVALUATORS = ("sparse", "ablation", "localisation", "faithfulness", "artefacts")
+EVALUATORS = ("sparse", "ablation", *GROUPS)
+
+
+def build_metrics(settings: DictConfig, groups: list[str]) -> dict[str, HeatmapMetric]:
+    """The heatmap metrics of ``evaluation.metrics`` whose group is among ``groups``."""
+    metrics = {}
+    for name, spec in (settings.get("metrics") or {}).items():
+        metric = instantiate(spec)
+        if not isinstance(metric, HeatmapMetric):
+            raise VebiError(
+                f"evaluation.metrics.{name} is a {type(metric).__name__}, not a vebi "
+                "HeatmapMetric (vebi.evaluation.metric_base)"
+            )
+        if metric.group in groups:
+            metrics[name] = metric
+    return metrics
 
 
 def build_methods(
@@ -110,16 +126,13 @@ def run_evaluators(
             "per_class": [r.row() for r in records],
             "average": summarise_ablation(records),
         }
-    heatmap_evaluators = [
-        e for e in evaluators if e in ("localisation", "faithfulness", "artefacts")
-    ]
+    heatmap_evaluators = [e for e in evaluators if e in GROUPS]
     panels: dict[str, Any] = {}
     if heatmap_evaluators:
-        if "localisation" in heatmap_evaluators and test.masks is None:
-            notes.append("localisation skipped: the data set has no ground-truth masks")
-        periods = stride_periods(net)[:1]
-        if "artefacts" in heatmap_evaluators and not periods:
-            notes.append("artefact score skipped: the model has no strided layer")
+        metrics = build_metrics(settings, heatmap_evaluators)
+        scorer = HeatmapEvaluation(metrics, batch_size=int(settings.batch_size))
+        applicable, skipped = scorer.applicable(net, test.masks is not None)
+        notes += skipped
         limit = settings.get("heatmap_images")
         subset = test.subset(balanced_subset(test.labels, limit, int(cfg.seed)))
         if settings.target == "label":
@@ -134,22 +147,13 @@ def run_evaluators(
                 )
         rows = panel_rows(subset.labels, int(settings.panel_images_per_class))
         keep = torch.cat(list(rows.values())) if rows else None
-        scorer = HeatmapEvaluation(
-            thresholds=list(settings.thresholds),
-            steps=int(settings.steps),
-            deletion_baseline=settings.deletion_baseline,
-            insertion_baseline=settings.insertion_baseline,
-            periods=periods,
-            batch_size=int(settings.batch_size),
-            evaluators=heatmap_evaluators,
-        )
         scores, kept = scorer(net, methods, subset, classes, keep=keep)
         if keep is not None:
             panels = class_panels(subset, rows, kept, relevant.class_names)
         results["heatmaps"] = {
             "num_images": len(subset),
             "target": settings.target,
-            "periods": periods,
+            "metrics": metric_info(applicable),
             "methods": scores,
         }
     return results, panels, notes
@@ -216,7 +220,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         log.info("\n%s\n  (%s: %s)", console_summary(relevant), obtained, relevant_path)
         # the heatmap methods are built before any evaluator runs: a model they cannot explain
         # (a module without backward rule) is refused now, not after the ablation
-        heatmaps = set(cfg.evaluation.evaluators) & {"localisation", "faithfulness", "artefacts"}
+        heatmaps = set(cfg.evaluation.evaluators) & set(GROUPS)
         methods = build_methods(cfg, module, relevant) if heatmaps else {}
         evaluations, panels, notes = run_evaluators(cfg, module, relevant, test, methods)
         result = {
