@@ -8,7 +8,12 @@ import torch
 
 from tests.mining_models import planted_colour_data, planted_colour_model
 from vebi.errors import VebiError
-from vebi.evaluation import AblationRelevance, ablated, sparse_classifier_accuracy
+from vebi.evaluation import (
+    AblationRelevance,
+    EvaluationSet,
+    ablated,
+    sparse_classifier_accuracy,
+)
 from vebi.evaluation.ablation import correct_per_image, stratified_sample, summarise_ablation
 from vebi.mining.features import FeatureExtractor, FeatureIndex
 from vebi.mining.relevant import RelevantFeatures
@@ -46,7 +51,8 @@ def test_relevant_features_matter_more_than_random_ones() -> None:
     images, labels = planted_colour_data(per_class=30).tensors
     relevant = _planted_relevant()
     assert correct_per_image(model, images, labels, batch_size=50).all()  # a perfect model
-    records = AblationRelevance(draws=6, seed=0)(model, relevant, images, labels, progress=False)
+    data = EvaluationSet.from_tensors(images, labels)
+    records = AblationRelevance(draws=6, seed=0)(model, relevant, data, progress=False)
     assert [r.class_name for r in records] == ["red", "green", "blue"]
     for record in records:
         assert record.num_features == 1 and record.layers == {"relu": 1}
@@ -79,7 +85,8 @@ def test_sparse_classifier_accuracy_matches_a_hand_count() -> None:
     model = planted_colour_model()
     images, labels = planted_colour_data(per_class=20).tensors
     relevant = _planted_relevant()
-    result = sparse_classifier_accuracy(model, relevant, images, labels, batch_size=7)
+    data = EvaluationSet.from_tensors(images, labels)
+    result = sparse_classifier_accuracy(model, relevant, data, batch_size=7)
     with FeatureExtractor(model, relevant.layers, relevant.aggregation) as extractor:
         x, logits = extractor(images)
     expected = (relevant.predict(x.double().numpy()) == labels.numpy()).mean()
@@ -104,8 +111,9 @@ def test_ablation_costs_linear_in_the_images_and_agrees_with_the_exact_count() -
     assert sampled.planned_forwards(labels, relevant) == 120 + 3 * 3 * 60
     exact = AblationRelevance(draws=2, seed=0, other_images=None)
     assert exact.planned_forwards(labels, relevant) == 120 + 3 * 3 * 120
-    fewer = sampled(model, relevant, images, labels, progress=False)
-    every = exact(model, relevant, images, labels, progress=False)
+    data = EvaluationSet.from_tensors(images, labels)
+    fewer = sampled(model, relevant, data, progress=False)
+    every = exact(model, relevant, data, progress=False)
     for a, b in zip(fewer, every, strict=True):
         assert a.drop_own == b.drop_own == pytest.approx(1.0)
         assert a.drop_others == b.drop_others == pytest.approx(0.0)

@@ -12,7 +12,8 @@ from tests.explain_models import randomised
 from tests.mining_models import planted_colour_data, planted_colour_model
 from vebi.errors import VebiError
 from vebi.evaluation import CheckerboardScore, DeletionArea, InsertionArea, PointingGame
-from vebi.evaluation.heatmaps import EvaluationImages, HeatmapEvaluation, load_test_images
+from vebi.evaluation.data import EvaluationSet
+from vebi.evaluation.heatmaps import HeatmapEvaluation
 from vebi.evaluation.methods import (
     CaptumAttribution,
     CentreGaussian,
@@ -159,14 +160,16 @@ def test_scorer_checks_maps_and_skips_localisation_without_masks() -> None:
     results, kept = scorer(
         model,
         {"centre": CentreGaussian(model, None)},
-        EvaluationImages(images, labels, None),
-        labels,
-        keep=torch.tensor([0, 5]),
+        EvaluationSet.from_tensors(images, labels),
+        keep=torch.tensor([5, 0]),
         progress=False,
     )
     assert "iou_mean" not in results["centre"] and "pointing_game" not in results["centre"]
     assert {"deletion_auc", "insertion_auc", "artefact_score"} <= set(results["centre"])
     assert kept["centre"].shape == (2, 8, 8)
+    # the same maps, in the order of keep, whatever the batch boundaries
+    maps = CentreGaussian(model, None)(images[[5, 0]], labels[[5, 0]])
+    torch.testing.assert_close(kept["centre"], maps)
 
     class Broken(CentreGaussian):
         def __call__(self, images, classes):
@@ -176,8 +179,7 @@ def test_scorer_checks_maps_and_skips_localisation_without_masks() -> None:
         scorer(
             model,
             {"broken": Broken(model, None)},
-            EvaluationImages(images, labels, None),
-            labels,
+            EvaluationSet.from_tensors(images, labels),
             progress=False,
         )
 
@@ -185,7 +187,7 @@ def test_scorer_checks_maps_and_skips_localisation_without_masks() -> None:
 def test_empty_test_split_is_an_error() -> None:
     empty = torch.utils.data.TensorDataset(torch.zeros(0, 1, 4, 4), torch.zeros(0).long())
     with pytest.raises(VebiError, match="test split is empty"):
-        load_test_images(empty, None, seed=0)
+        EvaluationSet.from_dataset(empty)
 
 
 def test_balanced_subset_takes_each_class_in_turn() -> None:

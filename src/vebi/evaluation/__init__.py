@@ -2,13 +2,14 @@
 methods scored by localisation, faithfulness and artefacts (torchmetrics Metrics)."""
 
 from vebi.evaluation.ablation import AblationRelevance, ablated, sparse_classifier_accuracy
+from vebi.evaluation.data import EvaluationImages, EvaluationSet
 from vebi.evaluation.faithfulness import (
     CheckerboardScore,
     DeletionArea,
     InsertionArea,
     perturbation_curves,
 )
-from vebi.evaluation.heatmaps import EvaluationImages, HeatmapEvaluation
+from vebi.evaluation.heatmaps import HeatmapEvaluation
 from vebi.evaluation.localisation import MeanThresholdIoU, PointingGame, RelevanceMass, ThresholdIoU
 from vebi.evaluation.methods import HeatmapMethod
 from vebi.evaluation.metric_base import HeatmapMetric
@@ -25,6 +26,7 @@ __all__ = [
     "PointingGame",
     "RelevanceMass",
     "EvaluationImages",
+    "EvaluationSet",
     "ThresholdIoU",
     "ablated",
     "perturbation_curves",

@@ -35,6 +35,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from tqdm.auto import tqdm
 
 from vebi.errors import VebiError
+from vebi.evaluation.data import EvaluationImages, EvaluationSet
 from vebi.mining.relevant import RelevantFeatures
 from vebi.models.hooks import check_layer_names, eval_mode
 
@@ -92,12 +93,22 @@ def correct_per_image(
     model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int
 ) -> torch.Tensor:
     """(N,) bool: whether the model classifies each image correctly."""
+    device = next(model.parameters()).device
     correct = []
     with eval_mode(model), torch.no_grad():
         for start in range(0, len(images), batch_size):
-            predicted = model(images[start : start + batch_size]).argmax(1)
-            correct.append((predicted == labels[start : start + batch_size]).cpu())
+            predicted = model(images[start : start + batch_size].to(device)).argmax(1).cpu()
+            correct.append(predicted == labels[start : start + batch_size].cpu())
     return torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool)
+
+
+def correct_in(model: nn.Module, data: EvaluationSet, batch_size: int) -> torch.Tensor:
+    """:func:`correct_per_image` over a streamed set."""
+    parts = [
+        correct_per_image(model, batch.images, batch.labels, batch_size)
+        for batch in data.batches(batch_size)
+    ]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
 
 
 def stratified_sample(labels: torch.Tensor, size: int, seed: int) -> torch.Tensor:
@@ -152,6 +163,25 @@ class AblationRelevance:
             for layer, n in layers.items()
         }
 
+    def _drops(
+        self,
+        model: nn.Module,
+        features: FeatureSet,
+        loaded: EvaluationImages | None,
+        base: torch.Tensor,
+        own: int,
+    ) -> tuple[float, float]:
+        """(drop on the first ``own`` images, drop on the rest) under ablation of ``features``;
+        ``base`` says which of them the intact model classifies correctly."""
+        if loaded is None:
+            return float("nan"), float("nan")
+        with ablated(model, features):
+            correct = correct_per_image(model, loaded.images, loaded.labels, self.batch_size)
+        lost = base.double() - correct.double()
+        own_drop = float(lost[:own].mean()) if own else float("nan")
+        other_drop = float(lost[own:].mean()) if len(lost) > own else float("nan")
+        return own_drop, other_drop
+
     def planned_forwards(self, labels: torch.Tensor, relevant: RelevantFeatures) -> int:
         """Image forwards of :meth:`__call__` (the formula of the module doc; classes without
         relevant features cost nothing)."""
@@ -174,40 +204,23 @@ class AblationRelevance:
         self,
         model: nn.Module,
         relevant: RelevantFeatures,
-        images: torch.Tensor,
-        labels: torch.Tensor,
+        data: EvaluationSet,
         progress: bool = True,
     ) -> list[ClassAblation]:
-        base = correct_per_image(model, images, labels, self.batch_size)
-        cpu_labels = labels.cpu()
-        sample = self._sample(cpu_labels)
+        """Per class, the images of the class and the other-class sample are loaded once (at
+        most N_c + K images in memory) and forwarded under the relevant and random sets."""
+        labels = data.labels
+        base = correct_in(model, data, self.batch_size)
+        sample = self._sample(labels)
         rng = np.random.default_rng(self.seed)
-
-        def drops(features: FeatureSet, own: torch.Tensor, others: torch.Tensor) -> tuple:
-            rows = torch.cat([own, others])
-            with ablated(model, features):
-                correct = correct_per_image(
-                    model,
-                    images[rows.to(images.device)],
-                    labels[rows.to(labels.device)],
-                    self.batch_size,
-                )
-            lost = base[rows].double() - correct.double()
-            n_own = len(own)
-            own_drop = float(lost[:n_own].mean()) if n_own else float("nan")
-            other_drop = float(lost[n_own:].mean()) if len(others) else float("nan")
-            return own_drop, other_drop
-
         records = []
         bar = tqdm(
-            total=self.planned_forwards(cpu_labels, relevant) - len(labels),
+            total=self.planned_forwards(labels, relevant) - len(labels),
             desc="ablation",
             unit="img",
             disable=not progress,
         )
         for c, name in enumerate(relevant.class_names):
-            own = torch.nonzero(cpu_labels == c).flatten()
-            others = sample[cpu_labels[sample] != c]
             chosen: dict[str, list[int]] = {}
             for feature in relevant.relevant(c):
                 chosen.setdefault(feature.layer, []).append(feature.channel)
@@ -215,13 +228,16 @@ class AblationRelevance:
             if not chosen:  # nothing to ablate (left out of the averages)
                 records.append(ClassAblation(name, 0, {}, 0.0, 0.0, [0.0], [0.0]))
                 continue
-            record = ClassAblation(name, sum(layers.values()), layers, *drops(chosen, own, others))
-            bar.update(len(own) + len(others))
-            for _ in range(self.draws):
-                own_drop, other_drop = drops(self.random_set(relevant, layers, rng), own, others)
-                record.random_drop_own.append(own_drop)
-                record.random_drop_others.append(other_drop)
-                bar.update(len(own) + len(others))
+            own = torch.nonzero(labels == c).flatten()
+            others = sample[labels[sample] != c]
+            rows = torch.cat([own, others])
+            loaded = data.load(rows) if len(rows) else None
+            sets = [chosen] + [self.random_set(relevant, layers, rng) for _ in range(self.draws)]
+            drops = [self._drops(model, s, loaded, base[rows], len(own)) for s in sets]
+            bar.update(len(rows) * len(sets))
+            record = ClassAblation(name, sum(layers.values()), layers, *drops[0])
+            record.random_drop_own = [own_drop for own_drop, _ in drops[1:]]
+            record.random_drop_others = [other_drop for _, other_drop in drops[1:]]
             records.append(record)
         bar.close()
         return records
@@ -237,23 +253,24 @@ def summarise_ablation(records: Sequence[ClassAblation]) -> dict[str, float]:
 def sparse_classifier_accuracy(
     model: nn.Module,
     relevant: RelevantFeatures,
-    images: torch.Tensor,
-    labels: torch.Tensor,
+    data: EvaluationSet,
     batch_size: int = 500,
 ) -> dict[str, float]:
     """Accuracy of argmax_c x^T w_c (the sparse classifier) and of the network on the images."""
     sparse = MulticlassAccuracy(num_classes=relevant.num_classes, average="micro")
     network = MulticlassAccuracy(num_classes=relevant.num_classes, average="micro")
+    device = next(model.parameters()).device
     with (
         eval_mode(model),
         torch.no_grad(),
         relevant.extractor(model) as extractor,
     ):
-        for start in range(0, len(images), batch_size):
-            x, logits = extractor.forward(images[start : start + batch_size])
-            truth = labels[start : start + batch_size].cpu()
-            sparse.update(torch.from_numpy(relevant.predict(x.double().cpu().numpy())), truth)
-            network.update(logits.argmax(1).cpu(), truth)
+        for batch in data.batches(batch_size):
+            x, logits = extractor.forward(batch.images.to(device))
+            sparse.update(
+                torch.from_numpy(relevant.predict(x.double().cpu().numpy())), batch.labels
+            )
+            network.update(logits.argmax(1).cpu(), batch.labels)
     return {
         "sparse_accuracy": float(sparse.compute()),
         "network_accuracy": float(network.compute()),

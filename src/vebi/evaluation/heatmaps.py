@@ -4,37 +4,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from vebi.errors import VebiError
+from vebi.evaluation.data import EvaluationSet
 from vebi.evaluation.methods import HeatmapMethod
 from vebi.evaluation.metric_base import HeatmapMetric
-
-
-@dataclass
-class EvaluationImages:
-    """Test images (N, C, H, W) in [0, 1], labels (N,) and, where the data has them, masks
-    (N, H, W) with 1 on the class-deciding region."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    masks: torch.Tensor | None
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def subset(self, indices: torch.Tensor) -> EvaluationImages:
-        return EvaluationImages(
-            self.images[indices],
-            self.labels[indices],
-            None if self.masks is None else self.masks[indices],
-        )
+from vebi.models.hooks import eval_mode
 
 
 def balanced_subset(labels: torch.Tensor, count: int | None, seed: int) -> torch.Tensor:
@@ -50,30 +30,6 @@ def balanced_subset(labels: torch.Tensor, count: int | None, seed: int) -> torch
         within[members] = torch.arange(len(members))
     ranked = order[torch.argsort(within[order], stable=True)]
     return ranked[: int(count)].sort().values
-
-
-def load_test_images(
-    dataset: Dataset, limit: int | None, seed: int, batch_size: int = 256
-) -> EvaluationImages:
-    """The test split in memory; with ``limit`` a seeded random subset of that many images."""
-    if len(dataset) == 0:
-        raise VebiError("the test split is empty: nothing to evaluate (check the data set)")
-    indices = torch.arange(len(dataset))
-    if limit is not None and limit < len(dataset):
-        if limit < 1:
-            raise VebiError(f"the number of evaluation images must be >= 1, got {limit}")
-        generator = torch.Generator().manual_seed(seed)
-        indices = torch.randperm(len(dataset), generator=generator)[:limit].sort().values
-    subset = torch.utils.data.Subset(dataset, indices.tolist())
-    images, labels, masks = [], [], []
-    for batch in DataLoader(subset, batch_size=batch_size, shuffle=False):
-        images.append(batch[0].float())
-        labels.append(torch.as_tensor(batch[1]).long())
-        if len(batch) > 2:
-            masks.append(batch[2].reshape(len(batch[0]), *batch[0].shape[-2:]).bool())
-    return EvaluationImages(
-        torch.cat(images), torch.cat(labels), torch.cat(masks) if masks else None
-    )
 
 
 def metric_info(metrics: Mapping[str, HeatmapMetric]) -> dict[str, Any]:
@@ -116,52 +72,83 @@ class HeatmapEvaluation:
     def applicable(
         self, model: nn.Module, has_masks: bool
     ) -> tuple[dict[str, HeatmapMetric], list[str]]:
-        """(the metrics that can score ``model`` on this data, notes on those that cannot)."""
-        chosen, notes = {}, []
+        """(the metrics that can score ``model`` on this data, notes on those that cannot;
+        one note for a whole group skipped for one reason, e.g. localisation without masks)."""
+        chosen, reasons = {}, {}
         for key, metric in self.metrics.items():
             reason = metric.skip_reason(model, has_masks)
             if reason is None:
                 chosen[key] = metric
-            elif reason not in notes:
-                notes.append(reason)
+            else:
+                reasons[key] = reason
+        notes: list[str] = []
+        for group in dict.fromkeys(m.group for m in self.metrics.values()):
+            members = [k for k, m in self.metrics.items() if m.group == group]
+            why = {reasons.get(k, "").partition(" skipped: ")[2] for k in members}
+            if len(members) > 1 and all(k in reasons for k in members) and len(why) == 1:
+                notes.append(f"{group} skipped: {why.pop()}")
+            else:
+                notes += [reasons[k] for k in members if k in reasons and reasons[k] not in notes]
         return chosen, notes
 
     def __call__(
         self,
         model: nn.Module,
         methods: Mapping[str, HeatmapMethod],
-        data: EvaluationImages,
-        classes: torch.Tensor,
+        data: EvaluationSet,
+        target: str = "label",
         keep: torch.Tensor | None = None,
         progress: bool = True,
     ) -> tuple[dict[str, dict[str, Any]], dict[str, torch.Tensor]]:
-        """(results per method, maps of the images ``keep`` per method for the panels)."""
-        results, kept = {}, {}
+        """(results per method, maps of the images at positions ``keep`` per method, for the
+        panels). Each batch of ``data`` is read once and explained by every method; the
+        explained class is the label (``target="label"``) or the model's prediction."""
+        if target not in ("label", "predicted"):
+            raise VebiError(f"target must be 'label' or 'predicted', got {target!r}")
         device = next(model.parameters()).device
-        prototypes, _ = self.applicable(model, data.masks is not None)
-        for name, method in tqdm(methods.items(), desc="heatmap methods", disable=not progress):
-            metrics = {key: metric.clone().to(device) for key, metric in prototypes.items()}
-            for metric in metrics.values():
-                metric.reset()
-            seconds, pieces = 0.0, []
-            for start in range(0, len(data), self.batch_size):
-                rows = slice(start, start + self.batch_size)
-                images, targets = data.images[rows].to(device), classes[rows].to(device)
-                masks = None if data.masks is None else data.masks[rows].to(device)
+        prototypes, _ = self.applicable(model, data.has_masks)
+        metrics = {
+            name: {key: metric.clone().to(device) for key, metric in prototypes.items()}
+            for name in methods
+        }
+        seconds = dict.fromkeys(methods, 0.0)
+        kept: dict[str, list[torch.Tensor]] = {name: [] for name in methods}
+        wanted = set() if keep is None else set(keep.tolist())
+        position = 0
+        bar = tqdm(total=len(data) * len(methods), desc="heatmaps", disable=not progress)
+        for batch in data.batches(self.batch_size):
+            images, masks = batch.images.to(device), batch.masks
+            masks = None if masks is None else masks.to(device)
+            if target == "label":
+                targets = batch.labels.to(device)
+            else:
+                with torch.no_grad(), eval_mode(model):
+                    targets = model(images).argmax(1)
+            rows = torch.arange(position, position + len(images))
+            chosen = torch.tensor([r in wanted for r in rows.tolist()], dtype=torch.bool)
+            for name, method in methods.items():
                 began = time.perf_counter()
                 maps = method(images, targets)
-                seconds += time.perf_counter() - began
+                seconds[name] += time.perf_counter() - began
                 self._check(name, maps, images)
-                pieces.append(maps.cpu())
-                for metric in metrics.values():
+                if chosen.any():
+                    kept[name].append(maps[chosen.to(maps.device)].cpu())
+                for metric in metrics[name].values():
                     metric.update(maps, masks, images=images, targets=targets, model=model)
+                bar.update(len(images))
+            position += len(images)
+        bar.close()
+        results = {}
+        for name in methods:
             row: dict[str, Any] = {}
-            for metric in metrics.values():
+            for metric in metrics[name].values():
                 row |= metric.result()
-            results[name] = row | {"seconds_per_image": seconds / len(data)}
-            if keep is not None:
-                kept[name] = torch.cat(pieces)[keep]
-        return results, kept
+            results[name] = row | {"seconds_per_image": seconds[name] / max(len(data), 1)}
+        maps_kept = {name: torch.cat(parts) for name, parts in kept.items() if parts}
+        if keep is not None and maps_kept:  # in the order of ``keep``
+            order = torch.argsort(torch.argsort(keep))
+            maps_kept = {name: maps[order] for name, maps in maps_kept.items()}
+        return results, maps_kept
 
     @staticmethod
     def _check(name: str, maps: torch.Tensor, images: torch.Tensor) -> None:

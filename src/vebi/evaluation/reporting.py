@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.loggers import Logger, WandbLogger
 from matplotlib.figure import Figure
 
-from vebi.evaluation.heatmaps import EvaluationImages
+from vebi.evaluation.data import EvaluationImages
 from vebi.explain.figures import overlay, save_figure, to_rgb
 from vebi.utils.io import safe_file_name
 from vebi.utils.wandb_media import log_figures

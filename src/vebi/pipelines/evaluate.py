@@ -23,13 +23,8 @@ from vebi.evaluation.ablation import (
     sparse_classifier_accuracy,
     summarise_ablation,
 )
-from vebi.evaluation.heatmaps import (
-    EvaluationImages,
-    HeatmapEvaluation,
-    balanced_subset,
-    load_test_images,
-    metric_info,
-)
+from vebi.evaluation.data import EvaluationSet
+from vebi.evaluation.heatmaps import HeatmapEvaluation, balanced_subset, metric_info
 from vebi.evaluation.methods import HeatmapMethod
 from vebi.evaluation.metric_base import GROUPS, HeatmapMetric
 from vebi.evaluation.reporting import (
@@ -92,32 +87,30 @@ def run_evaluators(
     cfg: DictConfig,
     module: ClassifierModule,
     relevant: RelevantFeatures,
-    test: EvaluationImages,
+    test: EvaluationSet,
     methods: dict[str, HeatmapMethod],
 ) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
     """(results, panel figures, notes) of the evaluators listed in ``evaluation.evaluators``
     (settings checked by :func:`_check_settings`)."""
     settings = cfg.evaluation
     evaluators = list(settings.evaluators)
-    device = next(module.net.parameters()).device
     net = module.net.eval()
     results: dict[str, Any] = {}
     notes: list[str] = []
-    images, labels = test.images.to(device), test.labels.to(device)
     if "sparse" in evaluators:
         results["sparse"] = sparse_classifier_accuracy(
-            net, relevant, images, labels, int(settings.batch_size_inference)
+            net, relevant, test, int(settings.batch_size_inference)
         )
     if "ablation" in evaluators:
         ablation: AblationRelevance = instantiate(settings.ablation)
-        forwards = ablation.planned_forwards(labels, relevant)
+        forwards = ablation.planned_forwards(test.labels, relevant)
         log.info(
             "Ablation: %d image forwards (%d draws, drop on other classes from %s test images)",
             forwards,
             ablation.draws,
             ablation.other_images or "all",
         )
-        records = ablation(net, relevant, images, labels)
+        records = ablation(net, relevant, test)
         results["ablation"] = {
             "draws": ablation.draws,
             "num_images": len(test),
@@ -131,25 +124,20 @@ def run_evaluators(
     if heatmap_evaluators:
         metrics = build_metrics(settings, heatmap_evaluators)
         scorer = HeatmapEvaluation(metrics, batch_size=int(settings.batch_size))
-        applicable, skipped = scorer.applicable(net, test.masks is not None)
+        applicable, skipped = scorer.applicable(net, test.has_masks)
         notes += skipped
         limit = settings.get("heatmap_images")
-        subset = test.subset(balanced_subset(test.labels, limit, int(cfg.seed)))
-        if settings.target == "label":
-            classes = subset.labels
-        else:  # "predicted"
-            with torch.no_grad():
-                classes = torch.cat(
-                    [
-                        net(subset.images[i : i + 256].to(device)).argmax(1).cpu()
-                        for i in range(0, len(subset), 256)
-                    ]
-                )
+        subset = test.select(balanced_subset(test.labels, limit, int(cfg.seed)))
         rows = panel_rows(subset.labels, int(settings.panel_images_per_class))
         keep = torch.cat(list(rows.values())) if rows else None
-        scores, kept = scorer(net, methods, subset, classes, keep=keep)
+        scores, kept = scorer(net, methods, subset, settings.target, keep=keep)
         if keep is not None:
-            panels = class_panels(subset, rows, kept, relevant.class_names)
+            shown = subset.load(keep)  # only the panel images, in the order of ``keep``
+            positions, start = {}, 0
+            for c, members in rows.items():
+                positions[c] = torch.arange(start, start + len(members))
+                start += len(members)
+            panels = class_panels(shown, positions, kept, relevant.class_names)
         results["heatmaps"] = {
             "num_images": len(subset),
             "target": settings.target,
@@ -201,7 +189,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         datamodule.setup("test")
         test_dataset = datamodule.test_dataloader().dataset
         # refuses an empty test split before anything runs
-        test = load_test_images(test_dataset, cfg.evaluation.get("max_images"), int(cfg.seed))
+        test = EvaluationSet.from_dataset(
+            test_dataset,
+            cfg.evaluation.get("max_images"),
+            int(cfg.seed),
+            int(cfg.evaluation.batch_size_inference),
+            int(getattr(datamodule, "hparams", {}).get("num_workers", 0)),
+        )
         (metrics,) = trainer.test(module, datamodule=datamodule)
         module = module.to(device_for(cfg.trainer))
         explicit = cfg.get("relevant_features")
@@ -216,7 +210,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             loggers=loggers,
             named_classes=module.hparams.get("class_names"),
         )
-        relevant.check_model(module.net, test.images[:1].to(device_for(cfg.trainer)))
+        probe = test.select(torch.arange(1)).load().images
+        relevant.check_model(module.net, probe.to(device_for(cfg.trainer)))
         log.info("\n%s\n  (%s: %s)", console_summary(relevant), obtained, relevant_path)
         # the heatmap methods are built before any evaluator runs: a model they cannot explain
         # (a module without backward rule) is refused now, not after the ablation
