@@ -70,3 +70,61 @@ def test_gallery_averages_exactly_the_top_images_of_its_class(tmp_path: Path) ->
         order = members[np.argsort(-x[members, feature].numpy(), kind="stable")[:top_n]]
         assert v.dataset_indices == order.tolist()
         torch.testing.assert_close(v.average_image, data.data_train.images[order].mean(0))
+
+
+def _numbers(results: dict) -> dict[str, float]:
+    values = {f"metrics/{k}": v for k, v in results["metrics"].items()}
+    for row in results["ablation"]["per_class"]:
+        values |= {f"ablation/{row['class']}/{k}": v for k, v in row.items() if k != "class"}
+    for method, row in results["heatmaps"]["methods"].items():
+        values |= {
+            f"{method}/{k}": v
+            for k, v in row.items()
+            if isinstance(v, float) and k != "seconds_per_image"
+        }
+    return values
+
+
+def test_two_processes_give_the_results_of_one(tmp_path: Path) -> None:
+    """evaluate.py under DDP (2 gloo processes, trainer.devices=2): each process evaluates
+    its shard, the sums are all-reduced, one process writes: the same results.json numbers
+    (to 1e-6) and the same files as one process."""
+    common = [
+        "~data",
+        "+data._target_=tests.planted_data.PlantedMaskData",
+        "+data.test=61",  # odd: the shards differ in size
+        "model_source=config",
+        "model=resnet18",
+        "model.num_classes=3",
+        "model_source.allow_random_init=true",
+        "logger=none",
+        "trainer.accelerator=cpu",
+        "mining.progress=false",
+        "evaluation.evaluators=[sparse,ablation,localisation,faithfulness]",
+        "+evaluation.methods.planted._target_=tests.planted_data.MaskMethod",
+        "evaluation.select=[planted,centre_gaussian]",
+        "evaluation.steps=4",
+        "evaluation.ablation.other_images=20",
+    ]
+    single = run_cli("evaluate.py", *common, f"paths.log_dir={tmp_path / 'one'}")
+    assert single.returncode == 0, single.stderr[-3000:]
+    one_dir = next((tmp_path / "one").glob("evaluate/*/*/results.json")).parent
+    relevant = one_dir / "mining" / "relevant_features.h5"
+    double = run_cli(
+        "evaluate.py",
+        *common,
+        f"paths.log_dir={tmp_path / 'two'}",
+        f"relevant_features={relevant}",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+    )
+    assert double.returncode == 0, double.stderr[-3000:]
+    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in double.stdout + double.stderr
+    two_dir = next((tmp_path / "two").glob("evaluate/*/*/results.json")).parent
+    one, two = (json.loads((d / "results.json").read_text()) for d in (one_dir, two_dir))
+    a, b = _numbers(one), _numbers(two)
+    assert a.keys() == b.keys() and len(a) > 30
+    for key in a:
+        assert b[key] == pytest.approx(a[key], abs=1e-6), key
+    files = {p.relative_to(d).as_posix() for d in (one_dir,) for p in d.rglob("*.png")}
+    assert files == {p.relative_to(two_dir).as_posix() for p in two_dir.rglob("*.png")} - set()

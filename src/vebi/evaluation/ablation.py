@@ -35,9 +35,10 @@ from torchmetrics.classification import MulticlassAccuracy
 from tqdm.auto import tqdm
 
 from vebi.errors import VebiError
-from vebi.evaluation.data import EvaluationImages, EvaluationSet
+from vebi.evaluation.data import EvaluationSet
 from vebi.mining.relevant import RelevantFeatures
 from vebi.models.hooks import check_layer_names, eval_mode
+from vebi.utils.distributed import all_reduce_sum, world
 
 FeatureSet = Mapping[str, Sequence[int]]
 
@@ -163,24 +164,31 @@ class AblationRelevance:
             for layer, n in layers.items()
         }
 
-    def _drops(
+    def _lost(
         self,
         model: nn.Module,
-        features: FeatureSet,
-        loaded: EvaluationImages | None,
+        sets: list[FeatureSet],
+        images: EvaluationSet,
         base: torch.Tensor,
         own: int,
-    ) -> tuple[float, float]:
-        """(drop on the first ``own`` images, drop on the rest) under ablation of ``features``;
-        ``base`` says which of them the intact model classifies correctly."""
-        if loaded is None:
-            return float("nan"), float("nan")
-        with ablated(model, features):
-            correct = correct_per_image(model, loaded.images, loaded.labels, self.batch_size)
-        lost = base.double() - correct.double()
-        own_drop = float(lost[:own].mean()) if own else float("nan")
-        other_drop = float(lost[own:].mean()) if len(lost) > own else float("nan")
-        return own_drop, other_drop
+    ) -> torch.Tensor:
+        """Per feature set, (lost on the first ``own`` images, ``own``, lost on the rest, their
+        number) when it is ablated; ``base`` says which images the intact model gets right.
+        Each batch of images is read once and forwarded under every set."""
+        counts = torch.zeros(len(sets), 4, dtype=torch.float64)
+        counts[:, 1], counts[:, 3] = own, len(images) - own
+        start = 0
+        for batch in images.batches(self.batch_size):
+            rows = torch.arange(start, start + len(batch))
+            is_own = rows < own
+            for i, features in enumerate(sets):
+                with ablated(model, features):
+                    correct = correct_per_image(model, batch.images, batch.labels, len(batch))
+                lost = base[rows].double() - correct.double()
+                counts[i, 0] += lost[is_own].sum()
+                counts[i, 2] += lost[~is_own].sum()
+            start += len(batch)
+        return counts
 
     def planned_forwards(self, labels: torch.Tensor, relevant: RelevantFeatures) -> int:
         """Image forwards of :meth:`__call__` (the formula of the module doc; classes without
@@ -207,10 +215,18 @@ class AblationRelevance:
         data: EvaluationSet,
         progress: bool = True,
     ) -> list[ClassAblation]:
-        """Per class, the images of the class and the other-class sample are loaded once (at
-        most N_c + K images in memory) and forwarded under the relevant and random sets."""
+        """Per class, the images of the class and the other-class sample are read batch by
+        batch, each batch once, and forwarded under the relevant and every random set.
+
+        Under torch.distributed each process takes every world-size-th of those images and the
+        counts of lost images are all-reduced: every process returns the records of one
+        process (the random sets are drawn alike from the same seed)."""
+        rank, size = world()
         labels = data.labels
-        base = correct_in(model, data, self.batch_size)
+        mine = torch.arange(rank, len(data), size)
+        base = torch.zeros(len(data), dtype=torch.float64)
+        base[mine] = correct_in(model, data.select(mine), self.batch_size).double()
+        base = all_reduce_sum(base) > 0  # every process knows every image's base result
         sample = self._sample(labels)
         rng = np.random.default_rng(self.seed)
         records = []
@@ -230,11 +246,19 @@ class AblationRelevance:
                 continue
             own = torch.nonzero(labels == c).flatten()
             others = sample[labels[sample] != c]
+            own, others = own[rank::size], others[rank::size]
             rows = torch.cat([own, others])
-            loaded = data.load(rows) if len(rows) else None
             sets = [chosen] + [self.random_set(relevant, layers, rng) for _ in range(self.draws)]
-            drops = [self._drops(model, s, loaded, base[rows], len(own)) for s in sets]
-            bar.update(len(rows) * len(sets))
+            counts = self._lost(model, sets, data.select(rows), base[rows], len(own))
+            counts = all_reduce_sum(counts)
+            drops = [
+                (
+                    float(lost_own / n_own) if n_own else float("nan"),
+                    float(lost_other / n_other) if n_other else float("nan"),
+                )
+                for lost_own, n_own, lost_other, n_other in counts.tolist()
+            ]
+            bar.update(len(rows) * size * len(sets))
             record = ClassAblation(name, sum(layers.values()), layers, *drops[0])
             record.random_drop_own = [own_drop for own_drop, _ in drops[1:]]
             record.random_drop_others = [other_drop for _, other_drop in drops[1:]]
@@ -256,21 +280,24 @@ def sparse_classifier_accuracy(
     data: EvaluationSet,
     batch_size: int = 500,
 ) -> dict[str, float]:
-    """Accuracy of argmax_c x^T w_c (the sparse classifier) and of the network on the images."""
-    sparse = MulticlassAccuracy(num_classes=relevant.num_classes, average="micro")
-    network = MulticlassAccuracy(num_classes=relevant.num_classes, average="micro")
+    """Accuracy of argmax_c x^T w_c (the sparse classifier) and of the network on the images
+    (each process of torch.distributed reads every world-size-th image; the counts are
+    all-reduced)."""
     device = next(model.parameters()).device
+    sparse = MulticlassAccuracy(num_classes=relevant.num_classes, average="micro").to(device)
+    network = MulticlassAccuracy(num_classes=relevant.num_classes, average="micro").to(device)
     with (
         eval_mode(model),
         torch.no_grad(),
         relevant.extractor(model) as extractor,
     ):
-        for batch in data.batches(batch_size):
+        for batch in data.shard(*world()).batches(batch_size):
             x, logits = extractor.forward(batch.images.to(device))
-            sparse.update(
-                torch.from_numpy(relevant.predict(x.double().cpu().numpy())), batch.labels
-            )
-            network.update(logits.argmax(1).cpu(), batch.labels)
+            predicted = torch.from_numpy(relevant.predict(x.double().cpu().numpy()))
+            labels = batch.labels.to(device)
+            sparse.update(predicted.to(device), labels)
+            network.update(logits.argmax(1), labels)
+    # all-reduced over the processes under torch.distributed (each read its shard)
     return {
         "sparse_accuracy": float(sparse.compute()),
         "network_accuracy": float(network.compute()),

@@ -15,6 +15,7 @@ from vebi.evaluation.data import EvaluationSet
 from vebi.evaluation.methods import HeatmapMethod
 from vebi.evaluation.metric_base import HeatmapMetric
 from vebi.models.hooks import eval_mode
+from vebi.utils.distributed import world
 
 
 def balanced_subset(labels: torch.Tensor, count: int | None, seed: int) -> torch.Tensor:
@@ -30,6 +31,18 @@ def balanced_subset(labels: torch.Tensor, count: int | None, seed: int) -> torch
         within[members] = torch.arange(len(members))
     ranked = order[torch.argsort(within[order], stable=True)]
     return ranked[: int(count)].sort().values
+
+
+def explained_classes(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, target: str
+) -> torch.Tensor:
+    """The classes the maps explain: the labels, or the model's predictions."""
+    if target == "label":
+        return labels
+    if target != "predicted":
+        raise VebiError(f"target must be 'label' or 'predicted', got {target!r}")
+    with torch.no_grad(), eval_mode(model):
+        return model(images).argmax(1)
 
 
 def metric_info(metrics: Mapping[str, HeatmapMetric]) -> dict[str, Any]:
@@ -97,58 +110,42 @@ class HeatmapEvaluation:
         methods: Mapping[str, HeatmapMethod],
         data: EvaluationSet,
         target: str = "label",
-        keep: torch.Tensor | None = None,
         progress: bool = True,
-    ) -> tuple[dict[str, dict[str, Any]], dict[str, torch.Tensor]]:
-        """(results per method, maps of the images at positions ``keep`` per method, for the
-        panels). Each batch of ``data`` is read once and explained by every method; the
-        explained class is the label (``target="label"``) or the model's prediction."""
-        if target not in ("label", "predicted"):
-            raise VebiError(f"target must be 'label' or 'predicted', got {target!r}")
+    ) -> dict[str, dict[str, Any]]:
+        """Results per method. Each batch of ``data`` is read once and explained by every
+        method; the explained class is the label (``target="label"``) or the model's
+        prediction. Under torch.distributed each process scores every world-size-th image
+        and the metrics' sums are all-reduced (``seconds_per_image`` is this process's)."""
         device = next(model.parameters()).device
         prototypes, _ = self.applicable(model, data.has_masks)
+        rank, size = world()
+        shard = data.shard(rank, size)
         metrics = {
             name: {key: metric.clone().to(device) for key, metric in prototypes.items()}
             for name in methods
         }
         seconds = dict.fromkeys(methods, 0.0)
-        kept: dict[str, list[torch.Tensor]] = {name: [] for name in methods}
-        wanted = set() if keep is None else set(keep.tolist())
-        position = 0
-        bar = tqdm(total=len(data) * len(methods), desc="heatmaps", disable=not progress)
-        for batch in data.batches(self.batch_size):
-            images, masks = batch.images.to(device), batch.masks
-            masks = None if masks is None else masks.to(device)
-            if target == "label":
-                targets = batch.labels.to(device)
-            else:
-                with torch.no_grad(), eval_mode(model):
-                    targets = model(images).argmax(1)
-            rows = torch.arange(position, position + len(images))
-            chosen = torch.tensor([r in wanted for r in rows.tolist()], dtype=torch.bool)
+        bar = tqdm(total=len(shard) * len(methods), desc="heatmaps", disable=not progress)
+        for batch in shard.batches(self.batch_size):
+            images = batch.images.to(device)
+            masks = None if batch.masks is None else batch.masks.to(device)
+            targets = explained_classes(model, images, batch.labels.to(device), target)
             for name, method in methods.items():
                 began = time.perf_counter()
                 maps = method(images, targets)
                 seconds[name] += time.perf_counter() - began
                 self._check(name, maps, images)
-                if chosen.any():
-                    kept[name].append(maps[chosen.to(maps.device)].cpu())
                 for metric in metrics[name].values():
                     metric.update(maps, masks, images=images, targets=targets, model=model)
                 bar.update(len(images))
-            position += len(images)
         bar.close()
         results = {}
         for name in methods:
             row: dict[str, Any] = {}
             for metric in metrics[name].values():
                 row |= metric.result()
-            results[name] = row | {"seconds_per_image": seconds[name] / max(len(data), 1)}
-        maps_kept = {name: torch.cat(parts) for name, parts in kept.items() if parts}
-        if keep is not None and maps_kept:  # in the order of ``keep``
-            order = torch.argsort(torch.argsort(keep))
-            maps_kept = {name: maps[order] for name, maps in maps_kept.items()}
-        return results, maps_kept
+            results[name] = row | {"seconds_per_image": seconds[name] / max(len(shard), 1)}
+        return results
 
     @staticmethod
     def _check(name: str, maps: torch.Tensor, images: torch.Tensor) -> None:

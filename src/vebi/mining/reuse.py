@@ -20,7 +20,8 @@ from vebi.errors import VebiError
 from vebi.mining.callback import mining_datasets
 from vebi.mining.miner import FeatureMiner, model_fingerprint
 from vebi.mining.relevant import RelevantFeatures
-from vebi.mining.reporting import save_and_log
+from vebi.mining.reporting import ARTEFACT_NAME, save_and_log
+from vebi.utils.distributed import is_main_process
 from vebi.utils.log import get_logger
 
 log = get_logger(__name__)
@@ -87,6 +88,9 @@ def load_or_mine(
     dataset, val_dataset = mining_datasets(datamodule)
     report = miner.mine(model, dataset, val_dataset, list(class_names))
     miner.release(report)
-    path = save_and_log(report, output_dir, list(loggers))
+    # under torch.distributed every process mined the same W; one saves it
+    path = output_dir / ARTEFACT_NAME
+    if is_main_process():
+        path = save_and_log(report, output_dir, list(loggers))
     check_classes(report.relevant, num_classes, named_classes, path)
     return report.relevant, path, "mined"

@@ -22,8 +22,9 @@ from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torchmetrics import Metric
+
+from vebi.utils.distributed import all_reduce_sum, world
 
 #: Working-set unions up to this size get one X_U^T X_U per block, sliced per class.
 UNION_GRAM_MAX = 4096
@@ -102,10 +103,9 @@ class GramStatistics(Metric):
 
 def _all_reduce(arrays: list[np.ndarray]) -> list[np.ndarray]:
     """Sum float64 arrays over the processes of torch.distributed (no-op in one process)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if world()[1] == 1:
         return arrays
-    flat = torch.from_numpy(np.concatenate([a.reshape(-1) for a in arrays]))
-    dist.all_reduce(flat)
+    flat = all_reduce_sum(torch.from_numpy(np.concatenate([a.reshape(-1) for a in arrays])))
     out, start = [], 0
     for array in arrays:
         out.append(flat[start : start + array.size].numpy().reshape(array.shape))

@@ -118,7 +118,7 @@ class ClassifierModule(LightningModule):
 
     def validation_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> None:
         loss, preds, labels = self._step(batch)
-        self.val_loss(loss)
+        self.val_loss(loss, weight=len(labels))  # the mean over images, however batched
         self.val_acc(preds, labels)
         self.log("val/loss", self.val_loss, on_step=False, on_epoch=True, prog_bar=True)
         self.log("val/acc", self.val_acc, on_step=False, on_epoch=True, prog_bar=True)
@@ -129,7 +129,7 @@ class ClassifierModule(LightningModule):
 
     def test_step(self, batch: Sequence[torch.Tensor], batch_idx: int) -> None:
         loss, preds, labels = self._step(batch)
-        self.test_loss(loss)
+        self.test_loss(loss, weight=len(labels))
         self.test_acc(preds, labels)
         self.log("test/loss", self.test_loss, on_step=False, on_epoch=True)
         self.log("test/acc", self.test_acc, on_step=False, on_epoch=True, prog_bar=True)

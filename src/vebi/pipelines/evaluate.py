@@ -16,6 +16,7 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
 
 from vebi.errors import VebiError, require_int_in_range
 from vebi.evaluation.ablation import (
@@ -24,7 +25,12 @@ from vebi.evaluation.ablation import (
     summarise_ablation,
 )
 from vebi.evaluation.data import EvaluationSet
-from vebi.evaluation.heatmaps import HeatmapEvaluation, balanced_subset, metric_info
+from vebi.evaluation.heatmaps import (
+    HeatmapEvaluation,
+    balanced_subset,
+    explained_classes,
+    metric_info,
+)
 from vebi.evaluation.methods import HeatmapMethod
 from vebi.evaluation.metric_base import GROUPS, HeatmapMetric
 from vebi.evaluation.reporting import (
@@ -40,6 +46,7 @@ from vebi.mining.reuse import load_or_mine
 from vebi.modules.classifier import ClassifierModule
 from vebi.pipelines.common import load_model
 from vebi.utils.cli import finish_loggers, wandb_run_dir
+from vebi.utils.distributed import ShardSampler, is_main_process
 from vebi.utils.instantiate import device_for, flat_config, instantiate_loggers
 from vebi.utils.io import atomic_path
 from vebi.utils.log import get_logger
@@ -128,16 +135,10 @@ def run_evaluators(
         notes += skipped
         limit = settings.get("heatmap_images")
         subset = test.select(balanced_subset(test.labels, limit, int(cfg.seed)))
+        scores = scorer(net, methods, subset, settings.target)
         rows = panel_rows(subset.labels, int(settings.panel_images_per_class))
-        keep = torch.cat(list(rows.values())) if rows else None
-        scores, kept = scorer(net, methods, subset, settings.target, keep=keep)
-        if keep is not None:
-            shown = subset.load(keep)  # only the panel images, in the order of ``keep``
-            positions, start = {}, 0
-            for c, members in rows.items():
-                positions[c] = torch.arange(start, start + len(members))
-                start += len(members)
-            panels = class_panels(shown, positions, kept, relevant.class_names)
+        if rows and is_main_process():
+            panels = _panels(net, methods, subset, rows, settings.target, relevant.class_names)
         results["heatmaps"] = {
             "num_images": len(subset),
             "target": settings.target,
@@ -145,6 +146,27 @@ def run_evaluators(
             "methods": scores,
         }
     return results, panels, notes
+
+
+def _panels(
+    net: torch.nn.Module,
+    methods: dict[str, HeatmapMethod],
+    subset: EvaluationSet,
+    rows: dict[int, torch.Tensor],
+    target: str,
+    class_names: list[str],
+) -> dict[str, Any]:
+    """Per class, the maps of every method on its first panel images (only those are read)."""
+    shown = subset.load(torch.cat(list(rows.values())))
+    device = next(net.parameters()).device
+    images = shown.images.to(device)
+    classes = explained_classes(net, images, shown.labels.to(device), target)
+    maps = {name: method(images, classes).cpu() for name, method in methods.items()}
+    positions, start = {}, 0
+    for c, members in rows.items():
+        positions[c] = torch.arange(start, start + len(members))
+        start += len(members)
+    return class_panels(shown, positions, maps, class_names)
 
 
 def _check_settings(settings: DictConfig) -> None:
@@ -180,7 +202,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         )
     output_dir = Path(cfg.paths.output_dir)
     loggers = instantiate_loggers(cfg.get("logger"))
-    trainer: L.Trainer = instantiate(cfg.trainer, logger=loggers or False, callbacks=[])
+    # test batches sharded without padding (ShardSampler): under DDP the test metrics are
+    # those of one process
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, logger=loggers or False, callbacks=[], use_distributed_sampler=False
+    )
     for logger in loggers:
         logger.log_hyperparams({**flat_config(cfg), "model": model.source})
     failed = True
@@ -196,7 +222,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             int(cfg.evaluation.batch_size_inference),
             int(getattr(datamodule, "hparams", {}).get("num_workers", 0)),
         )
-        (metrics,) = trainer.test(module, datamodule=datamodule)
+        loader = DataLoader(
+            test_dataset,
+            batch_size=int(datamodule.hparams.get("batch_size", 64)),
+            sampler=ShardSampler(len(test_dataset)),
+            num_workers=int(datamodule.hparams.get("num_workers", 0)),
+        )
+        (metrics,) = trainer.test(module, dataloaders=loader)
         module = module.to(device_for(cfg.trainer))
         explicit = cfg.get("relevant_features")
         relevant, relevant_path, obtained = load_or_mine(
@@ -232,11 +264,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             "config": OmegaConf.to_container(cfg.evaluation, resolve=True),
             "output_dir": str(output_dir),
         }
-        figures = save_figures(result, panels, output_dir)
+        # every process holds the same (all-reduced) results; one writes them
+        figures = save_figures(result, panels, output_dir) if is_main_process() else {}
         result["figures"] = {name: str(path) for name, path in figures.items()}
         log_to_wandb(loggers, result, figures)
         result["wandb_dir"] = wandb_run_dir(loggers)
-        _write_results(result, output_dir, Path(cfg.paths.root_dir))
+        if is_main_process():
+            _write_results(result, output_dir, Path(cfg.paths.root_dir))
         failed = False
     finally:
         finish_loggers(loggers, failed=failed)
