@@ -121,9 +121,8 @@ def main() -> None:
         set(np.flatnonzero(w_gpu[:, c] > 1e-6)) == set(np.flatnonzero(w_cpu[:, c] > 1e-6))
         for c in range(w_gpu.shape[1])
     )
-    print(
-        f"  W: max |difference| {np.max(np.abs(w_gpu - w_cpu)):.2e}, same relevant sets: {same_sets}"
-    )
+    largest = np.max(np.abs(w_gpu - w_cpu))
+    print(f"  W: max |difference| {largest:.2e}, same relevant sets: {same_sets}")
     if worst is not None:
         print(
             f"  metrics: {len(shared)} compared, max |difference| {differences[worst]:.2e} "
