@@ -7,16 +7,18 @@ For each class c, with G = X^T X (m x m) and b_c = X^T y_c:
 which equals argmin ||X w - y_c||^2 under the same constraints (the dropped y^T y is constant).
 
 Exact and fast: cvxpy (Clarabel by default) solves the problem restricted to a small working
-set S (the restricted problems of all classes in one separable cvxpy problem per round, so
-cvxpy compiles once per round rather than once per class), then the optimality (KKT)
+set S (the restricted problems of many classes stacked into one separable cvxpy problem of
+up to 2048 variables, so that cvxpy compiles a few times per round rather than once per
+class), then the optimality (KKT)
 conditions are checked on all m features. With gradient
 g = 2 (G w - b) and lambda >= 0 the multiplier of the L1 bound, w is optimal iff
 
 * non-negative: g_j = -lambda where w_j > 0 and g_j >= -lambda where w_j = 0;
 * signed:       g_j = -lambda sign(w_j) where w_j != 0 and |g_j| <= lambda where w_j = 0.
 
-Features outside S that violate these (beyond a small tolerance) join S, and the loop repeats
-until none does, so the restricted optimum is the optimum of the full problem.
+Features outside S that violate these (beyond a small tolerance) join S (the worst
+``initial_size`` of them; zero-weight features leave S), and the loop repeats until none does,
+so the restricted optimum is the optimum of the full problem.
 """
 
 from __future__ import annotations
@@ -64,6 +66,24 @@ def lasso_objective(gram: np.ndarray, cross: np.ndarray, weights: np.ndarray) ->
     return np.einsum("ic,ic->c", weights, gram @ weights) - 2.0 * np.einsum(
         "ic,ic->c", cross, weights
     )
+
+
+#: Variables per cvxpy problem when the restricted problems of several classes are stacked.
+STACK_VARIABLES = 2048
+
+
+def _groups(sizes: Sequence[int]) -> list[list[int]]:
+    """Consecutive classes whose working sets add up to at most :data:`STACK_VARIABLES`
+    variables (one class alone may exceed it): few compilations, small problems."""
+    groups: list[list[int]] = [[]]
+    total = 0
+    for j, size in enumerate(sizes):
+        if groups[-1] and total + size > STACK_VARIABLES:
+            groups.append([])
+            total = 0
+        groups[-1].append(j)
+        total += size
+    return groups
 
 
 def _restricted_solve(
@@ -163,7 +183,9 @@ class _Working:
         m = len(cross)
         score = cross if nonnegative else np.abs(cross)
         self.working = np.zeros(m, dtype=bool)
-        self.working[np.argsort(-score, kind="stable")[: min(m, initial_size)]] = True
+        first = min(m, initial_size)
+        top = np.argpartition(-score, first - 1)[:first] if first < m else np.arange(m)
+        self.working[top] = True
         self.cross = cross
         self.scale = tolerance * (1.0 + 2.0 * float(np.max(np.abs(cross))))
         self.weights = np.zeros(m)
@@ -200,20 +222,22 @@ def _working_set_rounds(
         if not active:
             return states
         index_sets = [states[c].indices for c in active]
-        solved, solver = _restricted_solve(
-            operator.submatrices(index_sets),
-            [states[c].cross[s] for c, s in zip(active, index_sets, strict=True)],
-            mu,
-            nonnegative,
-            solvers,
-            solver_options,
-            failures,
-        )
-        for c, w_sub in zip(active, solved, strict=True):
-            state = states[c]
-            state.w_sub = np.maximum(w_sub, 0.0) if nonnegative else w_sub
-            state.solver = solver
-            state.iterations += 1
+        grams = operator.submatrices(index_sets)
+        for group in _groups([len(s) for s in index_sets]):
+            solved, solver = _restricted_solve(
+                [grams[j] for j in group],
+                [states[active[j]].cross[index_sets[j]] for j in group],
+                mu,
+                nonnegative,
+                solvers,
+                solver_options,
+                failures,
+            )
+            for j, w_sub in zip(group, solved, strict=True):
+                state = states[active[j]]
+                state.w_sub = np.maximum(w_sub, 0.0) if nonnegative else w_sub
+                state.solver = solver
+                state.iterations += 1
         products = operator.products(index_sets, [states[c].w_sub for c in active])
         still_active = []
         for j, c in enumerate(active):
@@ -228,9 +252,16 @@ def _working_set_rounds(
             state.violation = max(worst, 0.0)
             if worst <= state.scale:
                 continue
+            # next working set: the current support and the worst violators; zero-weight
+            # features leave (they come back if they violate again), so the restricted
+            # problems stay small; the support's optimum is feasible in the next problem and
+            # a violator improves on it, so the objective falls every round (no cycling)
             violators = np.flatnonzero(violation > state.scale)
-            grow = max(initial_size, int(state.working.sum()))
-            state.working[violators[np.argsort(-violation[violators])[:grow]]] = True
+            worst_first = violators[np.argsort(-violation[violators])[:initial_size]]
+            state.working[:] = False
+            # (interior-point solvers leave ~1e-10 on features that are zero at the optimum)
+            state.working[np.flatnonzero(np.abs(state.weights) > 1e-9 * mu)] = True
+            state.working[worst_first] = True
             still_active.append(c)
         active = still_active
     if active:
