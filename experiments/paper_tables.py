@@ -117,7 +117,10 @@ def main() -> None:
         help=f"folder of the tables (default {DEFAULT_OUT.relative_to(ROOT)}; "
         f"{RECORDED.relative_to(ROOT)} updates the recorded ones)",
     )
-    args = parser.parse_args()
+    argv = sys.argv[1:]
+    extra = argv[argv.index("--") + 1 :] if "--" in argv else []
+    args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    args.overrides = [*args.overrides, *extra]
     (ROOT / "logs").mkdir(exist_ok=True)
     for table in TABLES if args.table == "all" else [args.table]:
         reproduce(table, args.overrides, args.out.resolve())

@@ -47,7 +47,12 @@ from vebi.modules.classifier import ClassifierModule
 from vebi.pipelines.common import load_model
 from vebi.utils.cli import finish_loggers, wandb_run_dir
 from vebi.utils.distributed import ShardSampler, is_main_process
-from vebi.utils.instantiate import device_for, flat_config, instantiate_loggers
+from vebi.utils.instantiate import (
+    device_for,
+    flat_config,
+    instantiate_loggers,
+    instantiate_trainer,
+)
 from vebi.utils.io import atomic_path
 from vebi.utils.log import get_logger
 
@@ -204,7 +209,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     loggers = instantiate_loggers(cfg.get("logger"))
     # test batches sharded without padding (ShardSampler): under DDP the test metrics are
     # those of one process
-    trainer: L.Trainer = instantiate(
+    trainer: L.Trainer = instantiate_trainer(
         cfg.trainer, logger=loggers or False, callbacks=[], use_distributed_sampler=False
     )
     for logger in loggers:

@@ -16,7 +16,12 @@ from vebi.explain.rules import check_rule_coverage
 from vebi.mining.callback import FeatureMiningCallback, mining_datasets
 from vebi.pipelines.common import NO_GALLERIES, make_galleries
 from vebi.utils.cli import finish_loggers, wandb_run_dir
-from vebi.utils.instantiate import flat_config, instantiate_callbacks, instantiate_loggers
+from vebi.utils.instantiate import (
+    flat_config,
+    instantiate_callbacks,
+    instantiate_loggers,
+    instantiate_trainer,
+)
 from vebi.utils.log import get_logger
 
 log = get_logger(__name__)
@@ -52,7 +57,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if galleries and any(isinstance(c, FeatureMiningCallback) for c in callbacks):
         check_rule_coverage(model.net, hint=NO_GALLERIES)  # galleries need backward rules
     loggers = instantiate_loggers(cfg.get("logger"))
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: L.Trainer = instantiate_trainer(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False
+    )
     for logger in loggers:
         logger.log_hyperparams(flat_config(cfg))
 

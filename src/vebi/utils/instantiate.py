@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,6 +30,28 @@ def instantiate_group(group: DictConfig | None, kind: type) -> list[Any]:
             log.info("Instantiated %s <%s>", name, entry["_target_"])
             objects.append(obj)
     return objects
+
+
+def instantiate_trainer(trainer: DictConfig, **kwargs: Any) -> Any:
+    """The Lightning Trainer of ``cfg.trainer``; settings this machine cannot run (no GPU,
+    more devices than it has) become one clear error instead of a Hydra traceback."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    from vebi.errors import VebiError
+
+    try:
+        return instantiate(trainer, **kwargs)
+    except Exception as error:  # Hydra wraps what the Trainer raised
+        cause = error.__cause__ or error
+        if not isinstance(cause, MisconfigurationException):
+            raise
+        gpus = torch.cuda.device_count()
+        raise VebiError(
+            f"the trainer settings cannot run here (trainer.accelerator="
+            f"{trainer.get('accelerator')}, trainer.devices={trainer.get('devices')}): {cause}; "
+            f"this machine has {gpus} CUDA GPU(s) and {os.cpu_count()} CPU(s): pick "
+            "trainer.devices within that, or trainer.accelerator=cpu"
+        ) from None
 
 
 def instantiate_callbacks(group: DictConfig | None) -> list[Callback]:
