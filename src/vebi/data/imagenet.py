@@ -25,12 +25,12 @@ import functools
 from pathlib import Path
 
 import torch
-import torchvision
 from torchvision import datasets
 
 from vebi.data.base import image_transforms
 from vebi.data.image_folder import ImageFolderDataModule, read_rgb
 from vebi.errors import VebiError
+from vebi.models.torchvision_models import imagenet_categories
 
 LABEL_SPACES = ("imagenet", "subset")
 NUM_IMAGENET_CLASSES = 1000
@@ -156,8 +156,7 @@ class ImageNetDataModule(ImageFolderDataModule):
     def class_names(self) -> list[str]:
         """The model's classes: the 1000 ImageNet names, or the chosen wnids (``subset``)."""
         if self.hparams.label_space == "imagenet":
-            weights = torchvision.models.ResNet50_Weights.DEFAULT  # names ship with torchvision
-            return list(weights.meta["categories"])
+            return imagenet_categories("resnet50")  # the names ship with torchvision
         return sorted(self.chosen_wnids)
 
     def _folder(self, path: Path, train: bool) -> datasets.ImageFolder:

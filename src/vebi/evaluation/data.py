@@ -32,13 +32,6 @@ class EvaluationImages:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def subset(self, indices: torch.Tensor) -> EvaluationImages:
-        return EvaluationImages(
-            self.images[indices],
-            self.labels[indices],
-            None if self.masks is None else self.masks[indices],
-        )
-
 
 def dataset_labels(dataset: Dataset) -> torch.Tensor | None:
     """The labels of every item without reading the images, where the data set keeps them
