@@ -1,8 +1,11 @@
 """Explain predictions: ``python explain.py [ckpt_path=...] input=<image, folder or test>``."""
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
+from vebi.pipelines.common import with_checkpoint_settings
 from vebi.pipelines.explain import explain
 from vebi.utils.cli import report_user_errors
 
@@ -14,4 +17,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv = with_checkpoint_settings(sys.argv)  # the settings ckpt_path was trained with
     main()

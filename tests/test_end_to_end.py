@@ -87,3 +87,22 @@ def test_an8flower_double_generates_data_and_reaches_95_percent(tmp_path: Path) 
         "*/mining/relevant_features.h5"
     )
     assert artefact.is_file()
+    # the checkpoint carries its settings: explain.py needs no experiment= to read 3 x 112 px
+    # photos and files its run under the checkpoint's experiment
+    (checkpoint,) = (tmp_path / "logs" / "train" / "an8flower_double").glob(
+        "*/checkpoints/best.ckpt"
+    )
+    photo = next(images.rglob("*.png"))
+    result = run_cli(
+        "explain.py",
+        f"ckpt_path={checkpoint}",
+        f"input={photo}",
+        f"paths.log_dir={tmp_path / 'logs'}",
+        "logger=none",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "was trained with experiment=an8flower_double" in result.stderr
+    (record,) = (tmp_path / "logs" / "explain" / "an8flower_double").glob(
+        "*/explanations/explanations.json"
+    )
+    assert json.loads(record.read_text())["explanations"][0]["image"] == photo.stem

@@ -91,3 +91,43 @@ def test_explain_cli_without_mined_features(tmp_path: Path, short_run: dict) -> 
         "logger=none",
     )
     assert result.returncode == 1 and "mine them first" in result.stderr
+
+
+def test_checkpoints_carry_their_settings(short_run: dict, tmp_path: Path) -> None:
+    """A job on a checkpoint takes the experiment, data choice, data overrides and experiment
+    name it was trained with, unless the command line chooses an experiment itself."""
+    from vebi.checkpoint import checkpoint_settings
+    from vebi.pipelines.common import with_checkpoint_settings
+
+    ckpt = short_run["best_checkpoint"]
+    settings = checkpoint_settings(ckpt)
+    assert settings is not None
+    assert settings["experiment"] == "mnist" and settings["image_shape"] == [1, 28, 28]
+    argv = ["explain.py", f"ckpt_path={ckpt}", "input=test"]
+    assert with_checkpoint_settings(argv) == [
+        *argv,
+        "experiment=mnist",
+        "data=mnist",
+        "data.train_subset=4000",
+        "experiment_name=mnist",
+    ]
+    given = [*argv, "data.train_subset=10", "experiment_name=mine"]
+    assert with_checkpoint_settings(given) == [*given, "experiment=mnist", "data=mnist"]
+    for unchanged in (
+        [*argv, "experiment=an8flower_double"],
+        ["evaluate.py", "-m", f"ckpt_path={ckpt},{ckpt}"],
+        ["explain.py", f"ckpt_path={tmp_path / 'missing.ckpt'}"],
+        ["explain.py", "input=test"],
+    ):
+        assert with_checkpoint_settings(unchanged) == unchanged
+    # the wrong experiment chosen explicitly: one clear error naming the right one
+    result = run_cli(
+        "explain.py",
+        f"ckpt_path={ckpt}",
+        "experiment=an8flower_double",
+        f"paths.log_dir={tmp_path}",
+        "logger=none",
+    )
+    assert result.returncode == 1
+    assert "trained on images shaped (1, 28, 28)" in result.stderr
+    assert "experiment=mnist" in result.stderr

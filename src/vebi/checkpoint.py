@@ -176,11 +176,34 @@ def load_classifier(
         class_names=class_names,
         architecture=meta.get("architecture"),
     )
+    module.run_settings = _settings(meta, path)
     try:
         module.load_state_dict(checkpoint["state_dict"], strict=True)
     except RuntimeError as error:
         raise CheckpointError(f"{path} does not fit the network: {error}") from error
     return module.eval()
+
+
+def _settings(meta: Mapping[str, Any], path: Path) -> dict[str, Any] | None:
+    settings = meta.get("settings")
+    if settings is not None and not isinstance(settings, Mapping):
+        raise CheckpointError(f"{path}: its settings entry is not a mapping")
+    return dict(settings) if settings else None
+
+
+def checkpoint_settings(path: str | Path) -> dict[str, Any] | None:
+    """The run settings a vebi training run stored in ``path`` (see
+    :class:`~vebi.modules.classifier.ClassifierModule`), None for checkpoints without them.
+    Reads the file memory-mapped (``weights_only=True``): the tensors are not loaded."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a zip checkpoint (mmap needs one): read it the usual way
+        checkpoint = read_checkpoint(path)
+    meta = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
+    return _settings(meta, path) if isinstance(meta, Mapping) else None
 
 
 #: Where training runs keep their best checkpoint: single runs, and the jobs of a multirun.

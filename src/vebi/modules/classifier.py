@@ -50,6 +50,10 @@ class ClassifierModule(LightningModule):
     :func:`vebi.load_classifier` can rebuild the network from data alone. Given a network
     instead of its config, pass ``architecture`` too, or load its checkpoints with
     ``load_classifier(path, net=...)``.
+
+    ``run_settings`` (a plain dict set by train.py: the Hydra choices of experiment, data and
+    model, the data overrides, the experiment name and the input shape) travels in checkpoints
+    too, so jobs on a checkpoint pick up the settings it was trained with.
     """
 
     def __init__(
@@ -87,6 +91,7 @@ class ClassifierModule(LightningModule):
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
         self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
         self.val_acc_best = MaxMetric()
+        self.run_settings: dict[str, Any] | None = None
 
     def setup(self, stage: str) -> None:
         """Take the data module's class names when the config gave none."""
@@ -155,4 +160,5 @@ class ClassifierModule(LightningModule):
             "architecture": self.architecture,
             "num_classes": self.hparams.num_classes,
             "class_names": self.class_names,
+            "settings": self.run_settings,
         }

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate as hydra_instantiate
 from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import Dataset
 
-from vebi.checkpoint import load_classifier, newest_checkpoint
+from vebi.checkpoint import checkpoint_settings, load_classifier, newest_checkpoint
 from vebi.errors import CheckpointError, VebiError
 from vebi.explain.interpretation import interpret_and_log
 from vebi.mining.miner import MiningReport
@@ -33,6 +35,85 @@ def resolve_checkpoint(cfg: DictConfig) -> Path:
     path = newest_checkpoint(runs)
     log.info("Using the newest checkpoint of experiment %r: %s", cfg.experiment_name, path)
     return path
+
+
+def _override_key(argument: str) -> str | None:
+    """``a.b`` of a Hydra override ``[+|++|~]a.b=value`` (None for flags and their values)."""
+    if argument.startswith("-") or "=" not in argument:
+        return None
+    return argument.split("=", 1)[0].lstrip("+~")
+
+
+def run_settings(cfg: DictConfig, datamodule: Any) -> dict[str, Any]:
+    """What a checkpoint should carry for later jobs: the Hydra choices of ``experiment`` and
+    ``data``, the ``data.*`` overrides given on the command line, the experiment name and the
+    input shape (C, H, W)."""
+    choices: dict[str, Any] = {}
+    overrides: list[str] = []
+    if HydraConfig.initialized():
+        hydra_cfg = HydraConfig.get()
+        choices = dict(hydra_cfg.runtime.choices)
+        overrides = [
+            str(o)
+            for o in hydra_cfg.overrides.task
+            if (_override_key(str(o)) or "").startswith("data.")
+        ]
+    shape = getattr(datamodule, "image_shape", None)
+    return {
+        "experiment": choices.get("experiment"),
+        "data": choices.get("data"),
+        "data_overrides": overrides,
+        "experiment_name": str(cfg.get("experiment_name") or "default"),
+        "image_shape": [int(v) for v in shape] if shape is not None else None,
+    }
+
+
+def with_checkpoint_settings(argv: list[str]) -> list[str]:
+    """``argv`` of mine.py/explain.py/evaluate.py plus the settings that ``ckpt_path=...`` was
+    trained with (:func:`run_settings`), where the command line gives none of its own: the
+    experiment (unless ``experiment=`` is given, then nothing is added), its data choice and
+    ``data.*`` overrides, and the experiment name (so the run is filed under it).
+    Announced on stderr; unchanged for sweeps over checkpoints and checkpoints without
+    settings (a missing or broken file is reported later, by the job)."""
+    given = {key: arg for arg in argv[1:] if (key := _override_key(arg))}
+    ckpt = given.get("ckpt_path", "").split("=", 1)[-1]
+    if not ckpt or "experiment" in given or "," in ckpt:
+        return argv
+    try:
+        settings = checkpoint_settings(ckpt)
+    except (CheckpointError, OSError):
+        return argv
+    if not settings:
+        return argv
+    added = [f"experiment={settings.get('experiment') or 'null'}"]
+    if settings.get("data") and "data" not in given:
+        added.append(f"data={settings['data']}")
+    added += [o for o in settings.get("data_overrides") or [] if _override_key(o) not in given]
+    if settings.get("experiment_name") and "experiment_name" not in given:
+        added.append(f"experiment_name={settings['experiment_name']}")
+    print(
+        f"{Path(argv[0]).name}: {ckpt} was trained with {' '.join(added)}; using these "
+        "settings (give experiment=... to choose others)",
+        file=sys.stderr,
+    )
+    return [*argv, *added]
+
+
+def _check_input_shape(module: ClassifierModule, datamodule: Any, ckpt_path: Path) -> None:
+    """The data's image shape must be the one the checkpoint was trained on."""
+    settings = module.run_settings or {}
+    trained = settings.get("image_shape")
+    try:
+        shape = getattr(datamodule, "image_shape", None)
+    except VebiError:
+        return
+    if trained and shape is not None and tuple(trained) != tuple(shape):
+        experiment = settings.get("experiment") or "null"
+        raise VebiError(
+            f"{ckpt_path} was trained on images shaped {tuple(trained)} (experiment="
+            f"{experiment}), but the data gives {tuple(shape)}: leave experiment= out to use "
+            f"the checkpoint's settings, or pass experiment={experiment}"
+        )
 
 
 @dataclass
@@ -112,7 +193,10 @@ def load_model(cfg: DictConfig, datamodule: Any = None) -> LoadedModel:
     kind = source.get("from", "checkpoint")
     if kind == "checkpoint":
         ckpt_path = resolve_checkpoint(cfg)
-        return LoadedModel(load_classifier(ckpt_path), ckpt_path, str(ckpt_path))
+        module = load_classifier(ckpt_path)
+        if datamodule is not None:
+            _check_input_shape(module, datamodule, ckpt_path)
+        return LoadedModel(module, ckpt_path, str(ckpt_path))
     if kind != "config":
         raise VebiError(f"model_source.from must be 'checkpoint' or 'config', got {kind!r}")
     net_cfg = OmegaConf.to_container(cfg.model.net, resolve=True)

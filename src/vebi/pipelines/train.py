@@ -14,7 +14,7 @@ from vebi.checkpoint import read_checkpoint
 from vebi.errors import VebiError
 from vebi.explain.rules import check_rule_coverage
 from vebi.mining.callback import FeatureMiningCallback, mining_datasets
-from vebi.pipelines.common import NO_GALLERIES, make_galleries
+from vebi.pipelines.common import NO_GALLERIES, make_galleries, run_settings
 from vebi.utils.cli import finish_loggers, wandb_run_dir
 from vebi.utils.instantiate import (
     flat_config,
@@ -52,6 +52,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             f"the data has {datamodule.num_classes} classes but model.num_classes is "
             f"{model.hparams.num_classes}"
         )
+    model.run_settings = run_settings(cfg, datamodule)  # stored in its checkpoints
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
     galleries = (cfg.get("interpretation") or {}).get("galleries", True)
     if galleries and any(isinstance(c, FeatureMiningCallback) for c in callbacks):
