@@ -7,6 +7,7 @@ from omegaconf import DictConfig
 
 from vebi.pipelines.common import with_checkpoint_settings
 from vebi.pipelines.mine import mine
+from vebi.utils.allocator import reuse_freed_memory
 from vebi.utils.cli import report_user_errors
 
 
@@ -17,5 +18,6 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    reuse_freed_memory()  # CPU tensor work 2-3x faster (vebi.utils.allocator)
     sys.argv = with_checkpoint_settings(sys.argv)  # the settings ckpt_path was trained with
     main()

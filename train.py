@@ -4,6 +4,7 @@ import hydra
 from omegaconf import DictConfig
 
 from vebi.pipelines.train import train
+from vebi.utils.allocator import reuse_freed_memory
 from vebi.utils.cli import report_user_errors
 
 
@@ -15,4 +16,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    reuse_freed_memory()  # CPU tensor work 2-3x faster (vebi.utils.allocator)
     main()

@@ -43,6 +43,7 @@ from vebi.evaluation.reporting import (
 from vebi.mining.relevant import RelevantFeatures
 from vebi.mining.reporting import console_summary
 from vebi.mining.reuse import load_or_mine
+from vebi.models.hooks import to_device
 from vebi.modules.classifier import ClassifierModule
 from vebi.pipelines.common import load_model
 from vebi.utils.cli import finish_loggers, wandb_run_dir
@@ -234,7 +235,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             num_workers=int(datamodule.hparams.get("num_workers", 0)),
         )
         (metrics,) = trainer.test(module, dataloaders=loader)
-        module = module.to(device_for(cfg.trainer))
+        module = to_device(module, device_for(cfg.trainer))
         explicit = cfg.get("relevant_features")
         relevant, relevant_path, obtained = load_or_mine(
             instantiate(cfg.mining),
