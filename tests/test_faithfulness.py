@@ -108,3 +108,25 @@ def test_curves_do_not_depend_on_the_batch_size() -> None:
     default = perturbation_curves(model, images, maps, classes, "insertion", steps=6)
     one_at_a_time = perturbation_curves(model, images, maps, classes, "insertion", 6, batch_size=7)
     assert torch.allclose(default, one_at_a_time, atol=1e-6)
+
+
+def test_shared_path_ends_follow_the_images_and_the_weights() -> None:
+    """The ends of the paths (the images, the baseline) are computed once per batch for every
+    method; a changed image, other images or changed weights are never served stale ones."""
+    model = _linear_model()
+    image = torch.ones(1, 1, 2, 2)
+    heatmap = torch.tensor([[[0.9, 0.6], [0.3, 0.0]]])
+    classes = torch.tensor([0])
+    first = perturbation_curves(model, image, heatmap, classes, "deletion", steps=4)
+    reversed_map = perturbation_curves(model, image, 1 - heatmap, classes, "deletion", steps=4)
+    assert torch.allclose(first[0], _sigmoid([2, -1, -2, -2, 0]), atol=1e-6)
+    assert torch.allclose(reversed_map[0], _sigmoid([2, 4, 4, 3, 0]), atol=1e-6)
+    image.mul_(2)  # the same tensor, changed in place
+    doubled = perturbation_curves(model, image, heatmap, classes, "deletion", steps=4)
+    assert torch.allclose(doubled[0], _sigmoid([4, -2, -4, -4, 0]), atol=1e-6)
+    with torch.no_grad():
+        model[1].weight.mul_(-1)  # other weights, same model object
+    negated = perturbation_curves(model, image, heatmap, classes, "deletion", steps=4)
+    assert torch.allclose(negated[0], _sigmoid([-4, 2, 4, 4, 0]), atol=1e-6)
+    other = perturbation_curves(model, torch.zeros(1, 1, 2, 2), heatmap, classes, "deletion", 4)
+    assert torch.allclose(other[0], _sigmoid([0, 0, 0, 0, 0]), atol=1e-6)

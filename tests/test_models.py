@@ -64,3 +64,34 @@ def test_atomic_path_writes_whole_files_with_normal_permissions(tmp_path) -> Non
         tmp.write_text("half")
         raise RuntimeError("interrupted")
     assert target.read_text() == "done" and len(list(target.parent.iterdir())) == 1
+
+
+def test_inference_mode_runs_sequential_relus_in_place_and_restores_them() -> None:
+    from torch import nn
+
+    from vebi.models import SmallVGG
+    from vebi.models.hooks import inference_mode, to_device
+
+    torch.manual_seed(0)
+    net = SmallVGG(num_classes=4, in_channels=3).train()
+    first = nn.ReLU()  # first in its Sequential: its input is the caller's tensor
+    model = nn.Sequential(first, net)
+    images = torch.rand(5, 3, 32, 32)
+    kept = images.clone() - 0.5
+    with torch.no_grad():
+        expected = model.eval()(kept.clone())
+    model.train()
+    with inference_mode(model) as same:
+        assert same is model and not model.training and not torch.is_grad_enabled()
+        assert not first.inplace and net.relu1.inplace and net.relu3.inplace
+        logits = model(kept)
+    assert torch.equal(logits, expected)
+    assert torch.equal(kept, images - 0.5)  # the input was not overwritten
+    assert model.training and not any(m.inplace for m in model.modules() if type(m) is nn.ReLU)
+    # channels-last weights on the CPU: the same logits up to float rounding
+    fast = to_device(SmallVGG(num_classes=4, in_channels=3), "cpu").eval()
+    assert fast.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        reference = SmallVGG(num_classes=4, in_channels=3)
+        reference.load_state_dict(fast.state_dict())
+        torch.testing.assert_close(fast(images), reference.eval()(images), atol=1e-5, rtol=1e-4)

@@ -35,9 +35,9 @@ from torchmetrics.classification import MulticlassAccuracy
 from tqdm.auto import tqdm
 
 from vebi.errors import VebiError
-from vebi.evaluation.data import EvaluationSet
+from vebi.evaluation.data import EvaluationSet, forward_batch_size
 from vebi.mining.relevant import RelevantFeatures
-from vebi.models.hooks import check_layer_names, eval_mode
+from vebi.models.hooks import check_layer_names, eval_mode, inference_mode
 from vebi.utils.distributed import all_reduce_sum, world
 
 FeatureSet = Mapping[str, Sequence[int]]
@@ -91,12 +91,15 @@ class ClassAblation:
 
 
 def correct_per_image(
-    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int | None = None
 ) -> torch.Tensor:
-    """(N,) bool: whether the model classifies each image correctly."""
+    """(N,) bool: whether the model classifies each image correctly (``batch_size`` images
+    per forward pass; by default :func:`~vebi.evaluation.data.forward_batch_size`'s)."""
     device = next(model.parameters()).device
+    if batch_size is None:
+        batch_size = forward_batch_size(images[0].numel() if len(images) else 1, device)
     correct = []
-    with eval_mode(model), torch.no_grad():
+    with inference_mode(model):
         for start in range(0, len(images), batch_size):
             predicted = model(images[start : start + batch_size].to(device)).argmax(1).cpu()
             correct.append(predicted == labels[start : start + batch_size].cpu())
@@ -104,10 +107,9 @@ def correct_per_image(
 
 
 def correct_in(model: nn.Module, data: EvaluationSet, batch_size: int) -> torch.Tensor:
-    """:func:`correct_per_image` over a streamed set."""
+    """:func:`correct_per_image` over a streamed set, read ``batch_size`` images at a time."""
     parts = [
-        correct_per_image(model, batch.images, batch.labels, batch_size)
-        for batch in data.batches(batch_size)
+        correct_per_image(model, batch.images, batch.labels) for batch in data.batches(batch_size)
     ]
     return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
 
@@ -183,7 +185,7 @@ class AblationRelevance:
             is_own = rows < own
             for i, features in enumerate(sets):
                 with ablated(model, features):
-                    correct = correct_per_image(model, batch.images, batch.labels, len(batch))
+                    correct = correct_per_image(model, batch.images, batch.labels)
                 lost = base[rows].double() - correct.double()
                 counts[i, 0] += lost[is_own].sum()
                 counts[i, 2] += lost[~is_own].sum()

@@ -13,6 +13,7 @@ area is the trapezoid rule over the removed/revealed fraction in [0, 1].
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -20,12 +21,12 @@ import torchvision.transforms.functional as TF
 from torch import nn
 
 from vebi.errors import VebiError
+from vebi.evaluation.data import forward_batch_size
 from vebi.evaluation.metric_base import Curve, HeatmapMetric, require
 from vebi.explain.heatmaps import checkerboard_score, stride_periods
+from vebi.models.hooks import inference_mode
 
 BASELINES = ("zero", "blur", "mean")
-#: Input values per forward pass of the perturbed images (2**20: 83 images of 3 x 112 x 112).
-INPUT_BUDGET = 2**20
 
 
 def baseline_images(images: torch.Tensor, kind: str) -> torch.Tensor:
@@ -54,9 +55,9 @@ def perturbation_curves(
 ) -> torch.Tensor:
     """(N, steps + 1) probabilities of ``classes`` along the deletion or insertion path.
 
-    ``batch_size`` perturbed images go through the model at once; by default as many as fit
-    in :data:`INPUT_BUDGET` input values (at most 512): large images in small batches keep the
-    activations of the forward pass in memory that is reused instead of freshly mapped."""
+    ``batch_size`` perturbed images go through the model at once; by default as many as
+    :func:`~vebi.evaluation.data.forward_batch_size` gives on the model's device (at least one
+    image's whole path)."""
     if mode not in ("deletion", "insertion"):
         raise VebiError(f"mode must be 'deletion' or 'insertion', got {mode!r}")
     if steps < 1:
@@ -67,33 +68,70 @@ def perturbation_curves(
         )
     count, pixels = len(images), heatmaps[0].numel()
     if batch_size is None:
-        batch_size = int(min(512, max(1, INPUT_BUDGET // images[0].numel())))
-    per_chunk = max(1, batch_size // (steps + 1))
+        batch_size = forward_batch_size(images[0].numel(), images.device)
     order = heatmaps.flatten(1).argsort(dim=1, descending=True, stable=True)
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(pixels, device=order.device).expand_as(order))
     rank = rank.view(count, 1, *images.shape[-2:])
     reference = baseline_images(images, baseline)
+    probabilities = {
+        "image": _endpoint_probabilities(model, images, "image", images, batch_size),
+        "baseline": _endpoint_probabilities(model, images, baseline, reference, batch_size),
+    }
+    first_end, last_end = ("image", "baseline") if mode == "deletion" else ("baseline", "image")
     start, end = (images, reference) if mode == "deletion" else (reference, images)
-    limits = [round(i * pixels / steps) for i in range(steps + 1)]
     curves = torch.empty(count, steps + 1, dtype=torch.float64)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for first in range(0, count, per_chunk):
-                rows = slice(first, first + per_chunk)
-                path = torch.stack(
-                    [torch.where(rank[rows] < limit, end[rows], start[rows]) for limit in limits],
-                    dim=1,
-                )  # (n, steps + 1, C, H, W)
-                probabilities = model(path.flatten(0, 1)).softmax(dim=1)
-                chosen = classes[rows].repeat_interleave(steps + 1)
-                picked = probabilities[torch.arange(len(chosen)), chosen]
-                curves[rows] = picked.view(-1, steps + 1).double().cpu()
-    finally:
-        model.train(was_training)
+    picked_rows = torch.arange(count, device=classes.device)
+    curves[:, 0] = probabilities[first_end][picked_rows, classes].double().cpu()
+    curves[:, steps] = probabilities[last_end][picked_rows, classes].double().cpu()
+    # the steps in between (the ends are the images and the baseline themselves)
+    limits = [round(i * pixels / steps) for i in range(1, steps)]
+    per_chunk = max(1, batch_size // max(1, len(limits)))
+    with inference_mode(model):
+        for first in range(0, count if limits else 0, per_chunk):
+            rows = slice(first, first + per_chunk)
+            path = torch.stack(
+                [torch.where(rank[rows] < limit, end[rows], start[rows]) for limit in limits],
+                dim=1,
+            )  # (n, steps - 1, C, H, W)
+            chosen = classes[rows].repeat_interleave(len(limits))
+            inner = model(path.flatten(0, 1)).softmax(dim=1)[torch.arange(len(chosen)), chosen]
+            curves[rows, 1:steps] = inner.view(-1, len(limits)).double().cpu()
     return curves
+
+
+#: The class probabilities of the last batch of images and of its baselines (see
+#: :func:`_endpoint_probabilities`).
+_ENDPOINTS: dict[str, Any] = {}
+
+
+def _weights_version(model: nn.Module) -> int:
+    return sum(p._version for p in model.parameters())
+
+
+def _endpoint_probabilities(
+    model: nn.Module, images: torch.Tensor, kind: str, inputs: torch.Tensor, batch_size: int
+) -> torch.Tensor:
+    """(N, classes) softmax of ``model`` on ``inputs``: the images (``kind="image"``) or one
+    of their baselines, the two ends of every deletion and insertion path. Every method scored
+    on a batch shares them (3 forwards per image instead of 4 per image and method): they are
+    kept for the last ``images`` tensor seen, while it is alive and unchanged and the model
+    and its weights are the same."""
+    key = (id(model), _weights_version(model), images._version, images.shape, images.device)
+    alive = _ENDPOINTS.get("images")
+    if alive is None or alive() is not images or _ENDPOINTS.get("key") != key:
+        _ENDPOINTS.clear()
+        _ENDPOINTS.update(images=weakref.ref(images), key=key, probabilities={})
+    known = _ENDPOINTS["probabilities"]
+    if kind not in known:
+        with inference_mode(model):
+            known[kind] = torch.cat(
+                [
+                    model(inputs[first : first + batch_size]).softmax(dim=1)
+                    for first in range(0, len(inputs), batch_size)
+                ]
+            )
+    return known[kind]
 
 
 def curve_area(curves: torch.Tensor) -> torch.Tensor:
