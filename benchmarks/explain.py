@@ -37,6 +37,7 @@ from vebi.mining import RelevantFeatures
 from vebi.mining.features import FeatureIndex, default_feature_layers
 from vebi.models import SmallVGG, TorchvisionClassifier
 from vebi.models.hooks import trace_leaf_calls
+from vebi.utils.allocator import reuse_freed_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 REPEATS = 15
@@ -253,4 +254,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    reuse_freed_memory()  # as the entry points do (vebi.utils.allocator)
     main()

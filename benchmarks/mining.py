@@ -34,6 +34,7 @@ from vebi.checkpoint import newest_checkpoint
 from vebi.data import MNISTDataModule
 from vebi.mining import FeatureExtractor, FeatureMiner, lasso_homotopy_reference, mu_lasso
 from vebi.mining.solver import lasso_objective
+from vebi.utils.allocator import reuse_freed_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH = 500
@@ -194,4 +195,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    reuse_freed_memory()  # as the entry points do (vebi.utils.allocator)
     main()

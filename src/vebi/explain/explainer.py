@@ -176,13 +176,13 @@ class Explainer:
         for layer_id in layer_ids[present].unique().tolist():
             output = outputs[self.relevant.index.layers[layer_id]]
             mine = layer_ids == layer_id
-            # each image's own channel map where this layer holds its feature, else 0
-            # (the chosen channel maps, zeros elsewhere)
-            keep = torch.zeros(output.shape[:2], dtype=torch.bool)
-            keep[rows[mine], channels[mine]] = True
-            keep = keep.to(output.device).view(*output.shape[:2], *[1] * (output.ndim - 2))
+            # each image's own channel map where this layer holds its feature, zeros elsewhere
+            images_here = rows[mine].to(output.device)
+            channels_here = channels[mine].to(output.device)
+            signal = torch.zeros_like(output)
+            signal[images_here, channels_here] = output.detach()[images_here, channels_here]
             tensors.append(output)
-            signals.append(torch.where(keep, output.detach(), 0.0))
+            signals.append(signal)
         (grad,) = torch.autograd.grad(tensors, inputs, grad_outputs=signals, retain_graph=not last)
         rows = present.to(inputs.device)
         maps[rows, slot] = signal_to_heatmap(grad[rows])
