@@ -131,3 +131,48 @@ def test_checkpoints_carry_their_settings(short_run: dict, tmp_path: Path) -> No
     assert result.returncode == 1
     assert "trained on images shaped (1, 28, 28)" in result.stderr
     assert "experiment=mnist" in result.stderr
+
+
+def test_explain_under_ddp_gives_the_files_of_one_process(
+    short_run: dict, mnist_root: Path, tmp_path: Path
+) -> None:
+    """explain.py on a folder under DDP (2 gloo processes): each process explains every other
+    image and writes its overlays, one writes explanations.json: the same records (to 1e-6)
+    and the same files as one process; with a single image one process has an empty shard
+    and the job still completes."""
+    from vebi.data import MNISTDataModule
+
+    datamodule = MNISTDataModule(data_dir=mnist_root)
+    datamodule.setup("test")
+    digits = tmp_path / "digits"
+    digits.mkdir()
+    for i in range(3):
+        image = (datamodule.data_test.tensors[0][i, 0] * 255).byte().numpy()
+        Image.fromarray(image).save(digits / f"digit{i}.png")
+    common = [f"ckpt_path={short_run['best_checkpoint']}", "logger=none", f"input={digits}"]
+    common += ["trainer.accelerator=cpu", "batch_size=1"]
+    ddp = ["trainer.devices=2", "trainer.strategy=ddp"]
+
+    def explained(log_dir: Path, *extra: str) -> tuple[dict, set[str]]:
+        result = run_cli("explain.py", *common, f"paths.log_dir={log_dir}", *extra)
+        assert result.returncode == 0, result.stderr[-3000:]
+        (folder,) = log_dir.glob("explain/*/*/explanations")
+        record = json.loads((folder / "explanations.json").read_text())
+        return record, {p.name for p in folder.glob("*.png")}
+
+    one, one_files = explained(tmp_path / "one")
+    two, two_files = explained(tmp_path / "two", *ddp)
+    assert one_files == two_files and len(one_files) == 3
+    assert [e["image"] for e in two["explanations"]] == [e["image"] for e in one["explanations"]]
+    for a, b in zip(one["explanations"], two["explanations"], strict=True):
+        assert (a["class"], a["fallback"]) == (b["class"], b["fallback"])
+        assert b["probability"] == pytest.approx(a["probability"], abs=1e-6)
+        assert [(f["layer"], f["channel"]) for f in a["features"]] == [
+            (f["layer"], f["channel"]) for f in b["features"]
+        ]
+        for fa, fb in zip(a["features"], b["features"], strict=True):
+            assert fb["score"] == pytest.approx(fa["score"], abs=1e-6)
+    for path in list(digits.iterdir())[1:]:
+        path.unlink()
+    lone, lone_files = explained(tmp_path / "lone", *ddp)
+    assert len(lone["explanations"]) == 1 and len(lone_files) == 1

@@ -128,3 +128,38 @@ def test_two_processes_give_the_results_of_one(tmp_path: Path) -> None:
         assert b[key] == pytest.approx(a[key], abs=1e-6), key
     files = {p.relative_to(d).as_posix() for d in (one_dir,) for p in d.rglob("*.png")}
     assert files == {p.relative_to(two_dir).as_posix() for p in two_dir.rglob("*.png")} - set()
+
+
+def test_empty_shards_do_not_hang(tmp_path: Path) -> None:
+    """Three test images, one heatmap image, two processes: the second process's heatmap
+    shard and its share of every one-image class in the ablation are empty; every sum and
+    gather still completes, and the image is scored as in one process. Fewer test images than
+    processes is one clear error (Lightning's test loop needs a batch on each)."""
+    common = [
+        "~data",
+        "+data._target_=tests.planted_data.PlantedMaskData",
+        "model_source=config",
+        "model=resnet18",
+        "model.num_classes=3",
+        "model_source.allow_random_init=true",
+        "logger=none",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.strategy=ddp",
+        "mining.progress=false",
+        "evaluation.evaluators=[sparse,ablation,localisation,faithfulness]",
+        "+evaluation.methods.planted._target_=tests.planted_data.MaskMethod",
+        "evaluation.select=[planted]",
+        "evaluation.steps=4",
+        "evaluation.heatmap_images=1",
+        f"paths.log_dir={tmp_path}",
+    ]
+    result = run_cli("evaluate.py", *common, "+data.test=3", timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads(next(tmp_path.glob("evaluate/*/*/results.json")).read_text())
+    assert results["num_test_images"] == 3 and results["heatmaps"]["num_images"] == 1
+    assert results["heatmaps"]["methods"]["planted"]["iou_mean"] == pytest.approx(1.0)
+    assert len(results["ablation"]["per_class"]) == 3
+    refused = run_cli("evaluate.py", *common, "+data.test=1", timeout=600)
+    assert refused.returncode == 1
+    assert "the test split has 1 image(s), fewer than the 2 processes" in refused.stderr

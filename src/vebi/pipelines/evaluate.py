@@ -234,6 +234,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             sampler=ShardSampler(len(test_dataset)),
             num_workers=int(datamodule.hparams.get("num_workers", 0)),
         )
+        if len(test_dataset) < trainer.world_size:  # Lightning's test loop needs a batch each
+            raise VebiError(
+                f"the test split has {len(test_dataset)} image(s), fewer than the "
+                f"{trainer.world_size} processes of trainer.devices x trainer.num_nodes: run on "
+                "fewer devices (the evaluators after the test pass cope with empty shards)"
+            )
         (metrics,) = trainer.test(module, dataloaders=loader)
         module = to_device(module, device_for(cfg.trainer))
         explicit = cfg.get("relevant_features")

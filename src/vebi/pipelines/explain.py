@@ -6,9 +6,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
+from torch.utils.data import DataLoader, TensorDataset
 
 from vebi.errors import require_int_in_range
 from vebi.explain.explainer import Explainer
@@ -19,7 +21,8 @@ from vebi.mining.miner import model_fingerprint
 from vebi.mining.relevant import RelevantFeatures
 from vebi.pipelines.common import load_model, relevant_features_for
 from vebi.utils.cli import finish_loggers, wandb_run_dir
-from vebi.utils.instantiate import device_for, flat_config, instantiate_loggers
+from vebi.utils.distributed import ShardSampler, gather_objects, is_main_process
+from vebi.utils.instantiate import flat_config, instantiate_loggers, instantiate_trainer
 from vebi.utils.io import atomic_path, unique_file_names
 from vebi.utils.log import get_logger
 from vebi.utils.wandb_media import log_figures
@@ -38,14 +41,77 @@ def _inputs(cfg: DictConfig, datamodule: Any) -> tuple[torch.Tensor, list[str], 
     return load_images(cfg.input, tuple(datamodule.image_shape))
 
 
+class ExplanationStep(L.LightningModule):
+    """Lightning's predict loop over explain.py's images: under DDP each process explains its
+    shard (:class:`~vebi.utils.distributed.ShardSampler`) and writes those overlays; the
+    records are gathered afterwards. A predict step returns (position, record) pairs."""
+
+    def __init__(
+        self,
+        explainer: Explainer,
+        names: list[str],
+        files: list[str],
+        output_dir: Path,
+        target: int | None,
+    ) -> None:
+        super().__init__()
+        self.net = explainer.model  # a submodule: Lightning puts it on the process's device
+        self.explainer = explainer
+        self.names, self.files, self.output_dir, self.target = names, files, output_dir, target
+        # fewer images than processes: some shards are empty, and the gather still completes
+        self.allow_zero_length_dataloader_with_multiple_devices = True
+
+    def predict_step(self, batch: list[torch.Tensor], batch_idx: int) -> list[tuple[int, dict]]:
+        images, positions = batch
+        targets = None if self.target is None else torch.full((len(images),), self.target)
+        explanation = self.explainer(images, targets)
+        probabilities = explanation.logits.softmax(1)
+        class_names = self.explainer.relevant.class_names
+        entries = []
+        for n, position in enumerate(positions.tolist()):
+            name, class_id = self.names[position], int(explanation.classes[n])
+            chosen = explanation.features[n]
+            titles = [f"{f.layer}/{f.channel} s={f.score:.3f}" for f in chosen]
+            probability = float(probabilities[n, class_id])
+            heading = f"{name}: class {class_names[class_id]} (p={probability:.3f})"
+            if explanation.fallback[n]:
+                heading += " - no relevant feature fired, highest-weight ones shown"
+            figure = explanation_figure(
+                images[n].cpu(),
+                explanation.maps[n, : len(chosen)].cpu(),
+                explanation.combined[n].cpu(),
+                titles,
+                heading,
+            )
+            path = save_figure(figure, self.output_dir / f"{self.files[position]}.png")
+            entries.append(
+                (
+                    position,
+                    {
+                        "image": name,
+                        "class": class_names[class_id],
+                        "class_id": class_id,
+                        "probability": probability,
+                        "fallback": bool(explanation.fallback[n]),
+                        "features": [vars(f) for f in chosen],
+                        "figure": str(path),
+                    },
+                )
+            )
+        return entries
+
+
 def explain(cfg: DictConfig) -> dict[str, Any]:
-    """Explain ``cfg.input`` with the checkpoint's relevant features; write PNGs and JSON."""
+    """Explain ``cfg.input`` with the checkpoint's relevant features; write PNGs and JSON.
+
+    Runs in Lightning's predict loop: with ``trainer.devices=N trainer.strategy=ddp`` each of
+    the N processes explains every N-th image and writes its overlays, and the first process
+    writes ``explanations.json`` with the records of all (in input order)."""
     batch_size = require_int_in_range("batch_size", cfg.batch_size, 1)
     require_int_in_range("k", cfg.k, 1)
     datamodule = instantiate(cfg.data)
     model = load_model(cfg, datamodule)
-    device = device_for(cfg.trainer)
-    module = model.module.to(device)
+    module = model.module
     target = require_int_in_range(
         f"target (a class id of the model's {module.hparams.num_classes})",
         cfg.get("target"),
@@ -57,54 +123,33 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
     if relevant.fingerprint.get("model") not in (None, model_fingerprint(module.net)):
         log.warning("the relevant features were mined from other weights than %s", model.source)
     images, names, skipped = _inputs(cfg, datamodule)
-    relevant.check_model(module.net, images[:1].to(device))
+    relevant.check_model(module.net, images[:1])
     rules = Rules.from_config(cfg.rules)
     explainer = Explainer(module.net, relevant, k=int(cfg.k), rules=rules)
-    targets = None if target is None else torch.full((len(images),), target)
-    files = unique_file_names(names)
     output_dir = Path(cfg.paths.output_dir) / "explanations"
+    step = ExplanationStep(explainer, names, unique_file_names(names), output_dir, target)
+    loader = DataLoader(
+        TensorDataset(images, torch.arange(len(images))),
+        batch_size=batch_size,
+        sampler=ShardSampler(len(images)),
+    )
     loggers = instantiate_loggers(cfg.get("logger"))
+    trainer: L.Trainer = instantiate_trainer(
+        cfg.trainer,
+        logger=False,
+        callbacks=[],
+        use_distributed_sampler=False,
+        inference_mode=False,  # explanations need autograd
+        enable_model_summary=False,
+    )
     for logger in loggers:
         logger.log_hyperparams({**flat_config(cfg), "model": model.source})
-    records, figures, failed = [], [], True
+    failed, wandb_dir = True, None
     try:
-        for start in range(0, len(images), batch_size):
-            batch = images[start : start + batch_size]
-            batch_targets = None if targets is None else targets[start : start + len(batch)]
-            explanation = explainer(batch.to(device), batch_targets)
-            probabilities = explanation.logits.softmax(1)
-            for n in range(len(batch)):
-                name, class_id = names[start + n], int(explanation.classes[n])
-                chosen = explanation.features[n]
-                titles = [f"{f.layer}/{f.channel} s={f.score:.3f}" for f in chosen]
-                heading = (
-                    f"{name}: class {relevant.class_names[class_id]} "
-                    f"(p={float(probabilities[n, class_id]):.3f})"
-                    + (
-                        " - no relevant feature fired, highest-weight ones shown"
-                        if explanation.fallback[n]
-                        else ""
-                    )
-                )
-                figure = explanation_figure(
-                    batch[n],
-                    explanation.maps[n, : len(chosen)].cpu(),
-                    explanation.combined[n].cpu(),
-                    titles,
-                    heading,
-                )
-                figures.append(save_figure(figure, output_dir / f"{files[start + n]}.png"))
-                records.append(
-                    {
-                        "image": name,
-                        "class": relevant.class_names[class_id],
-                        "class_id": class_id,
-                        "probability": float(probabilities[n, class_id]),
-                        "fallback": bool(explanation.fallback[n]),
-                        "features": [vars(f) for f in chosen],
-                        "figure": str(figures[-1]),
-                    }
-                )
+        batches = trainer.predict(step, dataloaders=loader) or []
+        mine = [entry for batch in batches for entry in batch]
+        entries = sorted(entry for part in gather_objects(mine) for entry in part)
+        records = [record for _, record in entries]
         result = {
             "checkpoint": str(model.ckpt_path) if model.ckpt_path else None,
             "model": model.source,
@@ -114,13 +159,17 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
             "explanations": records,
             "skipped": skipped,
         }
-        with atomic_path(output_dir / "explanations.json") as tmp:
-            tmp.write_text(json.dumps(result, indent=2))
-        log_figures(loggers, "explanations", figures, [r["image"] for r in records])
-        wandb_dir = wandb_run_dir(loggers)
+        if is_main_process():
+            with atomic_path(output_dir / "explanations.json") as tmp:
+                tmp.write_text(json.dumps(result, indent=2))
+            figures = [Path(record["figure"]) for record in records]
+            log_figures(loggers, "explanations", figures, [r["image"] for r in records])
+            wandb_dir = wandb_run_dir(loggers)
         failed = False
     finally:
         finish_loggers(loggers, failed=failed)
+    if not is_main_process():
+        return result
     lines = [f"\nExplained {len(records)} image(s) with k = {cfg.k} features ({rules.describe()}):"]
     for record in records:
         features = ", ".join(

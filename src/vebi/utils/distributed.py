@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -51,3 +52,15 @@ class ShardSampler(Sampler[int]):
     def __len__(self) -> int:
         rank, size = world()
         return len(range(rank, self.size, size))
+
+
+def gather_objects(value: Any) -> list[Any]:
+    """``value`` of every process, in rank order, on every process (``[value]`` in one
+    process). Picklable values; every process must call it, also one with nothing to give
+    (an empty shard gives an empty list, and the gather still completes)."""
+    size = world()[1]
+    if size == 1:
+        return [value]
+    gathered: list[Any] = [None] * size
+    dist.all_gather_object(gathered, value)
+    return gathered
