@@ -14,6 +14,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
 
+from vebi.utils.allocator import reuse_freed_memory
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs"
 #: The project's data folder (git-ignored); tests share its verified MNIST copy.
@@ -21,6 +23,7 @@ DATA_DIR = REPO_ROOT / "data"
 
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ["WANDB_MODE"] = "offline"  # tests never go online
+reuse_freed_memory()  # as the entry points do: in-process jobs run as fast as the CLI's
 
 
 @pytest.fixture(scope="session")
