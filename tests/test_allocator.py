@@ -25,10 +25,13 @@ net = torch.nn.Sequential(
 with torch.no_grad():
     for _ in range(3):
         net(images)
-    before = faults()
-    for _ in range(10):
-        net(images)
-print(faults() - before)
+    rounds = []
+    for _ in range(3):  # the least of 3 rounds: the heap may grow once in a while
+        before = faults()
+        for _ in range(10):
+            net(images)
+        rounds.append(faults() - before)
+print(min(rounds))
 """
 
 
@@ -42,5 +45,5 @@ def test_large_blocks_are_reused_instead_of_faulted_in_again() -> None:
 
     pages = 64 * 32 * 112 * 112 * 4 // 4096  # of one layer output
     assert page_faults("default") > 10 * pages  # every output mapped and zeroed afresh
-    assert page_faults("reuse") < 2 * pages  # the same pages each time (heap growth aside)
+    assert page_faults("reuse") < pages  # the same pages each time
     assert reuse_freed_memory() is True
