@@ -5,11 +5,15 @@ exactly the top-N images of its class by the feature's response."""
 from __future__ import annotations
 
 import json
+import os
+import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from tests.conftest import run_cli
 from tests.planted_data import PlantedMaskData
@@ -70,6 +74,51 @@ def test_gallery_averages_exactly_the_top_images_of_its_class(tmp_path: Path) ->
         order = members[np.argsort(-x[members, feature].numpy(), kind="stable")[:top_n]]
         assert v.dataset_indices == order.tolist()
         torch.testing.assert_close(v.average_image, data.data_train.images[order].mean(0))
+
+
+def _gallery_worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.set_num_threads(1)
+        _save_gallery(Path(out_dir), f"rank{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _save_gallery(folder: Path, name: str) -> None:
+    """Mine the planted data (each process its shard under DDP) and save the galleries."""
+    data = PlantedMaskData()
+    data.setup()
+    torch.manual_seed(0)
+    model = TorchvisionClassifier("resnet18", num_classes=3).eval()
+    miner = FeatureMiner(mu=5.0, cache_dir=folder / name, progress=False, chunk_rows=16)
+    report = miner.mine(model, data.data_train)
+    visualisations = average_visualisations(
+        model, report.relevant, data.data_train, ActivationCache(report.cache_path, ""), 4
+    )
+    rows = [
+        (v.class_id, v.layer, v.channel, v.dataset_indices, v.average_map) for v in visualisations
+    ]
+    torch.save(rows, folder / f"{name}.pt")
+
+
+def test_galleries_under_ddp_are_those_of_one_process(tmp_path: Path) -> None:
+    """Two gloo processes, each with its shard of the training images in its cache: the
+    ranking is merged over the shards and the features split between the processes; both
+    get the galleries of one process (same top images, same maps)."""
+    _save_gallery(tmp_path, "single")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_gallery_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    single = torch.load(tmp_path / "single.pt")
+    assert len(single) > 3
+    for rank in range(2):
+        shared = torch.load(tmp_path / f"rank{rank}.pt")
+        assert [v[:4] for v in shared] == [v[:4] for v in single]
+        for a, b in zip(single, shared, strict=True):
+            torch.testing.assert_close(b[4], a[4], atol=1e-5, rtol=1e-4)
 
 
 def _numbers(results: dict) -> dict[str, float]:

@@ -16,6 +16,7 @@ from vebi.explain.heatmaps import signal_to_heatmap
 from vebi.explain.rules import Rules
 from vebi.mining.cache import ActivationCache
 from vebi.mining.relevant import RelevantFeatures
+from vebi.utils.distributed import gather_objects, is_main_process, world
 from vebi.utils.io import safe_file_name
 from vebi.utils.wandb_media import log_figures
 
@@ -37,19 +38,21 @@ def top_images_per_feature(
     relevant: RelevantFeatures, cache: ActivationCache, top_n: int
 ) -> dict[tuple[int, int], list[int]]:
     """For each class c and relevant feature f of c: the data-set indices of the ``top_n``
-    images of class c with the largest x[f], largest first (ties: the earlier row first).
+    images of class c with the largest x[f], largest first (ties: the smaller index first).
 
     One streamed pass over the cache, reading only the relevant features' columns and keeping
-    a running top-N per (class, feature): memory O(C k N_top), not N x m.
+    a running top-N per (class, feature): memory O(C k N_top), not N x m. Under
+    torch.distributed each process's cache holds its shard of the images: every process ranks
+    its shard, the shards' top-N are gathered and merged, and every process gets the ranking
+    of all images (that of one process).
     """
     wanted = {c: [f.feature_id for f in relevant.relevant(c)] for c in range(relevant.num_classes)}
     columns = sorted({f for ids in wanted.values() for f in ids})
     if not columns:
         return {}
     position = {f: j for j, f in enumerate(columns)}
-    # running best: per class, values (k, f) and dataset indices (k, f), sorted best first
-    best: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-    offset = 0
+    # running best: per class, values (k, f) and data-set indices (k, f), sorted best first
+    best: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     for chunk in cache.iter_chunks(fields=("features", "labels", "indices")):
         values = chunk["features"][:, columns]
         for class_id, ids in wanted.items():
@@ -57,24 +60,33 @@ def top_images_per_feature(
             if not ids or len(rows) == 0:
                 continue
             new_values = values[np.ix_(rows, [position[f] for f in ids])]
-            new_rows = np.broadcast_to((offset + rows)[:, None], new_values.shape)
             new_indices = np.broadcast_to(chunk["indices"][rows][:, None], new_values.shape)
-            if class_id in best:
-                old_values, old_rows, old_indices = best[class_id]
-                new_values = np.concatenate([old_values, new_values])
-                new_rows = np.concatenate([old_rows, new_rows])
-                new_indices = np.concatenate([old_indices, new_indices])
-            # sort by value descending, then by cache row ascending (stable ties)
-            order = np.lexsort((new_rows, -new_values), axis=0)[:top_n]
-            best[class_id] = tuple(
-                np.take_along_axis(a, order, 0) for a in (new_values, new_rows, new_indices)
-            )
-        offset += len(chunk["labels"])
+            best[class_id] = _best(best.get(class_id), (new_values, new_indices), top_n)
+    if world()[1] > 1:  # merge the shards' rankings
+        merged: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for shard in gather_objects(best):
+            for class_id, candidates in shard.items():
+                merged[class_id] = _best(merged.get(class_id), candidates, top_n)
+        best = merged
     ranked = {}
-    for class_id, (_, _, indices) in best.items():
+    for class_id, (_, indices) in sorted(best.items()):
         for j, feature_id in enumerate(wanted[class_id]):
             ranked[(class_id, feature_id)] = indices[:, j].tolist()
     return ranked
+
+
+def _best(
+    kept: tuple[np.ndarray, np.ndarray] | None,
+    new: tuple[np.ndarray, np.ndarray],
+    top_n: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``top_n`` rows of (values, data-set indices) per column, by value descending, then
+    by index ascending."""
+    values, indices = new
+    if kept is not None:
+        values, indices = np.concatenate([kept[0], values]), np.concatenate([kept[1], indices])
+    order = np.lexsort((indices, -values), axis=0)[:top_n]
+    return np.take_along_axis(values, order, 0), np.take_along_axis(indices, order, 0)
 
 
 def average_visualisations(
@@ -87,30 +99,39 @@ def average_visualisations(
     device: torch.device | str | None = None,
 ) -> list[FeatureVisualisation]:
     """For each relevant feature f of each class c: heatmaps of f on the top-N training images
-    of c ranked by x[f], each normalised to [0, 1], averaged (and the images averaged too)."""
+    of c ranked by x[f], each normalised to [0, 1], averaged (and the images averaged too).
+
+    Under torch.distributed every process gets all of them: the ranking is merged over the
+    processes' caches, each process propagates every world-size-th feature, and the results
+    are gathered."""
     rules = rules or Rules()
     device = device or next(model.parameters()).device
     ranked = top_images_per_feature(relevant, cache, top_n)
-    results = []
+    jobs = []
     for class_id in range(relevant.num_classes):
         for feature in relevant.relevant(class_id):
             chosen = ranked.get((class_id, feature.feature_id), [])
             if not chosen:
                 break
-            images = torch.stack([torch.as_tensor(dataset[i][0]) for i in chosen]).to(device)
-            signal = backprop_feature(model, images, feature.layer, feature.channel, rules=rules)
-            results.append(
-                FeatureVisualisation(
-                    class_id,
-                    feature.layer,
-                    feature.channel,
-                    feature.weight,
-                    signal_to_heatmap(signal).mean(0).cpu(),
-                    images.mean(0).cpu(),
-                    chosen,
-                )
+            jobs.append((class_id, feature, chosen))
+    rank, size = world()
+    mine = []
+    for class_id, feature, chosen in jobs[rank::size]:
+        images = torch.stack([torch.as_tensor(dataset[i][0]) for i in chosen]).to(device)
+        signal = backprop_feature(model, images, feature.layer, feature.channel, rules=rules)
+        mine.append(
+            FeatureVisualisation(
+                class_id,
+                feature.layer,
+                feature.channel,
+                feature.weight,
+                signal_to_heatmap(signal).mean(0).cpu(),
+                images.mean(0).cpu(),
+                chosen,
             )
-    return results
+        )
+    shares = gather_objects(mine)  # process r holds jobs r, r + size, ...: back in job order
+    return [shares[j % size][j // size] for j in range(len(jobs))]
 
 
 def save_galleries(
@@ -147,9 +168,12 @@ def interpret_and_log(
     top_n: int = 20,
 ) -> list[Path]:
     """Average visualisations of every relevant feature, a gallery PNG per class, logged to
-    W&B as images (``interpretation/class_<c>``)."""
+    W&B as images (``interpretation/class_<c>``). Under torch.distributed every process must
+    call it (with its own cache shard); the first writes and logs (the others return [])."""
     cache = ActivationCache(cache_path, fingerprint="")
     visualisations = average_visualisations(model, relevant, dataset, cache, top_n)
+    if not is_main_process():  # every process took part; one writes
+        return []
     paths = save_galleries(visualisations, relevant, folder)
     log_figures(loggers, "interpretation/galleries", paths, [p.stem for p in paths])
     return paths

@@ -78,7 +78,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         for logger in loggers:
             logger.log_metrics({"train_seconds": train_seconds})
         mining = next((c for c in callbacks if isinstance(c, FeatureMiningCallback)), None)
-        if mining and mining.report and trainer.is_global_zero:
+        if mining and mining.report:  # every process: galleries rank all shards' images
             make_galleries(
                 cfg,
                 model.net,
