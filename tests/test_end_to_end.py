@@ -105,4 +105,4 @@ def test_an8flower_double_generates_data_and_reaches_95_percent(tmp_path: Path) 
     (record,) = (tmp_path / "logs" / "explain" / "an8flower_double").glob(
         "*/explanations/explanations.json"
     )
-    assert json.loads(record.read_text())["explanations"][0]["image"] == photo.stem
+    assert json.loads(record.read_text())["explanations"][0]["image"] == photo.name
