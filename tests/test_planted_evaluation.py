@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -17,21 +16,27 @@ import torch.multiprocessing as mp
 
 from tests.conftest import run_cli
 from tests.planted_data import PlantedMaskData
+from tests.test_mining import _free_port
 from vebi.explain.interpretation import average_visualisations
 from vebi.mining import FeatureMiner
 from vebi.mining.cache import ActivationCache
 from vebi.models import TorchvisionClassifier
 
+#: evaluate.py overrides: the planted data and a random ResNet-18 built from its config
+PLANTED_MODEL = [
+    "~data",
+    "+data._target_=tests.planted_data.PlantedMaskData",
+    "model_source=config",
+    "model=resnet18",
+    "model.num_classes=3",
+    "model_source.allow_random_init=true",
+]
+
 
 def test_planted_maps_score_exactly_through_the_streaming_loader(tmp_path: Path) -> None:
     result = run_cli(
         "evaluate.py",
-        "~data",
-        "+data._target_=tests.planted_data.PlantedMaskData",
-        "model_source=config",
-        "model=resnet18",
-        "model.num_classes=3",
-        "model_source.allow_random_init=true",
+        *PLANTED_MODEL,
         f"paths.log_dir={tmp_path}",
         "logger=none",
         "trainer.accelerator=cpu",
@@ -108,10 +113,7 @@ def test_galleries_under_ddp_are_those_of_one_process(tmp_path: Path) -> None:
     ranking is merged over the shards and the features split between the processes; both
     get the galleries of one process (same top images, same maps)."""
     _save_gallery(tmp_path, "single")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    mp.spawn(_gallery_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_gallery_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
     single = torch.load(tmp_path / "single.pt")
     assert len(single) > 3
     for rank in range(2):
@@ -139,13 +141,8 @@ def test_two_processes_give_the_results_of_one(tmp_path: Path) -> None:
     its shard, the sums are all-reduced, one process writes: the same results.json numbers
     (to 1e-6) and the same files as one process."""
     common = [
-        "~data",
-        "+data._target_=tests.planted_data.PlantedMaskData",
+        *PLANTED_MODEL,
         "+data.test=61",  # odd: the shards differ in size
-        "model_source=config",
-        "model=resnet18",
-        "model.num_classes=3",
-        "model_source.allow_random_init=true",
         "logger=none",
         "trainer.accelerator=cpu",
         "mining.progress=false",
@@ -185,12 +182,7 @@ def test_empty_shards_do_not_hang(tmp_path: Path) -> None:
     gather still completes, and the image is scored as in one process. Fewer test images than
     processes is one clear error (Lightning's test loop needs a batch on each)."""
     common = [
-        "~data",
-        "+data._target_=tests.planted_data.PlantedMaskData",
-        "model_source=config",
-        "model=resnet18",
-        "model.num_classes=3",
-        "model_source.allow_random_init=true",
+        *PLANTED_MODEL,
         "logger=none",
         "trainer.accelerator=cpu",
         "trainer.devices=2",
