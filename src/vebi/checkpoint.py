@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import math
 import pickle
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -184,16 +186,110 @@ def load_classifier(
     return module.eval()
 
 
+#: The run settings a checkpoint may carry (:func:`vebi.pipelines.common.run_settings`).
+SETTINGS_KEYS = ("experiment", "data", "data_overrides", "experiment_name", "image_shape")
+#: A config or experiment name: letters, digits, ``_``, ``-`` and inner dots, no path.
+PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+#: A key of a ``data.*`` override: ``data.`` then identifiers that do not start with ``_``
+#: (no ``_target_``, ``_args_``, ``_partial_``), no Hydra prefixes (``+``, ``~``, ``@``).
+DATA_OVERRIDE_KEY = re.compile(r"data(\.[A-Za-z][A-Za-z0-9_]*)+")
+
+
+def _plain_name(value: Any) -> bool:
+    return isinstance(value, str) and bool(PLAIN_NAME.fullmatch(value)) and ".." not in value
+
+
+def _plain_value(value: Any) -> bool:
+    """A scalar (no interpolation) or a list of scalars."""
+    if isinstance(value, list):
+        return all(not isinstance(v, list) and _plain_value(v) for v in value)
+    if isinstance(value, str):
+        return "${" not in value and "\\" not in value
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return value is None or isinstance(value, bool | int)
+
+
+def check_data_override(override: Any) -> tuple[str, Any]:
+    """``(key, value)`` of a stored ``data.<key>=<value>`` override; :class:`ValueError` saying
+    why for anything else: another key, a Hydra prefix (``+``, ``~``), a ``_target_``-like
+    key, a sweep or function (``choice(...)``), an interpolation, a nested value."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType, ValueType
+
+    if not isinstance(override, str) or "=" not in override:
+        raise ValueError("not a key=value override")
+    key = override.split("=", 1)[0]
+    if not DATA_OVERRIDE_KEY.fullmatch(key):
+        raise ValueError(
+            "only data.<key>=<value> overrides are allowed (no +, ~, hydra.*, _target_, ...)"
+        )
+    try:
+        parsed = OverridesParser.create().parse_override(override)
+    except Exception as error:  # Hydra's grammar rejects it
+        raise ValueError(f"not a valid override ({error})") from None
+    if parsed.type != OverrideType.CHANGE or parsed.package is not None:
+        raise ValueError("only plain changes of a value are allowed")
+    if parsed.value_type != ValueType.ELEMENT:
+        raise ValueError("sweeps are not allowed")
+    value = parsed.value()
+    if not _plain_value(value):
+        raise ValueError("the value must be a plain scalar or a list of scalars")
+    return key, value
+
+
+def check_settings(settings: Any, path: str | Path) -> dict[str, Any] | None:
+    """The run settings stored in checkpoint ``path``, checked as data before any job uses
+    them: only :data:`SETTINGS_KEYS`; ``experiment``, ``data`` and ``experiment_name`` plain
+    names (no path separators, no ``..``) or null; ``data_overrides`` a list of plain
+    ``data.<key>=<value>`` overrides (:func:`check_data_override`); ``image_shape`` three
+    positive ints or null. A checkpoint is data: anything else is a :class:`CheckpointError`
+    naming the file and the entry."""
+    if settings is None or (isinstance(settings, Mapping) and not settings):
+        return None
+
+    def refuse(entry: str, value: Any, why: str) -> CheckpointError:
+        shown = repr(value)
+        shown = shown if len(shown) <= 120 else shown[:117] + "..."
+        return CheckpointError(
+            f"{path}: refusing its stored settings: {entry} = {shown} ({why}); a checkpoint "
+            "carries data only: pass experiment=... and the settings you want yourself, or "
+            "use a checkpoint written by vebi's train.py"
+        )
+
+    if not isinstance(settings, Mapping):
+        raise refuse("settings", settings, "not a mapping")
+    unknown = [str(key) for key in settings if key not in SETTINGS_KEYS]
+    if unknown:
+        raise refuse(f"settings.{unknown[0]}", settings[unknown[0]], "not a vebi setting")
+    for key in ("experiment", "data", "experiment_name"):
+        value = settings.get(key)
+        if value is not None and not _plain_name(value):
+            raise refuse(f"settings.{key}", value, "not a plain name")
+    overrides = settings.get("data_overrides") or []
+    if not isinstance(overrides, list | tuple):
+        raise refuse("settings.data_overrides", overrides, "not a list")
+    for position, override in enumerate(overrides):
+        try:
+            check_data_override(override)
+        except ValueError as error:
+            raise refuse(f"settings.data_overrides[{position}]", override, str(error)) from None
+    shape = settings.get("image_shape")
+    if shape is not None and not (
+        isinstance(shape, list | tuple)
+        and len(shape) == 3
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)
+    ):
+        raise refuse("settings.image_shape", shape, "not three positive integers (C, H, W)")
+    return {key: settings.get(key) for key in SETTINGS_KEYS} | {"data_overrides": list(overrides)}
+
+
 def _settings(meta: Mapping[str, Any], path: Path) -> dict[str, Any] | None:
-    settings = meta.get("settings")
-    if settings is not None and not isinstance(settings, Mapping):
-        raise CheckpointError(f"{path}: its settings entry is not a mapping")
-    return dict(settings) if settings else None
+    return check_settings(meta.get("settings"), path)
 
 
-def checkpoint_settings(path: str | Path) -> dict[str, Any] | None:
-    """The run settings a vebi training run stored in ``path`` (see
-    :class:`~vebi.modules.classifier.ClassifierModule`), None for checkpoints without them.
+def stored_settings(path: str | Path) -> Any:
+    """The run settings entry of checkpoint ``path`` as stored, unchecked (None without one).
     Reads the file memory-mapped (``weights_only=True``): the tensors are not loaded."""
     path = Path(path)
     if not path.is_file():
@@ -203,7 +299,14 @@ def checkpoint_settings(path: str | Path) -> dict[str, Any] | None:
     except Exception:  # not a zip checkpoint (mmap needs one): read it the usual way
         checkpoint = read_checkpoint(path)
     meta = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
-    return _settings(meta, path) if isinstance(meta, Mapping) else None
+    return meta.get("settings") if isinstance(meta, Mapping) else None
+
+
+def checkpoint_settings(path: str | Path) -> dict[str, Any] | None:
+    """The run settings a vebi training run stored in ``path`` (see
+    :class:`~vebi.modules.classifier.ClassifierModule`), checked by :func:`check_settings`;
+    None for checkpoints without them."""
+    return check_settings(stored_settings(path), path)
 
 
 #: Where training runs keep their best checkpoint: single runs, and the jobs of a multirun.

@@ -331,12 +331,9 @@ def _choose(slot: str, choice: RuleChoice | Mapping[str, Any] | None) -> Rule | 
     if isinstance(choice, Rule) or choice is None:
         return choice
     if isinstance(choice, Mapping):  # a rule's Hydra config: {_target_: ..., ...}
-        from hydra.utils import instantiate
+        from vebi.utils.instantiate import instantiate_checked
 
-        rule = instantiate(choice)
-        if not isinstance(rule, Rule):
-            raise VebiError(f"rules.{slot}: {choice.get('_target_')} is not a vebi Rule")
-        return rule
+        return instantiate_checked(choice, Rule, f"rules.{slot}")
     named = NAMED_RULES[slot]
     if choice not in named:
         raise VebiError(f"unknown {slot} rule {choice!r}; choose from {tuple(named)}")

@@ -16,7 +16,13 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import Dataset
 
-from vebi.checkpoint import checkpoint_settings, load_classifier, newest_checkpoint
+from vebi.checkpoint import (
+    check_data_override,
+    check_settings,
+    load_classifier,
+    newest_checkpoint,
+    stored_settings,
+)
 from vebi.errors import CheckpointError, VebiError
 from vebi.explain.interpretation import interpret_and_log
 from vebi.mining.miner import MiningReport
@@ -44,6 +50,16 @@ def _override_key(argument: str) -> str | None:
     return argument.split("=", 1)[0].lstrip("+~")
 
 
+def _storable(override: str) -> bool:
+    """Whether a command-line override is a plain ``data.<key>=<value>`` a checkpoint may
+    carry (:func:`vebi.checkpoint.check_data_override`)."""
+    try:
+        check_data_override(override)
+    except ValueError:
+        return False
+    return True
+
+
 def run_settings(cfg: DictConfig, datamodule: Any) -> dict[str, Any]:
     """What a checkpoint should carry for later jobs: the Hydra choices of ``experiment`` and
     ``data``, the ``data.*`` overrides given on the command line, the experiment name and the
@@ -53,11 +69,7 @@ def run_settings(cfg: DictConfig, datamodule: Any) -> dict[str, Any]:
     if HydraConfig.initialized():
         hydra_cfg = HydraConfig.get()
         choices = dict(hydra_cfg.runtime.choices)
-        overrides = [
-            str(o)
-            for o in hydra_cfg.overrides.task
-            if (_override_key(str(o)) or "").startswith("data.")
-        ]
+        overrides = [str(o) for o in hydra_cfg.overrides.task if _storable(str(o))]
     shape = getattr(datamodule, "image_shape", None)
     return {
         "experiment": choices.get("experiment"),
@@ -68,23 +80,57 @@ def run_settings(cfg: DictConfig, datamodule: Any) -> dict[str, Any]:
     }
 
 
-def with_checkpoint_settings(argv: list[str]) -> list[str]:
+#: The configs folder next to the entry points (train.py, mine.py, ...).
+CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs"
+
+
+def _check_settings_exist(settings: dict[str, Any], ckpt: str, config_dir: Path) -> None:
+    """The experiment and data choices a checkpoint names must be configs of ``config_dir``,
+    and its ``data.*`` overrides keys of that data config."""
+    for group in ("experiment", "data"):
+        name = settings.get(group)
+        if name is not None and not (config_dir / group / f"{name}.yaml").is_file():
+            raise CheckpointError(
+                f"{ckpt}: refusing its stored settings: {group} = {name!r} is not a config of "
+                f"{config_dir / group}; pass experiment=... yourself"
+            )
+    overrides = settings.get("data_overrides") or []
+    if not overrides:
+        return
+    data_file = config_dir / "data" / f"{settings.get('data') or 'mnist'}.yaml"
+    data_keys = set(OmegaConf.load(data_file)) if data_file.is_file() else set()
+    for position, override in enumerate(overrides):
+        key = override.split("=", 1)[0].split(".")[1]
+        if key not in data_keys:
+            raise CheckpointError(
+                f"{ckpt}: refusing its stored settings: settings.data_overrides[{position}] = "
+                f"{override!r} (data has no key {key!r}); pass experiment=... yourself"
+            )
+
+
+def with_checkpoint_settings(argv: list[str], config_dir: Path = CONFIG_DIR) -> list[str]:
     """``argv`` of mine.py/explain.py/evaluate.py plus the settings that ``ckpt_path=...`` was
     trained with (:func:`run_settings`), where the command line gives none of its own: the
     experiment (unless ``experiment=`` is given, then nothing is added), its data choice and
     ``data.*`` overrides, and the experiment name (so the run is filed under it).
     Announced on stderr; unchanged for sweeps over checkpoints and checkpoints without
-    settings (a missing or broken file is reported later, by the job)."""
+    settings (a missing or broken file is reported later, by the job).
+
+    The stored settings are data, checked before anything is composed
+    (:func:`vebi.checkpoint.check_settings`, and the configs they name must exist in
+    ``config_dir``): anything else is a :class:`CheckpointError`."""
     given = {key: arg for arg in argv[1:] if (key := _override_key(arg))}
     ckpt = given.get("ckpt_path", "").split("=", 1)[-1]
     if not ckpt or "experiment" in given or "," in ckpt:
         return argv
     try:
-        settings = checkpoint_settings(ckpt)
+        stored = stored_settings(ckpt)
     except (CheckpointError, OSError):
         return argv
+    settings = check_settings(stored, ckpt)
     if not settings:
         return argv
+    _check_settings_exist(settings, ckpt, config_dir)
     added = [f"experiment={settings.get('experiment') or 'null'}"]
     if settings.get("data") and "data" not in given:
         added.append(f"data={settings['data']}")
@@ -97,6 +143,16 @@ def with_checkpoint_settings(argv: list[str]) -> list[str]:
         file=sys.stderr,
     )
     return [*argv, *added]
+
+
+def argv_with_checkpoint_settings(argv: list[str], config_dir: Path = CONFIG_DIR) -> list[str]:
+    """:func:`with_checkpoint_settings` for an entry point: a refused checkpoint is one
+    ``error:`` line on stderr and exit status 1, before Hydra composes or writes anything."""
+    try:
+        return with_checkpoint_settings(argv, config_dir)
+    except CheckpointError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def _check_input_shape(module: ClassifierModule, datamodule: Any, ckpt_path: Path) -> None:

@@ -14,7 +14,6 @@ from typing import Any
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
@@ -40,6 +39,7 @@ from vebi.evaluation.reporting import (
     results_markdown,
     save_figures,
 )
+from vebi.mining.miner import FeatureMiner
 from vebi.mining.relevant import RelevantFeatures
 from vebi.mining.reporting import console_summary
 from vebi.mining.reuse import load_or_mine
@@ -51,6 +51,7 @@ from vebi.utils.distributed import ShardSampler, is_main_process
 from vebi.utils.instantiate import (
     device_for,
     flat_config,
+    instantiate_checked,
     instantiate_loggers,
     instantiate_trainer,
 )
@@ -66,12 +67,7 @@ def build_metrics(settings: DictConfig, groups: list[str]) -> dict[str, HeatmapM
     """The heatmap metrics of ``evaluation.metrics`` whose group is among ``groups``."""
     metrics = {}
     for name, spec in (settings.get("metrics") or {}).items():
-        metric = instantiate(spec)
-        if not isinstance(metric, HeatmapMetric):
-            raise VebiError(
-                f"evaluation.metrics.{name} is a {type(metric).__name__}, not a vebi "
-                "HeatmapMetric (vebi.evaluation.metric_base)"
-            )
+        metric = instantiate_checked(spec, HeatmapMetric, f"evaluation.metrics.{name}")
         if metric.group in groups:
             metrics[name] = metric
     return metrics
@@ -89,9 +85,9 @@ def build_methods(
     methods = {}
     for name in chosen:
         # partial first: Hydra would turn the RelevantFeatures dataclass into a config
-        method = instantiate(available[name], _partial_=True)(model=module.net, relevant=relevant)
-        if not isinstance(method, HeatmapMethod):
-            raise VebiError(f"evaluation.methods.{name} is not a vebi HeatmapMethod")
+        method = instantiate_checked(
+            available[name], HeatmapMethod, f"evaluation.methods.{name}", _partial_=True
+        )(model=module.net, relevant=relevant)
         methods[name] = method
     return methods
 
@@ -115,7 +111,9 @@ def run_evaluators(
             net, relevant, test, int(settings.batch_size_inference)
         )
     if "ablation" in evaluators:
-        ablation: AblationRelevance = instantiate(settings.ablation)
+        ablation: AblationRelevance = instantiate_checked(
+            settings.ablation, AblationRelevance, "evaluation.ablation"
+        )
         forwards = ablation.planned_forwards(test.labels, relevant)
         log.info(
             "Ablation: %d image forwards (%d draws, drop on other classes from %s test images)",
@@ -197,7 +195,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     _check_settings(cfg.evaluation)
     if cfg.get("seed") is not None:
         L.seed_everything(int(cfg.seed), workers=True)
-    datamodule = instantiate(cfg.data)
+    datamodule = instantiate_checked(cfg.data, L.LightningDataModule, "data")
     model = load_model(cfg, datamodule)
     module, ckpt_path = model.module, model.ckpt_path
     data_classes = getattr(datamodule, "num_classes", None)
@@ -244,7 +242,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         module = to_device(module, device_for(cfg.trainer))
         explicit = cfg.get("relevant_features")
         relevant, relevant_path, obtained = load_or_mine(
-            instantiate(cfg.mining),
+            instantiate_checked(cfg.mining, FeatureMiner, "mining"),
             module.net,
             module.class_names,
             datamodule,

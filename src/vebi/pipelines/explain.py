@@ -8,7 +8,6 @@ from typing import Any
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -22,7 +21,12 @@ from vebi.mining.relevant import RelevantFeatures
 from vebi.pipelines.common import load_model, relevant_features_for
 from vebi.utils.cli import finish_loggers, wandb_run_dir
 from vebi.utils.distributed import ShardSampler, gather_objects, is_main_process
-from vebi.utils.instantiate import flat_config, instantiate_loggers, instantiate_trainer
+from vebi.utils.instantiate import (
+    flat_config,
+    instantiate_checked,
+    instantiate_loggers,
+    instantiate_trainer,
+)
 from vebi.utils.io import atomic_path, unique_file_names
 from vebi.utils.log import get_logger
 from vebi.utils.wandb_media import log_figures
@@ -109,7 +113,7 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
     writes ``explanations.json`` with the records of all (in input order)."""
     batch_size = require_int_in_range("batch_size", cfg.batch_size, 1)
     require_int_in_range("k", cfg.k, 1)
-    datamodule = instantiate(cfg.data)
+    datamodule = instantiate_checked(cfg.data, L.LightningDataModule, "data")
     model = load_model(cfg, datamodule)
     module = model.module
     target = require_int_in_range(

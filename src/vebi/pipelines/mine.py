@@ -5,15 +5,21 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from hydra.utils import instantiate
+import lightning as L
 from omegaconf import DictConfig
 
 from vebi.explain.rules import check_rule_coverage
 from vebi.mining.callback import mining_datasets
+from vebi.mining.miner import FeatureMiner
 from vebi.mining.reporting import console_summary, save_and_log
 from vebi.pipelines.common import NO_GALLERIES, load_model, make_galleries
 from vebi.utils.cli import finish_loggers, wandb_run_dir
-from vebi.utils.instantiate import device_for, flat_config, instantiate_loggers
+from vebi.utils.instantiate import (
+    device_for,
+    flat_config,
+    instantiate_checked,
+    instantiate_loggers,
+)
 from vebi.utils.log import get_logger
 
 log = get_logger(__name__)
@@ -22,12 +28,12 @@ log = get_logger(__name__)
 def mine(cfg: DictConfig) -> dict[str, Any]:
     """Load the network (checkpoint or config), mine on the data's training split, save and log
     the artefact."""
-    datamodule = instantiate(cfg.data)
+    datamodule = instantiate_checked(cfg.data, L.LightningDataModule, "data")
     model = load_model(cfg, datamodule)
     module = model.module.to(device_for(cfg.trainer))
     datamodule.prepare_data()
     datamodule.setup("fit")
-    miner = instantiate(cfg.mining)
+    miner = instantiate_checked(cfg.mining, FeatureMiner, "mining")
     loggers = instantiate_loggers(cfg.get("logger"))
     for logger in loggers:
         logger.log_hyperparams({**flat_config(cfg), "model": model.source})

@@ -19,6 +19,7 @@ from vebi.utils.cli import finish_loggers, wandb_run_dir
 from vebi.utils.instantiate import (
     flat_config,
     instantiate_callbacks,
+    instantiate_checked,
     instantiate_loggers,
     instantiate_trainer,
 )
@@ -45,7 +46,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         read_checkpoint(resume)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate(cfg.data)
+    datamodule = instantiate_checked(cfg.data, L.LightningDataModule, "data")
     model = instantiate(cfg.model)
     if getattr(datamodule, "num_classes", model.hparams.num_classes) != model.hparams.num_classes:
         raise VebiError(

@@ -17,6 +17,58 @@ from vebi.utils.log import get_logger
 log = get_logger(__name__)
 
 
+def _located(target: Any, where: str) -> Any:
+    from hydra.utils import get_object
+
+    from vebi.errors import VebiError
+
+    try:
+        return get_object(str(target))
+    except Exception as error:  # an unknown module or attribute
+        raise VebiError(f"{where}: cannot find _target_ {target!r} ({error})") from None
+
+
+def check_target(config: Mapping[str, Any], kind: type, where: str) -> type:
+    """The class a config's ``_target_`` names, checked BEFORE anything is called: it must be
+    a class derived from ``kind`` (a function such as ``pathlib.Path.unlink`` is refused
+    unrun), and every nested ``_target_`` a class of the vebi package."""
+    from vebi.errors import VebiError
+
+    target = config.get("_target_")
+    located = _located(target, where)
+    if not (isinstance(located, type) and issubclass(located, kind)):
+        raise VebiError(
+            f"{where}: _target_ {target!r} is not a {kind.__module__}.{kind.__qualname__} "
+            "class; nothing was called"
+        )
+
+    def nested(node: Any, path: str) -> None:
+        if isinstance(node, Mapping):
+            for key, value in node.items():
+                if key == "_target_" and path:
+                    inner = _located(value, f"{where}{path}")
+                    if not (isinstance(inner, type) and inner.__module__.startswith("vebi.")):
+                        raise VebiError(
+                            f"{where}{path}: nested _target_ {value!r} is not a vebi class; "
+                            "nothing was called"
+                        )
+                else:
+                    nested(value, f"{path}.{key}")
+        elif isinstance(node, list | tuple):
+            for position, value in enumerate(node):
+                nested(value, f"{path}[{position}]")
+
+    nested(config, "")
+    return located
+
+
+def instantiate_checked(config: Mapping[str, Any], kind: type, where: str, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate(config, **kwargs)`` once :func:`check_target` has accepted its
+    ``_target_`` as a ``kind`` class (so a wrong target is refused before it runs)."""
+    check_target(config, kind, where)
+    return instantiate(config, **kwargs)
+
+
 def instantiate_group(group: DictConfig | None, kind: type) -> list[Any]:
     """Instantiate every entry of a group like ``callbacks`` or ``logger`` that has a target."""
     objects: list[Any] = []
@@ -24,9 +76,7 @@ def instantiate_group(group: DictConfig | None, kind: type) -> list[Any]:
         return objects
     for name, entry in group.items():
         if isinstance(entry, Mapping) and "_target_" in entry:
-            obj = instantiate(entry)
-            if not isinstance(obj, kind):
-                raise TypeError(f"{name}: expected a {kind.__name__}, got {type(obj).__name__}")
+            obj = instantiate_checked(entry, kind, name)
             log.info("Instantiated %s <%s>", name, entry["_target_"])
             objects.append(obj)
     return objects
