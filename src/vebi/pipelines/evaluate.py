@@ -57,6 +57,7 @@ from vebi.utils.instantiate import (
 )
 from vebi.utils.io import atomic_path
 from vebi.utils.log import get_logger
+from vebi.utils.signals import JobProgress
 
 log = get_logger(__name__)
 
@@ -98,9 +99,12 @@ def run_evaluators(
     relevant: RelevantFeatures,
     test: EvaluationSet,
     methods: dict[str, HeatmapMethod],
+    progress: JobProgress | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
     """(results, panel figures, notes) of the evaluators listed in ``evaluation.evaluators``
-    (settings checked by :func:`_check_settings`)."""
+    (settings checked by :func:`_check_settings`); each finished one is told to
+    ``progress``."""
+    progress = progress or JobProgress("evaluate.py", list(cfg.evaluation.evaluators))
     settings = cfg.evaluation
     evaluators = list(settings.evaluators)
     net = module.net.eval()
@@ -110,6 +114,7 @@ def run_evaluators(
         results["sparse"] = sparse_classifier_accuracy(
             net, relevant, test, int(settings.batch_size_inference)
         )
+        progress.done("sparse")
     if "ablation" in evaluators:
         ablation: AblationRelevance = instantiate_checked(
             settings.ablation, AblationRelevance, "evaluation.ablation"
@@ -130,6 +135,7 @@ def run_evaluators(
             "per_class": [r.row() for r in records],
             "average": summarise_ablation(records),
         }
+        progress.done("ablation")
     heatmap_evaluators = [e for e in evaluators if e in GROUPS]
     panels: dict[str, Any] = {}
     if heatmap_evaluators:
@@ -149,6 +155,8 @@ def run_evaluators(
             "metrics": metric_info(applicable),
             "methods": scores,
         }
+        for evaluator in heatmap_evaluators:
+            progress.done(evaluator)
     return results, panels, notes
 
 
@@ -213,6 +221,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     )
     for logger in loggers:
         logger.log_hyperparams({**flat_config(cfg), "model": model.source})
+    planned = ["test", "features", *cfg.evaluation.evaluators, "results.json"]
+    progress = JobProgress("evaluate.py", planned)
     failed = True
     try:
         datamodule.prepare_data()
@@ -239,6 +249,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
                 "fewer devices (the evaluators after the test pass cope with empty shards)"
             )
         (metrics,) = trainer.test(module, dataloaders=loader)
+        progress.done("test")
         module = to_device(module, device_for(cfg.trainer))
         explicit = cfg.get("relevant_features")
         relevant, relevant_path, obtained = load_or_mine(
@@ -255,11 +266,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         probe = test.select(torch.arange(1)).load().images
         relevant.check_model(module.net, probe.to(device_for(cfg.trainer)))
         log.info("\n%s\n  (%s: %s)", console_summary(relevant), obtained, relevant_path)
+        progress.done("features", str(relevant_path))
         # the heatmap methods are built before any evaluator runs: a model they cannot explain
         # (a module without backward rule) is refused now, not after the ablation
         heatmaps = set(cfg.evaluation.evaluators) & set(GROUPS)
         methods = build_methods(cfg, module, relevant) if heatmaps else {}
-        evaluations, panels, notes = run_evaluators(cfg, module, relevant, test, methods)
+        evaluations, panels, notes = run_evaluators(cfg, module, relevant, test, methods, progress)
         result = {
             "checkpoint": str(ckpt_path) if ckpt_path else None,
             "model": model.source,
@@ -281,6 +293,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         result["wandb_dir"] = wandb_run_dir(loggers)
         if is_main_process():
             _write_results(result, output_dir, Path(cfg.paths.root_dir))
+            progress.done("results.json")
         failed = False
     finally:
         finish_loggers(loggers, failed=failed)

@@ -29,6 +29,7 @@ from vebi.utils.instantiate import (
 )
 from vebi.utils.io import atomic_path, unique_file_names
 from vebi.utils.log import get_logger
+from vebi.utils.signals import JobProgress
 from vebi.utils.wandb_media import log_figures
 
 log = get_logger(__name__)
@@ -149,8 +150,11 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
     for logger in loggers:
         logger.log_hyperparams({**flat_config(cfg), "model": model.source})
     failed, wandb_dir = True, None
+    progress = JobProgress("explain.py", ["explaining", "explanations.json"])
+    progress.keep(f"the overlays written so far are complete files in {output_dir}")
     try:
         batches = trainer.predict(step, dataloaders=loader) or []
+        progress.done("explaining", f"{len(images)} image(s)")
         mine = [entry for batch in batches for entry in batch]
         entries = sorted(entry for part in gather_objects(mine) for entry in part)
         records = [record for _, record in entries]
@@ -166,6 +170,7 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
         if is_main_process():
             with atomic_path(output_dir / "explanations.json") as tmp:
                 tmp.write_text(json.dumps(result, indent=2))
+            progress.done("explanations.json")
             figures = [Path(record["figure"]) for record in records]
             log_figures(loggers, "explanations", figures, [r["image"] for r in records])
             wandb_dir = wandb_run_dir(loggers)

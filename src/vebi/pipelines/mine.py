@@ -21,6 +21,7 @@ from vebi.utils.instantiate import (
     instantiate_loggers,
 )
 from vebi.utils.log import get_logger
+from vebi.utils.signals import JobProgress
 
 log = get_logger(__name__)
 
@@ -37,16 +38,27 @@ def mine(cfg: DictConfig) -> dict[str, Any]:
     loggers = instantiate_loggers(cfg.get("logger"))
     for logger in loggers:
         logger.log_hyperparams({**flat_config(cfg), "model": model.source})
+    galleries = (cfg.get("interpretation") or {}).get("galleries", True)
+    planned = ["mining", "saving the relevant features", *(["galleries"] if galleries else [])]
     failed = True
+    progress = JobProgress("mine.py", planned)
     try:
         dataset, val_dataset = mining_datasets(datamodule)
-        if (cfg.get("interpretation") or {}).get("galleries", True):
-            check_rule_coverage(module.net, hint=NO_GALLERIES)  # the galleries need backward rules
+        if galleries:  # the galleries need backward rules
+            check_rule_coverage(module.net, hint=NO_GALLERIES)
+        if miner.cache_dir is not None:
+            progress.keep(
+                f"the activation cache keeps its complete chunks in {miner.cache_dir}: run "
+                "the same command again to resume"
+            )
         report = miner.mine(module.net, dataset, val_dataset, module.class_names)
+        progress.done("mining")
         path = save_and_log(report, Path(cfg.paths.output_dir), loggers)
+        progress.done("saving the relevant features", str(path))
         make_galleries(
             cfg, module.net, report, dataset, Path(cfg.paths.output_dir) / "galleries", loggers
         )
+        progress.done("galleries")
         miner.release(report)
         wandb_dir = wandb_run_dir(loggers)
         failed = False

@@ -24,6 +24,7 @@ from vebi.utils.instantiate import (
     instantiate_trainer,
 )
 from vebi.utils.log import get_logger
+from vebi.utils.signals import InterruptCheckpoint, JobProgress, interrupted_training
 
 log = get_logger(__name__)
 
@@ -55,8 +56,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         )
     model.run_settings = run_settings(cfg, datamodule)  # stored in its checkpoints
     callbacks = instantiate_callbacks(cfg.get("callbacks"))
+    interrupt = InterruptCheckpoint(Path(cfg.paths.output_dir) / "checkpoints")
+    callbacks.append(interrupt)  # a signal during the training loop saves a resumable one
     galleries = (cfg.get("interpretation") or {}).get("galleries", True)
-    if galleries and any(isinstance(c, FeatureMiningCallback) for c in callbacks):
+    mining = next((c for c in callbacks if isinstance(c, FeatureMiningCallback)), None)
+    if galleries and mining:
         check_rule_coverage(model.net, hint=NO_GALLERIES)  # galleries need backward rules
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer: L.Trainer = instantiate_trainer(
@@ -65,20 +69,25 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     for logger in loggers:
         logger.log_hyperparams(flat_config(cfg))
 
+    planned = ["training", *(["mining"] if mining else []), *(["test"] if cfg.get("test") else [])]
+    planned += ["galleries"] if mining and galleries else []
     failed = True
+    progress = JobProgress("train.py", planned)
     try:
         started = time.perf_counter()
-        trainer.fit(model, datamodule=datamodule, ckpt_path=resume, weights_only=True)
+        _fit(trainer, model, datamodule, resume, interrupt, progress)
         train_seconds = time.perf_counter() - started
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        best = _best_checkpoint(trainer)
+        if mining and mining.report:
+            progress.done("mining", str(mining.artefact_path))
         if cfg.get("test"):
             trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
             metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+            progress.done("test")
         metrics["train_seconds"] = train_seconds
         for logger in loggers:
             logger.log_metrics({"train_seconds": train_seconds})
-        mining = next((c for c in callbacks if isinstance(c, FeatureMiningCallback)), None)
         if mining and mining.report:  # every process: galleries rank all shards' images
             make_galleries(
                 cfg,
@@ -89,6 +98,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 loggers,
             )
             mining.miner.release(mining.report)
+            progress.done("galleries")
         result = {
             **metrics,
             "relevant_features": str(mining.artefact_path)
@@ -103,6 +113,52 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         finish_loggers(loggers, failed=failed)
     _print_summary(result)
     return result
+
+
+def _fit(
+    trainer: L.Trainer,
+    model: L.LightningModule,
+    datamodule: L.LightningDataModule,
+    resume: str | None,
+    interrupt: InterruptCheckpoint,
+    progress: JobProgress,
+) -> None:
+    """``trainer.fit`` (training, then the mining callback); a signal becomes
+    :class:`JobInterrupted` (Lightning's ``SIGTERMException`` would exit with status 0) with
+    the resumable checkpoint it saved and the command that resumes it."""
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=resume, weights_only=True)
+    except BaseException as error:
+        stopped = interrupted_training(error)
+        if stopped is None:
+            raise
+        if interrupt.training_finished:
+            progress.done("training")
+        else:
+            progress.stopped_in(
+                "training", f"stopped at epoch {trainer.current_epoch}, step {trainer.global_step}"
+            )
+        if interrupt.saved is not None:
+            progress.keep(
+                f"resumable checkpoint {interrupt.saved}: resume with `python train.py "
+                f"{' '.join(_overrides_without_ckpt())} ckpt_path={interrupt.saved}`"
+            )
+        raise stopped from None
+    best = _best_checkpoint(trainer)
+    progress.done("training", f"best checkpoint {best}" if best else None)
+
+
+def _best_checkpoint(trainer: L.Trainer) -> str:
+    return trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+
+
+def _overrides_without_ckpt() -> list[str]:
+    """The job's command-line overrides, less ``ckpt_path`` (for the resume command)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return []
+    return [o for o in HydraConfig.get().overrides.task if not o.startswith("ckpt_path=")]
 
 
 def _print_summary(result: dict[str, Any]) -> None:

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vebi.errors import VebiError
 from vebi.utils.log import get_logger
+from vebi.utils.signals import JobInterrupted, stop_on_signals
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -54,7 +55,9 @@ def describe_os_error(error: OSError) -> str:
 
 def report_user_errors(task: Callable[..., T]) -> Callable[..., T]:
     """Turn a :class:`VebiError`, or an OS error about the machine (disk full, permissions, a
-    file in place of a folder), into one logged error (``error: ...`` on stderr) and exit 1.
+    file in place of a folder), into one logged error (``error: ...`` on stderr) and exit 1;
+    SIGTERM and SIGINT stop the task with one line saying what was finished and exit status
+    128 + the signal number (:mod:`vebi.utils.signals`).
 
     Bugs (any other exception) keep their traceback. Nothing is left half-written: files are
     written to a temporary name and renamed (:func:`vebi.utils.io.atomic_path`).
@@ -63,7 +66,11 @@ def report_user_errors(task: Callable[..., T]) -> Callable[..., T]:
     @functools.wraps(task)
     def wrapper(*args: Any, **kwargs: Any) -> T:
         try:
-            return task(*args, **kwargs)
+            with stop_on_signals():
+                return task(*args, **kwargs)
+        except JobInterrupted as error:
+            log.error("%s", error.describe())
+            raise SystemExit(error.exit_code) from None
         except VebiError as error:
             log.error("%s", error)
             raise SystemExit(1) from None
