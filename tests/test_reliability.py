@@ -10,6 +10,7 @@ import multiprocessing
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -19,9 +20,9 @@ from PIL import Image
 from torch.utils.data import Subset, TensorDataset
 
 from tests.conftest import compose_config, run_cli
-from tests.mining_models import seeded_lenet
+from tests.mining_models import planted_colour_data, planted_colour_model, seeded_lenet
 from tests.payloads import TouchOnLoad
-from vebi import load_classifier
+from vebi import load_classifier, mine_features
 from vebi.errors import CheckpointError, VebiError
 from vebi.explain.inputs import load_images
 from vebi.mining import FeatureMiner, RelevantFeatures
@@ -388,3 +389,51 @@ def test_newest_checkpoint_includes_multirun_jobs(tmp_path: Path) -> None:
     assert newest_checkpoint(tmp_path) == single
     with pytest.raises(CheckpointError, match="no checkpoint matches"):
         newest_checkpoint(tmp_path / "nothing")
+
+
+def test_transforms_that_print_alike_get_their_own_cache(tmp_path: Path) -> None:
+    """Two ``transforms.Lambda`` print the same once addresses are stripped: the second data
+    set used to reuse the first one's activations (W identical to the first run)."""
+    from torchvision import transforms
+
+    base = planted_colour_data(20)
+
+    class Transformed(torch.utils.data.Dataset):
+        """Tensors in memory plus a transform, as most data sets are."""
+
+        def __init__(self, transform: Any) -> None:
+            self.images, self.labels = base.tensors
+            self.transform = transform
+
+        def __len__(self) -> int:
+            return len(self.labels)
+
+        def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.transform(self.images[index]), self.labels[index]
+
+    squared = Transformed(transforms.Lambda(lambda x: x**2))
+    rooted = Transformed(transforms.Lambda(lambda x: x.sqrt()))
+    assert repr(squared.transform).split(" at ")[0] == repr(rooted.transform).split(" at ")[0]
+    assert dataset_fingerprint(squared) != dataset_fingerprint(rooted)
+    net = planted_colour_model()
+    first = mine_features(net, squared, mu=1.0, cache_dir=tmp_path, progress=False)
+    second = mine_features(net, rooted, mu=1.0, cache_dir=tmp_path, progress=False)
+    fresh = mine_features(net, rooted, mu=1.0, progress=False)
+    np.testing.assert_allclose(second.weights, fresh.weights, atol=1e-8)
+    assert not np.allclose(first.weights, second.weights)
+    assert len(list(tmp_path.glob("activations-*.h5"))) == 2
+
+
+def test_random_transforms_are_never_reused_and_said(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Noisy(torch.utils.data.Dataset):
+        def __len__(self) -> int:
+            return 10
+
+        def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+            return torch.rand(1, 4, 4), index % 2
+
+    with caplog.at_level("WARNING"):
+        assert dataset_fingerprint(Noisy()) != dataset_fingerprint(Noisy())
+    assert "will not be reused" in caplog.text

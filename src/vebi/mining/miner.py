@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import tempfile
@@ -58,11 +59,46 @@ def dataset_fingerprint(dataset: Dataset) -> str:
     * image files (``samples`` / ``imgs`` / ``paths`` lists, e.g. ``ImageFolder``): every path
       with its size and modification time, and the labels;
     * the ``transform``'s description (another resize or crop gives other activations);
+    * :data:`SAMPLED_ITEMS` items as the data set returns them, transformed: what no
+      description covers (two ``transforms.Lambda`` or closures print alike) still changes
+      the key; a data set whose items change from one read to the next (random
+      augmentation) gets a key of its own every time, so its cache is never reused (said);
     * anything else: every item, read once (a pass over the data without the network).
     """
     digest = hashlib.sha256(f"{type(dataset).__qualname__}|{len(dataset)}".encode())
     _fingerprint_into(digest, dataset)
+    positions = np.unique(np.linspace(0, len(dataset) - 1, SAMPLED_ITEMS).astype(int))
+    for position in positions.tolist():
+        digest.update(_item_bytes(dataset, position))
+    if len(dataset) and _item_bytes(dataset, int(positions[0])) != _item_bytes(
+        dataset, int(positions[0])
+    ):
+        log.warning(
+            "%s returns other values each time an item is read (random transforms?): its "
+            "activation cache will not be reused; mine on data without augmentation",
+            type(dataset).__name__,
+        )
+        digest.update(os.urandom(16))
     return digest.hexdigest()
+
+
+#: Transformed items that every data set fingerprint reads (:func:`dataset_fingerprint`).
+SAMPLED_ITEMS = 8
+
+
+def _item_bytes(dataset: Dataset, position: int) -> bytes:
+    """The image and label of ``dataset[position]`` as bytes (dtype and shape included)."""
+    parts = []
+    for part in dataset[position][:2]:
+        try:
+            value = torch.as_tensor(part if torch.is_tensor(part) else np.array(part))
+        except (TypeError, ValueError, RuntimeError):  # e.g. a string label: checked later
+            parts.append(repr(part).encode())
+            continue
+        value = value.detach().cpu().contiguous()
+        parts.append(f"{value.dtype}|{tuple(value.shape)}|".encode())
+        parts.append(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return b"".join(parts)
 
 
 def _fingerprint_into(digest: Any, dataset: Dataset) -> None:
