@@ -437,3 +437,20 @@ def test_random_transforms_are_never_reused_and_said(
     with caplog.at_level("WARNING"):
         assert dataset_fingerprint(Noisy()) != dataset_fingerprint(Noisy())
     assert "will not be reused" in caplog.text
+
+
+def test_mu_too_small_or_too_large_is_one_clear_message(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """mu=1e-12 used to end with no relevant feature for any class and exit 0; mu=1e12 with
+    100 lines of solver messages and "did not converge"."""
+    data, net = planted_colour_data(20), planted_colour_model()
+    with pytest.raises(VebiError, match=r"mu=1e-12 leaves no class a relevant feature.*mu=10"):
+        mine_features(net, data, mu=1e-12, progress=False)
+    caplog.clear()
+    huge = FeatureMiner(mu=1e12, progress=False, solvers=["CLARABEL"], cache_dir=tmp_path)
+    with caplog.at_level("WARNING"), pytest.raises(VebiError, match="between 1 and 100"):
+        huge.mine(net, data)
+    solver_lines = [r for r in caplog.records if "CLARABEL" in r.getMessage()]
+    assert 1 <= len(solver_lines) <= 2, [r.getMessage() for r in solver_lines]
+    assert list(tmp_path.glob("activations-*.h5"))  # kept for the rerun with a better mu

@@ -10,6 +10,7 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -27,7 +28,14 @@ from vebi.errors import VebiError
 from vebi.mining.cache import ActivationCache
 from vebi.mining.features import FeatureExtractor, select_feature_layers
 from vebi.mining.relevant import RelevantFeatures
-from vebi.mining.solver import DEFAULT_SOLVERS, DenseGram, GramOperator, LassoSolution, mu_lasso
+from vebi.mining.solver import (
+    DEFAULT_SOLVERS,
+    DenseGram,
+    GramOperator,
+    LassoSolution,
+    SolverFailedError,
+    mu_lasso,
+)
 from vebi.mining.statistics import GramStatistics, StreamedGram
 from vebi.models.hooks import eval_mode, network_of
 from vebi.utils.log import get_logger
@@ -294,7 +302,9 @@ class FeatureMiner:
         stats.update(torch.from_numpy(block["features"]), torch.from_numpy(targets))
 
     # ------------------------------------------------------------------ stages
-    def _prepare(self, model: nn.Module, dataset: Dataset, world: tuple[int, int]) -> _Run:
+    def _prepare(
+        self, model: nn.Module, dataset: Dataset, world: tuple[int, int], cache_dir: Path
+    ) -> _Run:
         device = next(model.parameters()).device
         probe, _ = _images_labels(next(iter(self._loader(dataset, [0]))))
         probe = probe.to(device)
@@ -325,7 +335,6 @@ class FeatureMiner:
                 f"mining.cache_dir={self.cache_dir} is a file, not a folder: point it at a "
                 "folder (it is created when missing)"
             )
-        cache_dir = self.cache_dir or Path(tempfile.mkdtemp(prefix="vebi-activations-"))
         cache = ActivationCache(cache_dir / f"activations-{key[:16]}{suffix}.h5", key)
         return _Run(model, list(layers), num_classes, device, cache, fingerprint)
 
@@ -431,17 +440,49 @@ class FeatureMiner:
     def _solve(
         self, statistics: dict[str, np.ndarray], mu: float, gram: GramOperator
     ) -> LassoSolution:
-        solution = mu_lasso(
-            gram,
-            statistics["cross"],
-            mu,
-            self.nonnegative,
-            self.solvers,
-            self.solver_options,
-        )
-        for failure in solution.failures:
-            log.warning("mu-lasso solver fallback: %s", failure)
+        try:
+            solution = mu_lasso(
+                gram,
+                statistics["cross"],
+                mu,
+                self.nonnegative,
+                self.solvers,
+                self.solver_options,
+            )
+        except SolverFailedError as error:
+            raise VebiError(
+                f"the mu-lasso with mu={mu:g} could not be solved ({error}). The weights of a "
+                "class sum to at most mu; a mu far above that scale leaves the bound inactive "
+                "and the problem an ill-conditioned least squares. Try mining.mu between 1 "
+                "and 100 (the default is 10), or let mining.mu_candidates=[1,2,5,10,20] choose "
+                "one (with mining.cache_dir set, the rerun reuses the activation cache)"
+            ) from None
+        for failure, count in Counter(solution.failures).items():
+            log.warning(
+                "mu-lasso solver fallback: %s%s", failure, f" ({count} times)" if count > 1 else ""
+            )
         return solution
+
+    def _check_relevant(self, weights: np.ndarray, mu: float, counts: np.ndarray) -> None:
+        """Refuse a W in which no class with samples has a relevant feature (mu too small
+        for the tolerance); warn for the classes with samples but no relevant feature."""
+        empty = (weights <= self.tolerance).all(axis=0) & (counts > 0)
+        if empty.all():
+            raise VebiError(
+                f"mu={mu:g} leaves no class a relevant feature: the largest weight is "
+                f"{weights.max():.3g}, at or below the tolerance {self.tolerance:g}. The weights "
+                "of a class sum to at most mu, so mu must be far above the tolerance: try "
+                "mining.mu=10 (the default) or mining.mu_candidates=[1,2,5,10,20] (with "
+                "mining.cache_dir set, the rerun reuses the activation cache)"
+            )
+        if empty.any():
+            log.warning(
+                "%d class(es) with samples have no relevant feature at mu=%g (class ids %s): "
+                "a larger mu gives them some",
+                int(empty.sum()),
+                mu,
+                np.flatnonzero(empty)[:10].tolist(),
+            )
 
     def _accuracies(self, blocks: Any, weights: np.ndarray) -> tuple[float, float]:
         """(sparse classifier accuracy, network accuracy) over blocks of cached features."""
@@ -513,15 +554,33 @@ class FeatureMiner:
         """Mine the relevant features of ``model`` (any [0, 1]-image classifier) on ``dataset``.
 
         Under ``torch.distributed`` each process extracts every world_size-th image and the
-        statistics are all-reduced, so every process returns the same W.
+        statistics are all-reduced, so every process returns the same W. Without
+        ``cache_dir`` the activation cache lives in a temporary folder, removed afterwards
+        (also when mining fails or is interrupted).
         """
+        if self.cache_dir is not None:
+            return self._mine(model, dataset, val_dataset, class_names, self.cache_dir)
+        temporary = Path(tempfile.mkdtemp(prefix="vebi-activations-"))
+        try:
+            return self._mine(model, dataset, val_dataset, class_names, temporary)
+        finally:
+            shutil.rmtree(temporary, ignore_errors=True)
+
+    def _mine(
+        self,
+        model: nn.Module,
+        dataset: Dataset,
+        val_dataset: Dataset | None,
+        class_names: Sequence[str] | None,
+        cache_dir: Path,
+    ) -> MiningReport:
         model = network_of(model)
         if len(dataset) == 0:
             raise VebiError("the mining data set is empty")
         world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         timings: dict[str, float] = {}
         with eval_mode(model):
-            run = self._prepare(model, dataset, world)
+            run = self._prepare(model, dataset, world, cache_dir)
             names = list(class_names) if class_names else [str(c) for c in range(run.num_classes)]
             if len(names) != run.num_classes:
                 raise VebiError(
@@ -554,6 +613,7 @@ class FeatureMiner:
         started = time.perf_counter()
         gram = self._gram(run, statistics)
         mu, solution, mu_path = self._choose_mu(statistics, gram, val)
+        self._check_relevant(solution.weights, mu, counts)
         timings["solve_seconds"] = time.perf_counter() - started
 
         split = "val" if val is not None else "train"
@@ -580,8 +640,6 @@ class FeatureMiner:
             **self._settings(),
         )
         kept = run.cache.path if self.cache_dir else None
-        if self.cache_dir is None:
-            shutil.rmtree(run.cache.path.parent, ignore_errors=True)
         return MiningReport(relevant, solution, kept, timings, mu_path)
 
 

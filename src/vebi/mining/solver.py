@@ -86,6 +86,14 @@ def _groups(sizes: Sequence[int]) -> list[list[int]]:
     return groups
 
 
+def _failed(failures: list[str], failure: str) -> None:
+    """Record a solver failure; each distinct one is logged once per solve (a working-set
+    loop can meet the same one in every round)."""
+    if failure not in failures:
+        log.warning("solver %s; trying the next one", failure)
+    failures.append(failure)
+
+
 def _restricted_solve(
     grams: Sequence[np.ndarray],
     crosses: Sequence[np.ndarray],
@@ -116,14 +124,12 @@ def _restricted_solve(
                 warnings.simplefilter("ignore")
                 problem.solve(solver=solver, **dict(solver_options.get(solver, {})))
         except (cp.error.SolverError, ValueError) as error:
-            failures.append(f"{solver}: {error}")
-            log.warning("solver %s failed (%s); trying the next one", solver, error)
+            _failed(failures, f"{solver}: {error}")
             continue
         if problem.status == cp.OPTIMAL and w.value is not None:
             value = np.asarray(w.value, dtype=np.float64)
             return [value[a:b] for a, b in zip(edges[:-1], edges[1:], strict=True)], solver
-        failures.append(f"{solver}: status {problem.status}")
-        log.warning("solver %s ended with status %s; trying the next one", solver, problem.status)
+        _failed(failures, f"{solver}: status {problem.status}")
     raise SolverFailedError(
         f"no solver solved the mu-lasso (tried {list(solvers)}): "
         + "; ".join(failures[-len(solvers) :])
