@@ -29,6 +29,7 @@ from vebi.mining import FeatureMiner, RelevantFeatures
 from vebi.mining.cache import ActivationCache
 from vebi.mining.miner import dataset_fingerprint
 from vebi.utils.cli import report_user_errors
+from vebi.utils.io import strict_json
 
 
 # ------------------------------------------------------------------ 1. resume runs no code
@@ -207,9 +208,15 @@ def test_evaluate_and_train_settings_out_of_range(tmp_path: Path) -> None:
     from vebi.pipelines.evaluate import evaluate
     from vebi.pipelines.train import train
 
-    for override in ("evaluation.heatmap_images=0", "evaluation.steps=0"):
+    for override, allowed in (
+        ("evaluation.heatmap_images=0", ">= 1"),
+        ("evaluation.steps=0", ">= 1"),
+        ("evaluation.batch_size_inference=0", ">= 1"),  # was a raw DataLoader error
+        ("evaluation.panel_images_per_class=-1", ">= 0"),  # was a silent [:-1]
+    ):
         cfg = compose_config("evaluate", [override, "logger=none"], tmp_path / "run")
-        with pytest.raises(VebiError, match="must be an integer >= 1"):
+        key = override.split("=")[0]
+        with pytest.raises(VebiError, match=f"{key} must be an integer {allowed}"):
             evaluate(cfg)
     cfg = compose_config("train", ["trainer.max_epochs=-1", "logger=none"], tmp_path / "run")
     with pytest.raises(VebiError, match="max_epochs must be >= 1"):
@@ -454,3 +461,52 @@ def test_mu_too_small_or_too_large_is_one_clear_message(
     solver_lines = [r for r in caplog.records if "CLARABEL" in r.getMessage()]
     assert 1 <= len(solver_lines) <= 2, [r.getMessage() for r in solver_lines]
     assert list(tmp_path.glob("activations-*.h5"))  # kept for the rerun with a better mu
+
+
+def test_results_json_is_strict_json_with_few_images(short_run: dict, tmp_path: Path) -> None:
+    """evaluate.py on 5 images used to write NaN tokens that strict JSON parsers reject."""
+    from vebi.pipelines.evaluate import evaluate
+
+    cfg = compose_config(
+        "evaluate",
+        [
+            f"ckpt_path={short_run['best_checkpoint']}",
+            f"paths.log_dir={tmp_path / 'logs'}",
+            "logger=none",
+            "evaluation.max_images=5",
+            "evaluation.select=[vebi,gradient]",
+        ],
+        tmp_path / "run",
+    )
+    evaluate(cfg)
+
+    def refuse(token: str) -> None:
+        raise ValueError(f"non-standard JSON token {token}")
+
+    results = json.loads((tmp_path / "run" / "results.json").read_text(), parse_constant=refuse)
+    notes = [n for n in results["notes"] if "undefined (NaN or Inf" in n]
+    assert len(notes) == 1 and "written as null" in notes[0]
+    assert strict_json({"a": [1.0, float("nan")], "b": {"c": float("inf")}}) == (
+        json.dumps({"a": [1.0, None], "b": {"c": None}}, indent=2),
+        ["a/1", "b/c"],
+    )
+
+
+def test_class_names_that_collide_as_file_names_keep_their_own_panels() -> None:
+    """ "zero/one" and "zero_one" were both written to panels/zero_one.png."""
+    from types import SimpleNamespace
+
+    from vebi.evaluation.reporting import class_panels
+
+    images = SimpleNamespace(images=torch.rand(2, 1, 8, 8), masks=None)
+    rows = {0: torch.tensor([0]), 1: torch.tensor([1])}
+    panels = class_panels(images, rows, {"m": torch.rand(2, 8, 8)}, ["zero/one", "zero_one"])
+    assert list(panels) == ["zero_one", "zero_one-2"]
+
+
+def test_control_characters_in_names_are_escaped_on_the_console() -> None:
+    from vebi.utils.log import ConsoleFormatter
+
+    record = logging.LogRecord("x", logging.WARNING, "", 0, "class %s", ("\x1b[2Jevil\r",), None)
+    line = ConsoleFormatter().format(record)
+    assert line == "warning: class \\x1b[2Jevil\\r" and "\x1b" not in line

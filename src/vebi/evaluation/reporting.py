@@ -13,7 +13,7 @@ from matplotlib.figure import Figure
 
 from vebi.evaluation.data import EvaluationImages
 from vebi.explain.figures import overlay, save_figure, to_rgb
-from vebi.utils.io import safe_file_name
+from vebi.utils.io import unique_file_names
 from vebi.utils.wandb_media import log_figures
 
 ABLATION_COLUMNS = (
@@ -176,9 +176,10 @@ def class_panels(
     class (what :class:`HeatmapEvaluation` keeps when given ``keep = cat(rows.values())``).
     """
     panels, position = {}, 0
+    file_names = unique_file_names(class_names)  # "zero/one" and "zero_one" do not collide
     for c, members in rows.items():
         count = len(members)
-        panels[safe_file_name(class_names[c], max_length=80)] = panel_figure(
+        panels[file_names[c]] = panel_figure(
             images.images[members],
             {name: m[position : position + count] for name, m in maps.items()},
             None if images.masks is None else images.masks[members],

@@ -8,7 +8,6 @@ PNGs in the run dir and to W&B.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +54,7 @@ from vebi.utils.instantiate import (
     instantiate_loggers,
     instantiate_trainer,
 )
-from vebi.utils.io import atomic_path
+from vebi.utils.io import atomic_path, strict_json
 from vebi.utils.log import get_logger
 from vebi.utils.signals import JobProgress
 
@@ -192,6 +191,12 @@ def _check_settings(settings: DictConfig) -> None:
     require_int_in_range("evaluation.max_images", settings.get("max_images"), 1, allow_none=True)
     require_int_in_range("evaluation.steps", settings.get("steps"), 1)
     require_int_in_range("evaluation.batch_size", settings.get("batch_size"), 1)
+    require_int_in_range(
+        "evaluation.batch_size_inference", settings.get("batch_size_inference"), 1
+    )
+    require_int_in_range(
+        "evaluation.panel_images_per_class", settings.get("panel_images_per_class"), 0
+    )
     if settings.target not in ("label", "predicted"):
         raise VebiError(
             f"evaluation.target must be 'label' or 'predicted', got {settings.target!r}"
@@ -333,8 +338,19 @@ def portable_paths(result: dict[str, Any], root: Path) -> dict[str, Any]:
 
 
 def _write_results(result: dict[str, Any], output_dir: Path, root: Path) -> None:
+    """``results.json`` as strict JSON (NaN and Inf, e.g. of a metric over too few images,
+    become null, listed in the notes) and ``results.md``."""
     portable = portable_paths(result, root)
+    text, undefined = strict_json(portable)
+    if undefined:
+        note = (
+            f"{len(undefined)} value(s) undefined (NaN or Inf, e.g. too few images), written "
+            f"as null: {', '.join(undefined[:10])}{' ...' if len(undefined) > 10 else ''}"
+        )
+        portable["notes"] = [*portable.get("notes", []), note]
+        text, _ = strict_json(portable)
+        log.warning("%s", note)
     with atomic_path(output_dir / "results.json") as tmp:
-        tmp.write_text(json.dumps(portable, indent=2))
+        tmp.write_text(text)
     with atomic_path(output_dir / "results.md") as tmp:
         tmp.write_text(results_markdown(portable))

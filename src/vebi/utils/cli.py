@@ -163,7 +163,7 @@ def summarise_sweep(sweep_dir: Path) -> Path | None:
 
     import yaml
 
-    from vebi.utils.io import atomic_path
+    from vebi.utils.io import atomic_path, strict_json
 
     rows = []
     for path in sorted(sweep_dir.glob("*/results.json"), key=lambda p: p.parent.name):
@@ -176,7 +176,7 @@ def summarise_sweep(sweep_dir: Path) -> Path | None:
         return None
     columns = list(dict.fromkeys(key for row in rows for key in row))
     with atomic_path(sweep_dir / "sweep_summary.json") as tmp:
-        tmp.write_text(json.dumps(rows, indent=2))
+        tmp.write_text(strict_json(rows)[0])
 
     def cell(value: Any) -> str:
         return f"{value:.4f}" if isinstance(value, float) else str(value)

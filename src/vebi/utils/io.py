@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 
 @contextlib.contextmanager
@@ -34,6 +37,25 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def strict_json(value: Any, indent: int = 2) -> tuple[str, list[str]]:
+    """``value`` as JSON that strict parsers accept, and the paths (``a/b/0``) of the NaN and
+    Inf floats that were written as ``null`` (plain ``json.dumps`` writes ``NaN`` tokens)."""
+    undefined: list[str] = []
+
+    def clean(node: Any, path: str) -> Any:
+        if isinstance(node, float) and not math.isfinite(node):
+            undefined.append(path or "/")
+            return None
+        if isinstance(node, dict):
+            return {k: clean(v, f"{path}/{k}" if path else str(k)) for k, v in node.items()}
+        if isinstance(node, list | tuple):
+            return [clean(v, f"{path}/{i}" if path else str(i)) for i, v in enumerate(node)]
+        return node
+
+    cleaned = clean(value, "")
+    return json.dumps(cleaned, indent=indent, allow_nan=False), undefined
 
 
 def md5_of_bytes(data: bytes) -> str:

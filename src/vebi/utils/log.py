@@ -9,6 +9,7 @@ stderr) and, with timestamps, to ``<task>.log`` in the run dir. Under DDP only t
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -35,11 +36,22 @@ def get_logger(name: str) -> RankZeroLogger:
     return RankZeroLogger(logging.getLogger(name))
 
 
+#: Control characters (ANSI escapes, carriage returns, bells...) other than newline and tab.
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters written as escapes (``\x1b``), so that names from the
+    data (class folders, file names) cannot move the cursor or recolour the terminal."""
+    return CONTROL_CHARACTERS.sub(lambda m: m.group().encode("unicode_escape").decode(), text)
+
+
 class ConsoleFormatter(logging.Formatter):
-    """The message alone; ``warning: `` / ``error: `` before records of those levels."""
+    """The message alone, control characters escaped (:func:`printable`); ``warning: `` /
+    ``error: `` before records of those levels."""
 
     def format(self, record: logging.LogRecord) -> str:
-        message = super().format(record)
+        message = printable(super().format(record))
         if record.levelno >= logging.ERROR:
             return f"error: {message}"
         if record.levelno >= logging.WARNING:
