@@ -27,6 +27,7 @@ from vebi.errors import CheckpointError, VebiError
 from vebi.explain.interpretation import interpret_and_log
 from vebi.mining.miner import MiningReport
 from vebi.mining.reporting import ARTEFACT_NAME
+from vebi.models.hooks import eval_mode
 from vebi.modules.classifier import ClassifierModule
 from vebi.utils.log import get_logger
 
@@ -236,6 +237,43 @@ def _load_state_dict(net: nn.Module, path: Path) -> None:
     )
 
 
+def _choice(group: str) -> str | None:
+    """The Hydra choice of ``group`` (e.g. the model config's name), None outside Hydra."""
+    if not HydraConfig.initialized():
+        return None
+    return HydraConfig.get().runtime.choices.get(group)
+
+
+def _first_conv_channels(net: nn.Module) -> int | None:
+    conv = next((m for m in net.modules() if isinstance(m, nn.Conv2d)), None)
+    return None if conv is None else int(conv.in_channels)
+
+
+def check_model_takes_data(net: nn.Module, datamodule: Any, source: str) -> None:
+    """One forward pass of a blank image shaped like the data's (C, H, W), before any work:
+    a network that cannot take them (3-channel ResNet, 1-channel MNIST digits) is one clear
+    error naming both shapes and the fix, instead of a traceback from inside the network."""
+    try:
+        shape = tuple(int(v) for v in datamodule.image_shape)
+    except (VebiError, AttributeError, TypeError):  # not known before the data is read
+        return
+    parameter = next(net.parameters(), None)
+    probe = torch.zeros(1, *shape, device=parameter.device if parameter is not None else None)
+    try:
+        with torch.no_grad(), eval_mode(net):
+            net(probe)
+    except Exception as error:  # whatever the network raises on the wrong input
+        wanted = _first_conv_channels(net)
+        expects = f"; its first convolution takes {wanted}-channel images" if wanted else ""
+        data = _choice("data") or type(datamodule).__name__
+        raise VebiError(
+            f"{source} cannot take the images of data={data}, shaped {shape} (C, H, W){expects} "
+            f"({type(error).__name__}: {str(error).splitlines()[0][:200]}): choose data whose "
+            "images fit the network (e.g. experiment=an8flower_double for 3-channel images) or "
+            "a network for these images (model=...)"
+        ) from None
+
+
 def load_model(cfg: DictConfig, datamodule: Any = None) -> LoadedModel:
     """The network of a mine/explain/evaluate job (``cfg.model_source``):
 
@@ -252,6 +290,7 @@ def load_model(cfg: DictConfig, datamodule: Any = None) -> LoadedModel:
         module = load_classifier(ckpt_path)
         if datamodule is not None:
             _check_input_shape(module, datamodule, ckpt_path)
+            check_model_takes_data(module.net, datamodule, str(ckpt_path))
         return LoadedModel(module, ckpt_path, str(ckpt_path))
     if kind != "config":
         raise VebiError(f"model_source.from must be 'checkpoint' or 'config', got {kind!r}")
@@ -279,6 +318,8 @@ def load_model(cfg: DictConfig, datamodule: Any = None) -> LoadedModel:
         raise VebiError(f"model.net ({net_cfg['_target_']}) built a {type(net).__name__}")
     if state_dict:
         _load_state_dict(net, Path(state_dict))
+    if datamodule is not None:
+        check_model_takes_data(net, datamodule, f"model={_choice('model') or net_cfg['_target_']}")
     num_classes = int(cfg.model.num_classes)
     module = ClassifierModule(
         net=net,

@@ -191,9 +191,7 @@ def _check_settings(settings: DictConfig) -> None:
     require_int_in_range("evaluation.max_images", settings.get("max_images"), 1, allow_none=True)
     require_int_in_range("evaluation.steps", settings.get("steps"), 1)
     require_int_in_range("evaluation.batch_size", settings.get("batch_size"), 1)
-    require_int_in_range(
-        "evaluation.batch_size_inference", settings.get("batch_size_inference"), 1
-    )
+    require_int_in_range("evaluation.batch_size_inference", settings.get("batch_size_inference"), 1)
     require_int_in_range(
         "evaluation.panel_images_per_class", settings.get("panel_images_per_class"), 0
     )
