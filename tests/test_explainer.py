@@ -25,9 +25,12 @@ def planted(tmp_path_factory):
 def test_explanation_points_at_the_deciding_blob(planted) -> None:
     model, data, relevant = planted
     images, labels = data.tensors[0][::20], data.tensors[1][::20]
-    explanation = Explainer(model, relevant, k=3)(images)
+    explainer = Explainer(model, relevant, k=3)
+    explanation = explainer(images)
     assert torch.equal(explanation.classes, labels)
-    assert explanation.maps.shape == (len(images), 3, 8, 8)
+    # k is capped at the most relevant features any class has (no empty slots beyond them)
+    assert explainer.k == min(3, int(relevant.relevant_mask().sum(axis=0).max()))
+    assert explanation.maps.shape == (len(images), explainer.k, 8, 8)
     assert explanation.maps.min() >= 0 and explanation.maps.max() <= 1
     torch.testing.assert_close(explanation.combined, explanation.maps.amax(dim=1))
     for n, c in enumerate(labels.tolist()):

@@ -1,5 +1,8 @@
 """Errors that vebi reports to users: each message says what went wrong and what to do."""
 
+import math
+import numbers
+
 
 class VebiError(Exception):
     """A problem with the user's input or environment (not a bug); the CLIs print it and exit 1."""
@@ -28,3 +31,20 @@ def require_int_in_range(
     if value < low or (high is not None and value > high):
         raise VebiError(f"{name} must be {allowed}, got {value!r}")
     return int(value)
+
+
+def require_number(
+    name: str, value: object, low: float, low_inclusive: bool = True, hint: str = ""
+) -> float:
+    """``value`` as a float when it is a finite real number (not a bool) above ``low`` (or equal
+    to it when ``low_inclusive``); else a :class:`VebiError` that names the setting, says what
+    it got and what is allowed (``hint``: what to do, appended)."""
+    allowed = f"a finite number {'>=' if low_inclusive else '>'} {low:g}"
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if ok:
+        number = float(value)  # type: ignore[arg-type]
+        ok = math.isfinite(number) and (number >= low if low_inclusive else number > low)
+    if not ok:
+        got = f"{value!r} ({type(value).__name__})"
+        raise VebiError(f"{name} must be {allowed}, got {got}" + (f": {hint}" if hint else ""))
+    return number

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
+import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -29,7 +33,8 @@ class Explanation:
     """The explanations of a batch of N images.
 
     ``maps`` (N, k, H, W): one map in [0, 1] per chosen feature ("decoupled"; zeros where an
-    image has fewer than k features); ``combined`` (N, H, W): their pixel-wise max.
+    image has fewer than k features; k = the explainer's effective ``k``); ``combined``
+    (N, H, W): their pixel-wise max.
     ``fallback[n]`` is True when no relevant feature of the class fired for image n, so the
     class's highest-weight features were used instead.
     """
@@ -49,20 +54,29 @@ class Explainer:
     mining), scores s = x * w_{c*}; the top k features with s > 0 are propagated from their
     forward activation maps to the pixels under ``rules``. The k backward passes share one
     forward pass and each runs on the whole batch.
+
+    ``k`` (an integer >= 1) is capped at the largest number of relevant features any class
+    has (at least 1): ``self.k`` and the maps' second dimension are that effective k.
     """
 
     def __init__(
         self, model: nn.Module, relevant: RelevantFeatures, k: int = 3, rules: Rules | None = None
     ) -> None:
-        if k < 1:
-            raise VebiError(f"k must be >= 1, got {k}")
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+            raise VebiError(
+                f"k (the features per explanation) must be an integer >= 1, got {k!r} "
+                f"({type(k).__name__}): e.g. k=3"
+            )
         model = network_of(model)
         self.model = model
         self.relevant = relevant
-        self.k = k
+        mask = relevant.relevant_mask()
+        # no class can show more features than it has relevant ones: k above that would only
+        # allocate empty map slots (N x k x H x W)
+        most = int(mask.sum(axis=0).max()) if mask.size else 0
+        self.k = max(1, min(int(k), most))
         self.rules = rules or Rules()
         check_rule_coverage(model, self.rules)  # every unsupported module named, up front
-        mask = relevant.relevant_mask()
         used = mask.any(axis=1).nonzero()[0]
         self.layers = list(dict.fromkeys(relevant.index.locate(int(f))[0] for f in used))
         # only relevant features take part (weights at or below the tolerance count as zero)
@@ -88,11 +102,98 @@ class Explainer:
         valid = torch.where(fallback, top_weights > self.relevant.tolerance, top_scores > 0)
         return torch.where(valid, chosen, torch.full_like(chosen, -1)), fallback[:, 0].cpu()
 
-    def __call__(self, images: torch.Tensor, targets: torch.Tensor | None = None) -> Explanation:
+    def __call__(
+        self, images: torch.Tensor, targets: torch.Tensor | Sequence[int] | None = None
+    ) -> Explanation:
+        """Explain ``images`` (N, C, H, W): floats in [0, 1] on the model's device (other float
+        dtypes are converted to the model's parameter dtype), each by its ``targets`` class
+        (N integer class ids 0..C-1: a list, numpy array or tensor) or, without targets, by its
+        predicted class. Anything else is a :class:`VebiError` that says what to change."""
+        images = self._check_images(images)
+        if targets is not None:
+            targets = self._check_targets(targets, len(images)).to(images.device)
         while True:  # runs twice only when a captured output turns out to need a copy
             result = self._explain(images, targets)
             if result is not None:
                 return result
+
+    def _check_images(self, images: object) -> torch.Tensor:
+        """``images`` as a finite (N, C, H, W) float tensor of the model's dtype on its device."""
+        if not isinstance(images, torch.Tensor):
+            hint = " (torch.from_numpy(array))" if isinstance(images, np.ndarray) else ""
+            raise VebiError(
+                f"images must be a torch.Tensor (N, C, H, W) of floats in [0, 1], got "
+                f"{type(images).__name__}: convert them to a tensor first{hint}"
+            )
+        if images.ndim != 4:
+            hint = (
+                ": one image (C, H, W) is a batch of one with images.unsqueeze(0)"
+                if images.ndim == 3
+                else ""
+            )
+            raise VebiError(
+                f"images must be a batch (N, C, H, W), got shape {tuple(images.shape)}{hint}"
+            )
+        if not images.is_floating_point():
+            hint = "" if images.is_complex() else " (e.g. images.float() / 255 for 8-bit images)"
+            raise VebiError(
+                f"images must be floats in [0, 1], got {images.dtype}: convert them{hint}"
+            )
+        reference = next(itertools.chain(self.model.parameters(), self.model.buffers()), None)
+        if reference is not None and images.device != reference.device:
+            raise VebiError(
+                f"images are on {images.device} but the model is on {reference.device}: move "
+                f"them with images.to({str(reference.device)!r}) (or the model with .to(device))"
+            )
+        finite = torch.isfinite(images)
+        if not finite.all():
+            bad = int((~finite).sum())
+            raise VebiError(
+                f"images hold {bad} NaN/Inf value(s) (in image(s) "
+                f"{(~finite).flatten(1).any(1).nonzero()[:5, 0].tolist()}): pass finite "
+                "values in [0, 1]"
+            )
+        dtype = next(
+            (p.dtype for p in self.model.parameters() if p.is_floating_point()), images.dtype
+        )
+        return images.to(dtype)
+
+    def _check_targets(self, targets: object, count: int) -> torch.Tensor:
+        """``targets`` as an int64 tensor of ``count`` class ids in 0..C-1, else a VebiError."""
+        num_classes = self.relevant.num_classes
+        valid = f"integer class ids in 0..{num_classes - 1}"
+        if isinstance(targets, torch.Tensor):
+            tensor = targets.detach()
+        else:
+            try:
+                array = np.asarray(targets)
+            except (TypeError, ValueError):
+                array = np.asarray(targets, dtype=object)
+            if array.dtype.kind not in "iubfc":  # bools, floats: refused below, as tensors
+                raise VebiError(
+                    f"targets must be {valid}, got {targets!r}: pass a list, numpy array or "
+                    "tensor of ints (or None to explain the predicted classes)"
+                )
+            tensor = torch.from_numpy(array)
+        if tensor.dtype == torch.bool or tensor.is_floating_point() or tensor.is_complex():
+            raise VebiError(
+                f"targets must be {valid}, got {tensor.dtype} values "
+                f"{tensor.reshape(-1)[:5].tolist()}: pass ints (e.g. targets.long() when they "
+                "are whole numbers)"
+            )
+        if tensor.shape != (count,):
+            raise VebiError(
+                f"targets must hold one class id per image: {count} image(s), but targets of "
+                f"shape {tuple(tensor.shape)}"
+            )
+        tensor = tensor.long()
+        outside = tensor[(tensor < 0) | (tensor >= num_classes)]
+        if len(outside):
+            raise VebiError(
+                f"targets must be {valid} (the relevant features were mined for {num_classes} "
+                f"classes), got {torch.unique(outside)[:5].tolist()}"
+            )
+        return tensor
 
     def _explain(self, images: torch.Tensor, targets: torch.Tensor | None) -> Explanation | None:
         relevant = self.relevant
@@ -118,11 +219,7 @@ class Explainer:
                     f"the model has {logits.shape[1]} outputs but the relevant features "
                     f"were mined for {relevant.num_classes} classes"
                 )
-            classes = (
-                logits.argmax(1)
-                if targets is None
-                else torch.as_tensor(targets).to(images.device).long()
-            )
+            classes = logits.argmax(1) if targets is None else targets
             chosen, fallback = self._choose(x.detach(), classes)
             maps = torch.zeros(len(images), self.k, *images.shape[-2:], device=images.device)
             for slot in range(self.k):

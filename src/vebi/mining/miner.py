@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import numbers
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +27,10 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from vebi.errors import VebiError
+from vebi.errors import VebiError, require_number
 from vebi.mining.cache import ActivationCache
 from vebi.mining.features import FeatureExtractor, select_feature_layers
-from vebi.mining.relevant import RelevantFeatures
+from vebi.mining.relevant import LABEL_SOURCES, RelevantFeatures
 from vebi.mining.solver import (
     DEFAULT_SOLVERS,
     DenseGram,
@@ -41,7 +44,6 @@ from vebi.models.hooks import eval_mode, network_of
 from vebi.utils.log import get_logger
 
 log = get_logger(__name__)
-LABEL_SOURCES = ("ground_truth", "predicted")
 GRAM_MODES = ("auto", "dense", "streamed")
 #: Bytes of float32 features per activation-cache chunk (what one read or write holds in RAM).
 CHUNK_BYTES = 64 * 2**20
@@ -151,10 +153,96 @@ def _fingerprint_into(digest: Any, dataset: Dataset) -> None:
                 digest.update(torch.as_tensor(part).contiguous().numpy().tobytes())
 
 
-def _images_labels(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+def _images(batch: Any) -> Any:
+    """The images of a loader batch of (image, label[, ...]) items."""
     if not isinstance(batch, list | tuple) or len(batch) < 2:
         raise VebiError("mining needs a data set of (image, label[, ...]) items")
-    return batch[0], torch.as_tensor(batch[1])
+    return batch[0]
+
+
+def _images_labels(
+    batch: Any, num_classes: int | None = None, where: str = ""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The images and labels of a loader batch; the labels checked to be one integer class id
+    per image (int64, on the CPU), in 0..num_classes-1 when ``num_classes`` is given (a few
+    comparisons per batch)."""
+    images = _images(batch)
+    count = len(images) if isinstance(images, torch.Tensor) and images.ndim else -1
+    return images, _check_labels(batch[1], count, num_classes, where)
+
+
+def _check_labels(labels: Any, count: int, num_classes: int | None, where: str) -> torch.Tensor:
+    """``labels`` as an int64 CPU tensor of shape (count,), else a VebiError that says which
+    labels were found and that they must be integer class ids 0..C-1."""
+    ids = "integer class ids" + (f" 0..{num_classes - 1}" if num_classes else "")
+    if num_classes:
+        ids += f" (the model has {num_classes} outputs)"
+    if isinstance(labels, torch.Tensor):
+        tensor = labels.detach().cpu()
+    else:  # strings and other objects are collated into lists
+        try:
+            array = np.asarray(labels)
+        except (TypeError, ValueError):
+            array = np.asarray(labels, dtype=object)
+        if array.dtype.kind not in "iu":
+            found = list(dict.fromkeys(np.ravel(array).tolist()))[:5]
+            kinds = sorted({type(value).__name__ for value in found})
+            raise VebiError(
+                f"labels must be {ids}, but the data set yields {'/'.join(kinds)} labels{where} "
+                f"(e.g. {found}): make it return class ids (e.g. map each name to its index "
+                "in class_names)"
+            )
+        tensor = torch.from_numpy(array)
+    if tensor.dtype == torch.bool or tensor.is_floating_point() or tensor.is_complex():
+        found = torch.unique(tensor.reshape(-1))[:5].tolist()
+        raise VebiError(
+            f"labels must be {ids}, but the data set yields {tensor.dtype} labels{where} "
+            f"(e.g. {found}): make it return integer class ids (e.g. label.long() when they "
+            "are whole numbers)"
+        )
+    if tensor.ndim != 1 or (count >= 0 and len(tensor) != count):
+        raise VebiError(
+            f"labels must be one of the {ids} per image, but {count} image(s){where} come with "
+            f"labels of shape {tuple(tensor.shape)}: give one id per image (one-hot or soft "
+            "labels: their argmax)"
+        )
+    tensor = tensor.long()
+    if num_classes and len(tensor) and (tensor.min() < 0 or tensor.max() >= num_classes):
+        outside = tensor[(tensor < 0) | (tensor >= num_classes)]
+        raise VebiError(
+            f"labels must be {ids}, but the data set yields labels{where} outside that range: "
+            f"{torch.unique(outside)[:5].tolist()}: relabel the data or pass the model with "
+            "as many outputs as the data has classes"
+        )
+    return tensor
+
+
+def _positive_mu(value: object, where: str) -> float:
+    """``value`` as a float when it is a finite real number > 0, else a VebiError."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise VebiError(
+            f"mu must be a positive number (the L1 bound of the mu-lasso, e.g. 10), got "
+            f"{value!r} ({type(value).__name__}){where}"
+        )
+    return float(value)
+
+
+def _warn_user(message: str) -> None:
+    """``message`` as a UserWarning attributed to the first caller outside vebi (shown once
+    per place in the user's code, not once per process at a line of vebi), and logged."""
+    package = os.path.dirname(os.path.abspath(__file__)).rsplit(os.sep, 1)[0] + os.sep
+    frame, level = sys._getframe(0), 1
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(
+        package
+    ):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, UserWarning, stacklevel=level)
+    log.warning(message)
 
 
 @dataclass
@@ -194,8 +282,10 @@ class FeatureMiner:
             (every layer output up to the logits; a residual block counts as one layer).
         aggregation: ``energy`` (default), ``mean`` or ``max`` per channel.
         nonnegative: constrain the weights to w >= 0.
-        labels: ``ground_truth`` or ``predicted`` labels as the regression targets.
-        tolerance: weights above it make a feature relevant.
+        labels: ``ground_truth`` or ``predicted`` labels as the regression targets. The data
+            set's labels must be integer class ids (every batch is checked); with
+            ``ground_truth`` they must also lie in 0..C-1 (C = the model's outputs).
+        tolerance: weights above it make a feature relevant (a finite number >= 0).
         solvers / solver_options: cvxpy solvers tried in order, and their options.
         mu_candidates: if given, mu is picked among them by the held-out accuracy of the
             sparse classifier argmax(x^T W) (needs a validation set): the smallest mu whose
@@ -238,9 +328,26 @@ class FeatureMiner:
         progress: bool = True,
         keep_cache: bool = True,
     ) -> None:
-        for value in [mu, *(mu_candidates or [])]:
-            if not np.isfinite(value) or value <= 0:
-                raise VebiError(f"mu must be a positive number, got {value}")
+        self.mu = _positive_mu(mu, "")
+        if mu_candidates is not None and (
+            isinstance(mu_candidates, str | bytes | dict) or not isinstance(mu_candidates, Iterable)
+        ):
+            raise VebiError(
+                f"mu_candidates must be a list of positive numbers, got {mu_candidates!r}"
+            )
+        candidates = list(mu_candidates) if mu_candidates is not None else []
+        self.mu_candidates = [_positive_mu(v, " in mu_candidates") for v in candidates] or None
+        self.tolerance = require_number(
+            "tolerance",
+            tolerance,
+            0,
+            hint="weights above it make a feature relevant (the default is 1e-6)",
+        )
+        self.mu_tolerance = require_number(
+            "mu_tolerance", mu_tolerance, 0, hint="accuracy points in [0, 1), e.g. 0.01"
+        )
+        if not self.mu_tolerance < 1:
+            raise VebiError(f"mu_tolerance must be in [0, 1) (accuracy points), got {mu_tolerance}")
         if labels not in LABEL_SOURCES:
             raise VebiError(f"labels must be one of {LABEL_SOURCES}, got {labels!r}")
         if gram not in GRAM_MODES:
@@ -249,20 +356,14 @@ class FeatureMiner:
         self.dense_max_features = int(dense_max_features)
         if batch_size < 1 or chunk_rows < 1:
             raise VebiError("batch_size and chunk_rows must be >= 1")
-        self.mu = float(mu)
         self.layers = list(layers) if layers else None
         self.aggregation = aggregation
         self.normalize_layers = normalize_layers
         self.normalize_global = normalize_global
         self.nonnegative = nonnegative
         self.labels = labels
-        self.tolerance = tolerance
         self.solvers = tuple(solvers)
         self.solver_options = {k: dict(v) for k, v in (solver_options or {}).items()}
-        self.mu_candidates = [float(v) for v in mu_candidates] if mu_candidates else None
-        if not 0 <= mu_tolerance < 1:
-            raise VebiError(f"mu_tolerance must be in [0, 1) (accuracy points), got {mu_tolerance}")
-        self.mu_tolerance = float(mu_tolerance)
         self.batch_size = batch_size
         self.chunk_rows = chunk_rows
         self.cache_dir = Path(cache_dir) if cache_dir else None
@@ -285,6 +386,12 @@ class FeatureMiner:
     def _loader(self, dataset: Dataset, indices: Sequence[int]) -> DataLoader:
         return DataLoader(Subset(dataset, list(indices)), batch_size=self.batch_size, shuffle=False)
 
+    def _label_range(self, num_classes: int) -> int | None:
+        """The number of classes the labels are checked against: the model's outputs when the
+        labels are the regression targets; none with ``labels="predicted"`` (the data set's
+        labels then only score the network, and unlabelled data may carry e.g. -1)."""
+        return num_classes if self.labels == "ground_truth" else None
+
     def _targets(self, labels: Any, predictions: Any) -> Any:
         return labels if self.labels == "ground_truth" else predictions
 
@@ -306,12 +413,14 @@ class FeatureMiner:
         self, model: nn.Module, dataset: Dataset, world: tuple[int, int], cache_dir: Path
     ) -> _Run:
         device = next(model.parameters()).device
-        probe, _ = _images_labels(next(iter(self._loader(dataset, [0]))))
+        first = next(iter(self._loader(dataset, [0])))
+        probe = _images(first)
         probe = probe.to(device)
         layers = select_feature_layers(model, probe, self.layers)
         with self._extractor(model, layers) as extractor:
             num_classes = int(extractor(probe, " in the first image")[1].shape[1])
             index = extractor.index
+        _images_labels(first, self._label_range(num_classes), " in item 0")  # before a long pass
         log.info(
             "Mining %d features of %d layers for %d classes (G %s):\n%s",
             index.size,
@@ -342,7 +451,7 @@ class FeatureMiner:
         """Forward the images, write the cache chunk by chunk (resumable), accumulate G, B."""
         cache = run.cache
         with self._extractor(run.model, run.layers) as extractor, ThreadPoolExecutor(1) as writer:
-            probe, _ = _images_labels(next(iter(self._loader(dataset, indices[:1]))))
+            probe = _images(next(iter(self._loader(dataset, indices[:1]))))
             extractor(probe.to(run.device), " in the first image")
             size = extractor.index.size
             chunk_rows = self._chunk_rows(size)
@@ -365,9 +474,11 @@ class FeatureMiner:
             )
             with bar:
                 for number, batch in enumerate(self._loader(dataset, indices[done:])):
-                    images, labels = _images_labels(batch)
                     first = done + number * self.batch_size
-                    rows = f"data rows {first}..{first + len(images) - 1}"
+                    rows = f"data rows {first}..{first + len(batch[0]) - 1}"
+                    images, labels = _images_labels(
+                        batch, self._label_range(run.num_classes), f" in batch {number} ({rows})"
+                    )
                     x, logits = extractor(images.to(run.device), f" in batch {number} ({rows})")
                     predictions = logits.argmax(1)
                     stats.update(x, self._targets(labels.to(run.device), predictions))
@@ -415,7 +526,9 @@ class FeatureMiner:
             for number, batch in enumerate(
                 tqdm(loader, desc="validation features", disable=not self.progress)
             ):
-                images, y = _images_labels(batch)
+                images, y = _images_labels(
+                    batch, self._label_range(run.num_classes), f" in validation batch {number}"
+                )
                 x, logits = extractor(images.to(run.device), f" in validation batch {number}")
                 xs.append(x.cpu().numpy())
                 labels.append(y.numpy())
@@ -581,7 +694,8 @@ class FeatureMiner:
         timings: dict[str, float] = {}
         with eval_mode(model):
             run = self._prepare(model, dataset, world, cache_dir)
-            names = list(class_names) if class_names else [str(c) for c in range(run.num_classes)]
+            given = class_names is not None and len(class_names) > 0
+            names = [str(n) for n in (class_names if given else range(run.num_classes))]
             if len(names) != run.num_classes:
                 raise VebiError(
                     f"{len(names)} class names for a model with {run.num_classes} outputs"
@@ -600,15 +714,17 @@ class FeatureMiner:
 
         counts = statistics["class_counts"].astype(int)
         empty = [names[c] for c in np.flatnonzero(counts == 0)]
+        why = f"no image is {'labelled' if self.labels == 'ground_truth' else 'predicted'} so"
         if len(empty) == 1:
-            warnings.warn(
-                f"class {empty[0]!r} has no samples: its relevant set is empty", stacklevel=2
+            _warn_user(
+                f"class {empty[0]!r} has no samples ({why}): its relevant set is empty; "
+                "add images of it to the mining data to explain it"
             )
         elif empty:  # e.g. a subset of ImageNet's classes mined on the 1000-class head
-            warnings.warn(
-                f"{len(empty)} of {len(names)} classes have no samples (e.g. {empty[:3]}): "
-                "their relevant sets are empty",
-                stacklevel=2,
+            _warn_user(
+                f"{len(empty)} of {len(names)} classes have no samples ({why}; e.g. "
+                f"{empty[:3]}): their relevant sets are empty; add images of them to the "
+                "mining data to explain them"
             )
         started = time.perf_counter()
         gram = self._gram(run, statistics)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,11 +15,13 @@ import torch
 from torch import nn
 
 from vebi.errors import VebiError
-from vebi.mining.features import FeatureExtractor, FeatureIndex
+from vebi.mining.features import AGGREGATIONS, FeatureExtractor, FeatureIndex
 from vebi.models.hooks import capture_outputs, eval_mode
 from vebi.utils.io import atomic_path
 
 FORMAT_VERSION = 1
+#: Where the regression targets of the mu-lasso come from.
+LABEL_SOURCES = ("ground_truth", "predicted")
 #: The metadata keys a relevant-features file holds, no more and no fewer.
 META_KEYS = (
     "layers",
@@ -35,6 +38,92 @@ META_KEYS = (
     "fingerprint",
     "metrics",
 )
+
+
+def _bad_entry(path: Path, entry: str, problem: str) -> VebiError:
+    return VebiError(
+        f"{path}: the entry {entry!r} {problem}: the file is damaged or was not written by "
+        "vebi; mine the features again"
+    )
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _checked_meta(path: Path, meta: dict[str, Any]) -> FeatureIndex:
+    """Check the types and values of a file's metadata; pop layers and channels into the
+    :class:`FeatureIndex` they describe."""
+
+    def number(entry: str, low: float, inclusive: bool) -> None:
+        value = meta[entry]
+        ok = _is_number(value) and math.isfinite(value)
+        if not ok or not (value >= low if inclusive else value > low):
+            allowed = f"a finite number {'>=' if inclusive else '>'} {low:g}"
+            raise _bad_entry(path, entry, f"must be {allowed}, is {value!r}")
+
+    def listed(entry: str, check: Any, what: str) -> list[Any]:
+        value = meta[entry]
+        if not isinstance(value, list) or not all(check(item) for item in value):
+            raise _bad_entry(path, entry, f"must be a list of {what}, is {value!r:.200}")
+        return value
+
+    layers = listed("layers", lambda v: isinstance(v, str) and v, "layer names")
+    channels = listed("channels", lambda v: _is_int(v) and v >= 1, "channel counts >= 1")
+    if not layers or len(layers) != len(channels) or len(set(layers)) != len(layers):
+        raise _bad_entry(
+            path, "layers", f"must name distinct layers, one per channel count ({channels})"
+        )
+    if not listed("class_names", lambda v: isinstance(v, str), "strings"):
+        raise _bad_entry(path, "class_names", "must name at least one class")
+    number("mu", 0, inclusive=False)
+    number("tolerance", 0, inclusive=True)
+    for entry in ("normalize_layers", "normalize_global", "nonnegative"):
+        if not isinstance(meta[entry], bool):
+            raise _bad_entry(path, entry, f"must be true or false, is {meta[entry]!r}")
+    if not isinstance(meta["aggregation"], str) or meta["aggregation"] not in AGGREGATIONS:
+        raise _bad_entry(path, "aggregation", f"must be one of {sorted(AGGREGATIONS)}")
+    if meta["label_source"] not in LABEL_SOURCES:
+        raise _bad_entry(path, "label_source", f"must be one of {list(LABEL_SOURCES)}")
+    counts = listed("class_counts", lambda v: _is_int(v) and v >= 0, "image counts >= 0")
+    if counts and len(counts) != len(meta["class_names"]):
+        raise _bad_entry(
+            path, "class_counts", f"has {len(counts)} counts for {len(meta['class_names'])} classes"
+        )
+    for entry, check, what in (
+        ("fingerprint", lambda v: isinstance(v, str), "strings"),
+        ("metrics", _is_number, "numbers"),
+    ):
+        value = meta[entry]
+        if not isinstance(value, dict) or not all(check(v) for v in value.values()):
+            raise _bad_entry(path, entry, f"must map names to {what}, is {value!r:.200}")
+    meta.pop("layers"), meta.pop("channels")
+    return FeatureIndex(tuple(layers), tuple(channels))
+
+
+def _check_weights_dataset(path: Path, dataset: Any, shape: tuple[int, int]) -> None:
+    """The ``weights`` dataset is real floating point, of ``shape`` and fully stored (checked
+    on its header: nothing is read)."""
+    if not isinstance(dataset, h5py.Dataset):
+        raise _bad_entry(path, "weights", f"must be a dataset, is a {type(dataset).__name__}")
+    if dataset.dtype.kind != "f":
+        raise _bad_entry(
+            path, "weights", f"must hold real floating-point numbers, holds {dataset.dtype}"
+        )
+    if dataset.shape != shape:
+        raise _bad_entry(
+            path,
+            "weights",
+            f"has shape {dataset.shape}, but the metadata describe {shape[0]} features "
+            f"(the sum of 'channels') x {shape[1]} classes ('class_names')",
+        )
+    unfiltered = dataset.id.get_create_plist().get_nfilters() == 0  # stored size = array size
+    if unfiltered and dataset.id.get_storage_size() < dataset.size * dataset.dtype.itemsize:
+        raise _bad_entry(path, "weights", "stores less data than its shape declares")
 
 
 @dataclass(frozen=True)
@@ -181,6 +270,13 @@ class RelevantFeatures:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> RelevantFeatures:
+        """Read a relevant-features file written by :meth:`save`.
+
+        The metadata (types and values) and the ``weights`` dataset's dtype (real floating
+        point), shape ((sum of channels) x (number of classes)) and stored size are checked
+        before the array is read, so a damaged or crafted file is a :class:`VebiError` naming
+        the file and the entry, never a huge allocation or a silently wrong relevant set.
+        """
         path = Path(path)
         if not path.is_file():
             raise VebiError(
@@ -188,25 +284,21 @@ class RelevantFeatures:
             )
         try:
             with h5py.File(path, "r") as handle:
-                weights = handle["weights"][...]
                 meta = json.loads(handle.attrs["meta"])
+                expected = set(META_KEYS)
+                keys = set(meta) if isinstance(meta, dict) else set()
+                if keys != expected:
+                    raise VebiError(
+                        f"{path} has unexpected metadata (missing: {sorted(expected - keys)}, "
+                        f"unknown: {sorted(keys - expected)}): it was not written by this "
+                        "version of vebi; mine the features again"
+                    )
+                index = _checked_meta(path, meta)
+                dataset = handle["weights"]
+                _check_weights_dataset(path, dataset, (index.size, len(meta["class_names"])))
+                weights = dataset[...]
         except (OSError, KeyError, TypeError, json.JSONDecodeError) as error:
             raise VebiError(f"{path} is not a readable relevant-features file: {error}") from error
-        expected = set(META_KEYS)
-        keys = set(meta) if isinstance(meta, dict) else set()
-        if keys != expected:
-            raise VebiError(
-                f"{path} has unexpected metadata (missing: {sorted(expected - keys)}, unknown: "
-                f"{sorted(keys - expected)}): it was not written by this version of vebi; mine "
-                "the features again"
-            )
-        try:
-            index = FeatureIndex(
-                tuple(str(layer) for layer in meta.pop("layers")),
-                tuple(int(count) for count in meta.pop("channels")),
-            )
-        except (TypeError, ValueError) as error:
-            raise VebiError(f"{path}: malformed layers/channels ({error})") from error
         try:
             return cls(weights=weights, index=index, **meta)
         except VebiError as error:
