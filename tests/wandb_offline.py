@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
+from google.protobuf.message import DecodeError
 from wandb.proto import wandb_internal_pb2
 
 BLOCK_SIZE = 32 * 1024
@@ -44,14 +46,30 @@ def _records(data: bytes) -> list[bytes]:
     return records
 
 
+#: How long to wait for W&B's service to finish writing a run's log.
+FLUSH_TIMEOUT = 60.0
+
+
 def _parsed(run_dir: Path) -> list[wandb_internal_pb2.Record]:
+    """The run's records, once its log holds the ``exit`` record: ``run.finish()`` returns
+    before W&B's service process has flushed an offline run's log (seen: a 7-byte file right
+    after ``finish``, the full log a second later), so reading at once was flaky."""
     (log_file,) = Path(run_dir).glob("run-*.wandb")
-    records = []
-    for payload in _records(log_file.read_bytes()):
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(payload)
-        records.append(record)
-    return records
+    deadline = time.monotonic() + FLUSH_TIMEOUT
+    while True:
+        records = []
+        try:
+            for payload in _records(log_file.read_bytes()):
+                record = wandb_internal_pb2.Record()
+                record.ParseFromString(payload)
+                records.append(record)
+        except DecodeError:  # the last record is still being written
+            records = []
+        if any(r.WhichOneof("record_type") == "exit" for r in records):
+            return records
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{log_file} has no exit record after {FLUSH_TIMEOUT:.0f} s")
+        time.sleep(0.1)
 
 
 def logged_artifacts(run_dir: Path) -> dict[str, tuple[str, list[str]]]:
