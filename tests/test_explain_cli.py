@@ -52,6 +52,8 @@ def test_explain_cli_writes_overlays_and_json(
     digits.mkdir()
     Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8)).save(digits / "blank.jpg")
     (digits / "readme.md").write_text("# not an image")
+    frames = [Image.fromarray(np.full((28, 28), v, dtype=np.uint8)) for v in (0, 255)]
+    frames[0].save(digits / "moving.gif", save_all=True, append_images=frames[1:])
     result = run_cli(
         "explain.py",
         f"ckpt_path={short_run['best_checkpoint']}",
@@ -62,6 +64,17 @@ def test_explain_cli_writes_overlays_and_json(
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "skipped 1 unreadable file(s): readme.md" in result.stdout
+    # an animated GIF is explained from its first frame, and says so
+    assert "warning: moving.gif: animated (2 frames): the first frame is explained" in (
+        result.stdout + result.stderr
+    )
+    (folder,) = (tmp_path / "logs" / "explain" / "mnist").glob("*/explanations")
+    records = json.loads((folder / "explanations.json").read_text())["explanations"]
+    notes = {r["image"]: r.get("note") for r in records}
+    assert notes == {
+        "blank.jpg": None,
+        "moving.gif": "animated (2 frames): the first frame is explained",
+    }
     result = run_cli(
         "explain.py",
         f"ckpt_path={short_run['best_checkpoint']}",
@@ -176,3 +189,53 @@ def test_explain_under_ddp_gives_the_files_of_one_process(
         path.unlink()
     lone, lone_files = explained(tmp_path / "lone", *ddp)
     assert len(lone["explanations"]) == 1 and len(lone_files) == 1
+
+
+def test_folder_entries_that_are_not_files_are_listed_not_hung_on(tmp_path: Path) -> None:
+    """FIFOs and symbolic link loops inside an input folder used to be skipped unlisted."""
+    import os
+
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "a.png")
+    os.mkfifo(tmp_path / "pipe.png")  # opening it would wait for a writer
+    os.symlink(tmp_path / "loop.png", tmp_path / "loop.png")
+    os.symlink(tmp_path / "missing.png", tmp_path / "gone.png")
+    (tmp_path / "sub").mkdir()
+    images, names, skipped = load_images(tmp_path, (1, 28, 28))
+    assert names == ["a.png"] and len(images) == 1
+    assert sorted(skipped) == [
+        "gone.png: a broken symbolic link",
+        "loop.png: a symbolic link loop",
+        "pipe.png: a FIFO (named pipe), not read",
+        "sub: a folder (folders inside the input are not searched)",
+    ]
+
+
+def test_an_unreadable_input_folder_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It used to be reported as "cannot write to" (the tests run as root, for whom no
+    permission bit blocks a read: the refusal is the one the OS gives other users)."""
+    import errno
+
+    def refuse(self: Path) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "iterdir", refuse)
+    with pytest.raises(VebiError, match="cannot read the input folder .*Permission denied"):
+        load_images(tmp_path, (1, 28, 28))
+
+
+def test_animated_and_transparent_images_get_a_note(tmp_path: Path) -> None:
+    frames = [Image.fromarray(np.full((8, 8), v, dtype=np.uint8)) for v in (0, 255, 128)]
+    frames[0].save(tmp_path / "moving.gif", save_all=True, append_images=frames[1:])
+    rgba = np.zeros((8, 8, 4), dtype=np.uint8)
+    rgba[..., 0] = 200  # red under fully transparent pixels
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "clear.png")
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "plain.png")
+    notes: dict[str, str] = {}
+    images, names, _ = load_images(tmp_path, (3, 8, 8), notes)
+    assert names == ["clear.png", "moving.gif", "plain.png"]
+    assert notes["moving.gif"] == "animated (3 frames): the first frame is explained"
+    assert notes["clear.png"].startswith("its transparency is dropped")
+    assert "plain.png" not in notes
+    assert torch.allclose(images[1], torch.zeros(3, 8, 8))  # the first frame

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -71,27 +73,80 @@ def image_to_tensor(image: Image.Image, shape: tuple[int, int, int]) -> torch.Te
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
+def _not_a_file(path: Path) -> str | None:
+    """Why a folder entry is not read as an image (a FIFO, a link loop, ...); None for a
+    regular file. Nothing is opened: opening a FIFO would wait for a writer."""
+    try:
+        mode = path.stat().st_mode  # follows symbolic links
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return "a symbolic link loop"
+        if path.is_symlink():
+            return "a broken symbolic link"
+        return f"cannot be read ({error.strerror or error})"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "a folder (folders inside the input are not searched)"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO (named pipe), not read"
+    if stat.S_ISSOCK(mode):
+        return "a socket, not read"
+    return "a device file, not read"
+
+
+def _conversion_note(image: Image.Image) -> str | None:
+    """What reading ``image`` leaves out (animation frames, transparency), None if nothing."""
+    notes = []
+    frames = int(getattr(image, "n_frames", 1) or 1)
+    if getattr(image, "is_animated", False) and frames > 1:
+        notes.append(f"animated ({frames} frames): the first frame is explained")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        notes.append(
+            "its transparency is dropped: the colours under transparent pixels are used as they are"
+        )
+    return "; ".join(notes) or None
+
+
 def load_images(
-    source: str | Path, shape: tuple[int, int, int]
+    source: str | Path, shape: tuple[int, int, int], notes: dict[str, str] | None = None
 ) -> tuple[torch.Tensor, list[str], list[str]]:
     """Images from a file or a folder (sorted, not recursive).
 
-    Returns (images (N, C, H, W), names, skipped) where ``skipped`` lists the files of the
-    folder that could not be read as images, with the reason.
+    Returns (images (N, C, H, W), names, skipped) where ``skipped`` lists the entries of the
+    folder that were not read as images, with the reason (unreadable files, folders, FIFOs,
+    link loops). ``notes`` (when given) receives, by name, what reading an image left out:
+    the frames of an animated image after the first, an alpha channel.
     """
     source = Path(source)
+    tensors, names, skipped = [], [], []
     if source.is_dir():
-        files = sorted(p for p in source.iterdir() if p.is_file())
+        try:
+            entries = sorted(source.iterdir())
+        except OSError as error:
+            raise VebiError(
+                f"cannot read the input folder {source}: {error.strerror or error} (check that "
+                "it may be listed by this user)"
+            ) from None
+        files = []
+        for path in entries:
+            reason = _not_a_file(path)
+            if reason is None:
+                files.append(path)
+            else:
+                skipped.append(f"{path.name}: {reason}")
     elif source.is_file():
         files = [source]
     else:
         raise VebiError(f"input {source} is neither an image file nor a folder")
-    tensors, names, skipped = [], [], []
     for path in files:
         try:
             with Image.open(path) as image:
                 tensors.append(image_to_tensor(image, shape))
+                note = _conversion_note(image)
             names.append(path.name)
+            if note and notes is not None:
+                notes[path.name] = note
         except (
             UnidentifiedImageError,
             Image.DecompressionBombError,

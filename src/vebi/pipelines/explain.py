@@ -35,7 +35,9 @@ from vebi.utils.wandb_media import log_figures
 log = get_logger(__name__)
 
 
-def _inputs(cfg: DictConfig, datamodule: Any) -> tuple[torch.Tensor, list[str], list[str]]:
+def _inputs(
+    cfg: DictConfig, datamodule: Any, notes: dict[str, str]
+) -> tuple[torch.Tensor, list[str], list[str]]:
     if str(cfg.input) == "test":
         datamodule.prepare_data()
         datamodule.setup("test")
@@ -43,7 +45,10 @@ def _inputs(cfg: DictConfig, datamodule: Any) -> tuple[torch.Tensor, list[str], 
         count = min(require_int_in_range("num_images", cfg.num_images, 1), len(dataset))
         images = torch.stack([torch.as_tensor(dataset[i][0]) for i in range(count)])
         return images, [f"test_{i:05d}" for i in range(count)], []
-    return load_images(cfg.input, tuple(datamodule.image_shape))
+    images = load_images(cfg.input, tuple(datamodule.image_shape), notes)
+    for name, note in notes.items():
+        log.warning("%s: %s", name, note)
+    return images
 
 
 class ExplanationStep(L.LightningModule):
@@ -127,7 +132,8 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
     relevant = RelevantFeatures.load(relevant_features_for(model, cfg.get("relevant_features")))
     if relevant.fingerprint.get("model") not in (None, model_fingerprint(module.net)):
         log.warning("the relevant features were mined from other weights than %s", model.source)
-    images, names, skipped = _inputs(cfg, datamodule)
+    notes: dict[str, str] = {}
+    images, names, skipped = _inputs(cfg, datamodule, notes)
     relevant.check_model(module.net, images[:1])
     rules = Rules.from_config(cfg.rules)
     explainer = Explainer(module.net, relevant, k=int(cfg.k), rules=rules)
@@ -158,6 +164,9 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
         mine = [entry for batch in batches for entry in batch]
         entries = sorted(entry for part in gather_objects(mine) for entry in part)
         records = [record for _, record in entries]
+        for record in records:  # what reading the image left out (frames, transparency)
+            if record["image"] in notes:
+                record["note"] = notes[record["image"]]
         result = {
             "checkpoint": str(model.ckpt_path) if model.ckpt_path else None,
             "model": model.source,
@@ -185,6 +194,8 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
             f"{f['layer']}/{f['channel']} ({f['score']:.3f})" for f in record["features"]
         )
         lines.append(f"  {record['image']}: class {record['class']} <- {features}")
+        if record.get("note"):
+            lines.append(f"    note: {record['note']}")
     if skipped:
         lines.append(f"  skipped {len(skipped)} unreadable file(s): {'; '.join(skipped)}")
     lines.append(f"  overlays and explanations.json: {output_dir}")
