@@ -45,6 +45,7 @@ from vebi.mining.reuse import load_or_mine
 from vebi.models.hooks import to_device
 from vebi.modules.classifier import ClassifierModule
 from vebi.pipelines.common import load_model
+from vebi.pipelines.report import report_run
 from vebi.utils.cli import finish_loggers, wandb_run_dir
 from vebi.utils.distributed import ShardSampler, is_main_process
 from vebi.utils.instantiate import (
@@ -297,6 +298,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         if is_main_process():
             _write_results(result, output_dir, Path(cfg.paths.root_dir))
             progress.done("results.json")
+        result["report"] = report_run(output_dir, loggers)
         failed = False
     finally:
         finish_loggers(loggers, failed=failed)
@@ -305,6 +307,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if acc is not None:
         lines.append(f"  test acc:    {100 * acc:.2f}% on {len(test_dataset)} test images")
     lines.append(f"  run files:   {output_dir}")
+    if result.get("report"):
+        lines.append(f"  report:      {result['report']}")
     if result["wandb_dir"]:
         lines.append(f"  W&B run:     {result['wandb_dir']}")
     log.info("\n".join(lines))

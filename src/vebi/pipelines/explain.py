@@ -19,6 +19,7 @@ from vebi.explain.rules import Rules
 from vebi.mining.miner import model_fingerprint
 from vebi.mining.relevant import RelevantFeatures
 from vebi.pipelines.common import load_model, relevant_features_for
+from vebi.pipelines.report import report_run
 from vebi.utils.cli import finish_loggers, wandb_run_dir
 from vebi.utils.distributed import ShardSampler, gather_objects, is_main_process
 from vebi.utils.instantiate import (
@@ -36,15 +37,19 @@ log = get_logger(__name__)
 
 
 def _inputs(
-    cfg: DictConfig, datamodule: Any, notes: dict[str, str]
+    cfg: DictConfig, datamodule: Any, notes: dict[str, str], labels: dict[str, int]
 ) -> tuple[torch.Tensor, list[str], list[str]]:
+    """(images, names, skipped) of ``cfg.input``; ``notes`` receives what reading an image
+    left out, ``labels`` the true class of test images (image files have none)."""
     if str(cfg.input) == "test":
         datamodule.prepare_data()
         datamodule.setup("test")
         dataset = datamodule.data_test
         count = min(require_int_in_range("num_images", cfg.num_images, 1), len(dataset))
-        images = torch.stack([torch.as_tensor(dataset[i][0]) for i in range(count)])
-        return images, [f"test_{i:05d}" for i in range(count)], []
+        items = [dataset[i] for i in range(count)]
+        names = [f"test_{i:05d}" for i in range(count)]
+        labels.update({name: int(item[1]) for name, item in zip(names, items, strict=True)})
+        return torch.stack([torch.as_tensor(item[0]) for item in items]), names, []
     images = load_images(cfg.input, tuple(datamodule.image_shape), notes)
     for name, note in notes.items():
         log.warning("%s: %s", name, note)
@@ -133,7 +138,8 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
     if relevant.fingerprint.get("model") not in (None, model_fingerprint(module.net)):
         log.warning("the relevant features were mined from other weights than %s", model.source)
     notes: dict[str, str] = {}
-    images, names, skipped = _inputs(cfg, datamodule, notes)
+    labels: dict[str, int] = {}
+    images, names, skipped = _inputs(cfg, datamodule, notes, labels)
     relevant.check_model(module.net, images[:1])
     rules = Rules.from_config(cfg.rules)
     explainer = Explainer(module.net, relevant, k=int(cfg.k), rules=rules)
@@ -155,7 +161,7 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
     )
     for logger in loggers:
         logger.log_hyperparams({**flat_config(cfg), "model": model.source})
-    failed, wandb_dir = True, None
+    failed, wandb_dir, page = True, None, None
     progress = JobProgress("explain.py", ["explaining", "explanations.json"])
     progress.keep(f"the overlays written so far are complete files in {output_dir}")
     try:
@@ -164,9 +170,13 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
         mine = [entry for batch in batches for entry in batch]
         entries = sorted(entry for part in gather_objects(mine) for entry in part)
         records = [record for _, record in entries]
+        class_names = relevant.class_names
         for record in records:  # what reading the image left out (frames, transparency)
             if record["image"] in notes:
                 record["note"] = notes[record["image"]]
+            if record["image"] in labels:  # a test image: its true class
+                record["label"] = class_names[labels[record["image"]]]
+                record["correct"] = record["class_id"] == labels[record["image"]]
         result = {
             "checkpoint": str(model.ckpt_path) if model.ckpt_path else None,
             "model": model.source,
@@ -182,6 +192,7 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
             progress.done("explanations.json")
             figures = [Path(record["figure"]) for record in records]
             log_figures(loggers, "explanations", figures, [r["image"] for r in records])
+            page = report_run(cfg.paths.output_dir, loggers)
             wandb_dir = wandb_run_dir(loggers)
         failed = False
     finally:
@@ -199,6 +210,8 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
     if skipped:
         lines.append(f"  skipped {len(skipped)} unreadable file(s): {'; '.join(skipped)}")
     lines.append(f"  overlays and explanations.json: {output_dir}")
+    if page:
+        lines.append(f"  report: {page}")
     if wandb_dir:
         lines.append(f"  W&B run: {wandb_dir}")
     log.info("\n".join(lines))

@@ -13,6 +13,7 @@ from vebi.mining.callback import mining_datasets
 from vebi.mining.miner import FeatureMiner
 from vebi.mining.reporting import console_summary, save_and_log
 from vebi.pipelines.common import NO_GALLERIES, load_model, make_galleries
+from vebi.pipelines.report import report_run
 from vebi.utils.cli import finish_loggers, wandb_run_dir
 from vebi.utils.instantiate import (
     device_for,
@@ -60,14 +61,16 @@ def mine(cfg: DictConfig) -> dict[str, Any]:
         )
         progress.done("galleries")
         miner.release(report)
+        page = report_run(cfg.paths.output_dir, loggers)
         wandb_dir = wandb_run_dir(loggers)
         failed = False
     finally:
         finish_loggers(loggers, failed=failed)
     log.info(
-        "\n%s\n\n  relevant features: %s\n  W&B run: %s",
+        "\n%s\n\n  relevant features: %s\n  report: %s\n  W&B run: %s",
         console_summary(report.relevant),
         path,
+        page,
         wandb_dir,
     )
     return {"relevant_features": str(path), "timings": report.timings}

@@ -15,6 +15,7 @@ from vebi.errors import VebiError
 from vebi.explain.rules import check_rule_coverage
 from vebi.mining.callback import FeatureMiningCallback, mining_datasets
 from vebi.pipelines.common import NO_GALLERIES, make_galleries, run_settings
+from vebi.pipelines.report import report_run
 from vebi.utils.cli import finish_loggers, wandb_run_dir
 from vebi.utils.instantiate import (
     flat_config,
@@ -23,6 +24,7 @@ from vebi.utils.instantiate import (
     instantiate_loggers,
     instantiate_trainer,
 )
+from vebi.utils.io import atomic_path, strict_json
 from vebi.utils.log import get_logger
 from vebi.utils.signals import InterruptCheckpoint, JobProgress, interrupted_training
 
@@ -108,6 +110,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             "output_dir": str(Path(cfg.paths.output_dir)),
             "wandb_dir": wandb_run_dir(loggers),
         }
+        if trainer.is_global_zero:
+            with atomic_path(Path(cfg.paths.output_dir) / "summary.json") as tmp:
+                tmp.write_text(strict_json(result)[0])
+        result["report"] = report_run(cfg.paths.output_dir, loggers)
         failed = False
     finally:
         finish_loggers(loggers, failed=failed)
@@ -174,4 +180,6 @@ def _print_summary(result: dict[str, Any]) -> None:
     lines.append(f"  run files:        {result['output_dir']}")
     if result["wandb_dir"]:
         lines.append(f"  W&B run:          {result['wandb_dir']}")
+    if result.get("report"):
+        lines.append(f"  report:           {result['report']}")
     log.info("\n".join(lines))
