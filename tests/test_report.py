@@ -199,3 +199,47 @@ def test_report_on_a_read_only_run_dir_is_one_clear_error(
     monkeypatch.undo()
     assert not (folder / "report.html").exists()
     assert not any(p.name.endswith(".tmp") for p in folder.rglob("*"))
+
+
+def test_a_1000_class_report_stays_light(tmp_path: Path) -> None:
+    """ImageNet-size: one small page per class and an index of links, not one huge page."""
+    import json
+
+    names = [f"n{c:08d} class {c}" for c in range(1000)]
+    relevant = {
+        "layers": ["layer4"],
+        "channels": [2048],
+        "class_names": names,
+        "mu": 10.0,
+        "class_counts": [50] * 1000,
+        "metrics": {"sparse_accuracy_train": 0.7},
+        "relevant": {
+            name: [
+                {"layer": "layer4", "channel": (c * 7 + j) % 2048, "weight": 1.0 / (j + 1)}
+                for j in range(25)
+            ]
+            for c, name in enumerate(names)
+        },
+        "per_layer_counts": {"layer4": [25] * 1000},
+    }
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "relevant_features.json").write_text(json.dumps(relevant))
+    index = write_report([run])
+    pages = sorted((run / "report").glob("class_*.html"))
+    assert len(pages) == 1000
+    assert index.stat().st_size < 1_000_000
+    assert max(page.stat().st_size for page in pages) < 100_000
+    page = (run / "report" / "class_0.html").read_text()
+    assert "Relevant features (25, by weight)" in page
+    assert 'href="class_' in page  # the channels shared with other classes are linked
+
+
+def test_the_training_run_gives_its_report_to_wandb(short_run: dict) -> None:
+    from tests.wandb_offline import logged_values
+
+    values = logged_values(Path(short_run["wandb_dir"]))
+    kinds = values.get("report/_type") or [v.get("_type") for v in values.get("report", [])]
+    assert kinds and kinds[-1] == "html-file", sorted(values)[:40]
+    assert Path(short_run["output_dir"], "report.html").is_file()
+    assert short_run["report"] == Path(short_run["output_dir"], "report.html")

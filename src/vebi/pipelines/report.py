@@ -18,6 +18,7 @@ What a run lacks (no mined features, no evaluation) is said on the page, not gue
 
 from __future__ import annotations
 
+import functools
 import html
 import json
 import os
@@ -588,10 +589,16 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _panel_name(names: Sequence[str], class_id: int) -> str:
+@functools.lru_cache(maxsize=4)
+def _panel_names(names: tuple[str, ...]) -> list[str]:
+    """The panel file name of each class, as evaluate.py names them."""
     from vebi.utils.io import unique_file_names
 
-    return unique_file_names(names)[class_id]
+    return unique_file_names(names)
+
+
+def _panel_name(names: Sequence[str], class_id: int) -> str:
+    return _panel_names(tuple(names))[class_id]
 
 
 def write_report(
