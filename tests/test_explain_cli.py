@@ -36,13 +36,17 @@ def test_image_conversion_any_size_and_mode(tmp_path: Path) -> None:
 
 def test_galleries_made_after_training(short_run: dict) -> None:
     galleries = Path(short_run["output_dir"]) / "mining" / "galleries"
-    pngs = sorted(galleries.glob("class_*.png"))
-    assert len(pngs) == 10
+    pngs = sorted(p for p in galleries.glob("class_*.png") if not p.stem.endswith("_top"))
+    tops = sorted(galleries.glob("class_*_top.png"))
+    assert len(pngs) == 10 and len(tops) == 10
     with Image.open(pngs[0]) as image:
         assert image.size[0] > 300 and image.size[1] > 100
     values = logged_values(Path(short_run["wandb_dir"]))
     assert values["interpretation/galleries/_type"][-1] == "images/separated"
     assert values["interpretation/galleries/count"][-1] == 10
+    assert values["interpretation/top_images/count"][-1] == 10
+    with Image.open(tops[0]) as image:  # a row per feature, 8 thumbnails each
+        assert image.size[0] > 500
 
 
 def test_explain_cli_writes_overlays_and_json(

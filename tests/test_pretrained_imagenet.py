@@ -118,7 +118,12 @@ def test_mine_and_explain_a_model_without_checkpoint(tmp_path: Path) -> None:
     summary = json.loads(features[0].with_suffix(".json").read_text())
     assert summary["mu"] == 10.0 and summary["class_counts"][7] == 5
     galleries = sorted(p.name for p in features[0].parent.glob("galleries/class_*.png"))
-    assert [name.split("_")[1] for name in galleries] == ["281", "7", "999"]
+    assert [name.split("_")[1] for name in galleries if not name.endswith("_top.png")] == [
+        "281",
+        "7",
+        "999",
+    ]
+    assert sum(name.endswith("_top.png") for name in galleries) == 3
     explained = run_cli(
         "explain.py", *common, f"relevant_features={features[0]}", "num_images=2", "target=281"
     )

@@ -145,7 +145,7 @@ def test_report_in_a_real_browser(report_runs: dict, static_server, tmp_path: Pa
         for number, link in enumerate(links):
             seen = _visit(page, link, tmp_path / f"class_{number}.png")
             assert seen["errors"] == [] and seen["outside"] == [] and seen["broken"] == []
-            assert seen["images"] >= 2, link  # the gallery and the heatmap panel
+            assert seen["images"] == 3, link  # the gallery, the top images, the heatmap panel
             assert "Relevant features (" in page.inner_text("body")
         # the evaluation run's own report, from a local static server
         seen = _visit(page, f"{url}/evaluate/report.html", tmp_path / "served.png")

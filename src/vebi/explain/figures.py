@@ -97,6 +97,25 @@ def gallery_figure(
     return figure
 
 
+def top_images_figure(
+    images: Sequence[Sequence[torch.Tensor]], titles: Sequence[str], heading: str
+) -> Figure:
+    """A class's relevant features, a row each: the feature's label, then the training
+    images it responds to most, largest response first."""
+    rows = max(len(images), 1)
+    columns = max((len(row) for row in images), default=1)
+    figure = Figure(figsize=(1.1 * columns + 1.4, 1.1 * rows + 0.5))
+    axes = figure.subplots(rows, columns + 1, squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for r, (row, title) in enumerate(zip(images, titles, strict=True)):
+        axes[r, 0].text(0.95, 0.5, title, ha="right", va="center", fontsize=7)
+        for c, image in enumerate(row):
+            axes[r, c + 1].imshow(to_rgb(image))
+    figure.suptitle(heading, fontsize=9)
+    return figure
+
+
 def show_explanation(
     image: torch.Tensor,
     explanation: Any,

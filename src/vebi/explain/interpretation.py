@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from vebi.explain.backprop import backprop_feature
-from vebi.explain.figures import gallery_figure, save_figure
+from vebi.explain.figures import gallery_figure, save_figure, top_images_figure
 from vebi.explain.heatmaps import signal_to_heatmap
 from vebi.explain.rules import Rules
 from vebi.mining.cache import ActivationCache
@@ -134,13 +134,25 @@ def average_visualisations(
     return [shares[j % size][j // size] for j in range(len(jobs))]
 
 
+def gallery_file(folder: str | Path, class_id: int, name: str, kind: str = "") -> Path:
+    """``<folder>/class_<c>_<name>.png`` (the gallery), or ``..._<kind>.png``."""
+    suffix = f"_{kind}" if kind else ""
+    return Path(folder) / f"class_{class_id}_{safe_file_name(name)}{suffix}.png"
+
+
 def save_galleries(
-    visualisations: list[FeatureVisualisation], relevant: RelevantFeatures, folder: str | Path
+    visualisations: list[FeatureVisualisation],
+    relevant: RelevantFeatures,
+    folder: str | Path,
+    dataset: Dataset | None = None,
+    thumbnails: int = 0,
 ) -> list[Path]:
     """One PNG per class with relevant features, ``<folder>/class_<c>_<name>.png`` (classes
-    without any, e.g. those of a 1000-class head that had no mining images, get none);
-    returns their paths."""
-    paths = []
+    without any, e.g. those of a 1000-class head that had no mining images, get none), and,
+    with ``thumbnails`` > 0 and the ``dataset``, ``class_<c>_<name>_top.png``: each feature's
+    first ``thumbnails`` top training images (those its average visualisation averages);
+    returns their paths (the galleries first)."""
+    paths, tops = [], []
     for class_id, name in enumerate(relevant.class_names):
         tiles = [v for v in visualisations if v.class_id == class_id]
         if not tiles:
@@ -152,10 +164,17 @@ def save_galleries(
             titles,
             f"class {name}: average visualisations of its {len(tiles)} relevant features",
         )
-        paths.append(
-            save_figure(figure, Path(folder) / f"class_{class_id}_{safe_file_name(name)}.png")
-        )
-    return paths
+        paths.append(save_figure(figure, gallery_file(folder, class_id, name)))
+        if thumbnails > 0 and dataset is not None:
+            images = [
+                [torch.as_tensor(dataset[i][0]) for i in v.dataset_indices[:thumbnails]]
+                for v in tiles
+            ]
+            figure = top_images_figure(
+                images, titles, f"class {name}: top training images of each relevant feature"
+            )
+            tops.append(save_figure(figure, gallery_file(folder, class_id, name, "top")))
+    return paths + tops
 
 
 def interpret_and_log(
@@ -166,14 +185,21 @@ def interpret_and_log(
     folder: str | Path,
     loggers: list,
     top_n: int = 20,
+    thumbnails: int = 8,
 ) -> list[Path]:
-    """Average visualisations of every relevant feature, a gallery PNG per class, logged to
-    W&B as images (``interpretation/class_<c>``). Under torch.distributed every process must
-    call it (with its own cache shard); the first writes and logs (the others return [])."""
+    """Average visualisations of every relevant feature, a gallery PNG per class and a PNG of
+    its features' top ``thumbnails`` training images, logged to W&B as images
+    (``interpretation/galleries``, ``interpretation/top_images``). Under torch.distributed
+    every process must call it (with its own cache shard); the first writes and logs (the
+    others return [])."""
     cache = ActivationCache(cache_path, fingerprint="")
     visualisations = average_visualisations(model, relevant, dataset, cache, top_n)
     if not is_main_process():  # every process took part; one writes
         return []
-    paths = save_galleries(visualisations, relevant, folder)
-    log_figures(loggers, "interpretation/galleries", paths, [p.stem for p in paths])
+    paths = save_galleries(visualisations, relevant, folder, dataset, thumbnails)
+    galleries = [p for p in paths if not p.stem.endswith("_top")]
+    tops = [p for p in paths if p.stem.endswith("_top")]
+    log_figures(loggers, "interpretation/galleries", galleries, [p.stem for p in galleries])
+    if tops:
+        log_figures(loggers, "interpretation/top_images", tops, [p.stem for p in tops])
     return paths

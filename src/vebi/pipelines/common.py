@@ -390,6 +390,7 @@ def make_galleries(
         folder,
         loggers,
         int(settings.get("top_n", 20)),
+        int(settings.get("thumbnails", 8)),
     )
     log.info("Interpretation galleries: %s", folder)
     return paths

@@ -30,8 +30,9 @@ from typing import Any
 import yaml
 
 from vebi.errors import VebiError
+from vebi.explain.interpretation import gallery_file
 from vebi.mining.reporting import ARTEFACT_NAME
-from vebi.utils.io import atomic_path, safe_file_name
+from vebi.utils.io import atomic_path
 from vebi.utils.log import get_logger
 
 log = get_logger(__name__)
@@ -100,6 +101,7 @@ class RunFiles:
     relevant: dict[str, Any] | None = None  # relevant_features.json
     relevant_path: Path | None = None
     galleries: dict[int, Path] = field(default_factory=dict)
+    top_images: dict[int, Path] = field(default_factory=dict)
     results: dict[str, Any] | None = None  # evaluate.py's results.json
     explanations: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] | None = None  # train.py's summary.json
@@ -183,9 +185,12 @@ def read_run(folder: str | os.PathLike[str]) -> RunFiles:
         names = run.relevant.get("class_names", [])
         gallery_dir = run.relevant_path.parent / "galleries"
         for class_id, name in enumerate(names):
-            path = gallery_dir / f"class_{class_id}_{safe_file_name(str(name))}.png"
+            path = gallery_file(gallery_dir, class_id, str(name))
             if path.is_file():
                 run.galleries[class_id] = path
+            top = gallery_file(gallery_dir, class_id, str(name), "top")
+            if top.is_file():
+                run.top_images[class_id] = top
     return run
 
 
@@ -263,6 +268,9 @@ class _Report:
 
     def gallery(self, class_id: int) -> Path | None:
         return next((r.galleries[class_id] for r in self.runs if class_id in r.galleries), None)
+
+    def top_images(self, class_id: int) -> Path | None:
+        return next((r.top_images[class_id] for r in self.runs if class_id in r.top_images), None)
 
     def results(self) -> dict[str, Any] | None:
         return next((r.results for r in self.runs if r.results), None)
@@ -515,6 +523,13 @@ class _Report:
                 )
                 + "</section>"
             )
+            top = self.top_images(class_id)
+            if top:
+                parts.append(
+                    "<section><h2>Top training images of each relevant feature</h2>"
+                    + _image(top, page_dir, f"top training images of {name}")
+                    + "</section>"
+                )
         results = self.results()
         if results:
             ablation = results.get("ablation") or {}
