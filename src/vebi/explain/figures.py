@@ -104,8 +104,10 @@ def top_images_figure(
     images it responds to most, largest response first."""
     rows = max(len(images), 1)
     columns = max((len(row) for row in images), default=1)
-    figure = Figure(figsize=(1.1 * columns + 1.4, 1.1 * rows + 0.5))
+    height = 1.1 * rows + 0.5
+    figure = Figure(figsize=(1.1 * columns + 1.4, height))
     axes = figure.subplots(rows, columns + 1, squeeze=False)
+    figure.subplots_adjust(top=1 - 0.45 / height, bottom=0.02, left=0.02, right=0.98)
     for axis in axes.flat:
         axis.axis("off")
     for r, (row, title) in enumerate(zip(images, titles, strict=True)):
