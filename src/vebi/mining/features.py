@@ -237,8 +237,13 @@ class FeatureExtractor:
         """Forward ``images`` (autograd as the caller has it); return (x, logits). x is detached."""
         if self._stack is None:
             raise RuntimeError("use FeatureExtractor as a context manager")
-        if not torch.isfinite(images).all():
-            raise NonFiniteActivationError(f"the input images{batch_label} contain NaN/Inf")
+        finite = torch.isfinite(images)
+        if not finite.all():
+            bad = (~finite).flatten(1).any(1).nonzero()[:5, 0].tolist()
+            raise NonFiniteActivationError(
+                f"the input images{batch_label} hold {int((~finite).sum())} NaN/Inf value(s) "
+                f"(in image(s) {bad}): pass finite values in [0, 1]"
+            )
         self.batch_label = batch_label
         self._responses.clear()
         logits = self.model(images)

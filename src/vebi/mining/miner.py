@@ -78,11 +78,10 @@ def dataset_fingerprint(dataset: Dataset) -> str:
     digest = hashlib.sha256(f"{type(dataset).__qualname__}|{len(dataset)}".encode())
     _fingerprint_into(digest, dataset)
     positions = np.unique(np.linspace(0, len(dataset) - 1, SAMPLED_ITEMS).astype(int))
-    for position in positions.tolist():
-        digest.update(_item_bytes(dataset, position))
-    if len(dataset) and _item_bytes(dataset, int(positions[0])) != _item_bytes(
-        dataset, int(positions[0])
-    ):
+    sampled = [_item_bytes(dataset, position) for position in positions.tolist()]
+    for item in sampled:
+        digest.update(item)
+    if sampled and _item_bytes(dataset, int(positions[0])) != sampled[0]:
         log.warning(
             "%s returns other values each time an item is read (random transforms?): its "
             "activation cache will not be reused; mine on data without augmentation",
