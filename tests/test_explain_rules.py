@@ -157,11 +157,13 @@ def test_per_image_channels_and_errors() -> None:
         backprop_feature(model, images, "conv9", 0)
     with pytest.raises(VebiError, match="unknown relu rule"):
         backprop_feature(model, images, "conv3", 0, relu="lrp")
-    softplus = nn.Sequential(
-        nn.Conv2d(1, 2, 3), nn.Softplus(), nn.Flatten(), nn.Linear(2 * 26 * 26, 2)
+    softmax = nn.Sequential(
+        nn.Conv2d(1, 2, 3), nn.Softmax2d(), nn.Flatten(), nn.Linear(2 * 26 * 26, 2)
     )
-    with pytest.raises(VebiError, match="no backward rule for Softplus"):
-        backprop_feature(softplus, images, "0", 0)
+    with pytest.raises(
+        VebiError, match=r"'1' \(Softmax2d\) has no backward rule and is not affine"
+    ):
+        backprop_feature(softmax, images, "2", 0)
 
 
 # ------------------------------------------------------------------ open rules
@@ -204,13 +206,14 @@ def test_zplus_rule_equals_its_definition(stride: int, padding: int) -> None:
 def test_a_rule_from_config_and_the_presets() -> None:
     from omegaconf import OmegaConf
 
-    from vebi.explain.rules import PRESETS, GuidedReLU, StrideFixConv, ZPlusConv
+    from vebi.explain.rules import PRESETS, ActivationRule, GuidedReLU, StrideFixConv, ZPlusConv
 
     config = OmegaConf.create({"conv": {"_target_": "vebi.explain.rules.ZPlusConv"}})
     rules = Rules.from_config(config)
-    assert rules.composite().rules == (GuidedReLU(), ZPlusConv())
-    assert Rules().composite().rules == (GuidedReLU(), StrideFixConv())  # the project default
-    assert Rules(preset="guided").composite().rules == (GuidedReLU(),)
+    guided = (GuidedReLU(), ActivationRule("guided"))
+    assert rules.composite().rules == (*guided, ZPlusConv())
+    assert Rules().composite().rules == (*guided, StrideFixConv())  # the project default
+    assert Rules(preset="guided").composite().rules == guided
     assert set(PRESETS) >= {"deconvnet", "guided", "guided_stride_fix"}
     with pytest.raises(VebiError, match="unknown rules preset"):
         Rules(preset="lrp")
@@ -236,17 +239,19 @@ class FunctionalReLUNet(nn.Module):
         return self.fc(F.relu(self.conv(x)).flatten(1))
 
 
-def test_functional_relu_is_refused_by_module_not_explained_by_its_gradient() -> None:
+def test_functional_relu_takes_the_relu_rule_not_its_gradient() -> None:
     model = FunctionalReLUNet().eval()
+    with_module = nn.Sequential(model.conv, nn.ReLU(), nn.Flatten(), model.fc).eval()
     images = torch.rand(2, 1, 28, 28)
-    with pytest.raises(VebiError, match=r"^the model applies ReLU functionally \(relu\)"):
-        backprop_feature(model, images, "fc", 0)
-    # the gradient rules are what autograd does anyway: allowed
-    signal = backprop_feature(model, images, "fc", 0, rules=Rules(preset="gradient"))
-    assert torch.isfinite(signal).all()
+    for preset in ("guided", "deconvnet", "gradient"):
+        ours = backprop_feature(model, images, "fc", 0, rules=Rules(preset=preset))
+        reference = backprop_feature(with_module, images, "3", 0, rules=Rules(preset=preset))
+        torch.testing.assert_close(ours, reference)
     nested = nn.Sequential(nn.Identity(), FunctionalReLUNet()).eval()
-    with pytest.raises(VebiError, match=r"module '1' \(FunctionalReLUNet\) applies ReLU"):
-        backprop_feature(nested, images, "1.fc", 0)
+    nested[1].load_state_dict(model.state_dict())
+    torch.testing.assert_close(
+        backprop_feature(nested, images, "1.fc", 0), backprop_feature(with_module, images, "3", 0)
+    )
 
 
 @pytest.mark.parametrize(
@@ -272,7 +277,7 @@ def test_stride_fix_fast_paths_equal_the_definition(size, kernel, stride, paddin
     torch.testing.assert_close(ours, expected)
 
 
-def test_smooth_activations_and_norms_go_by_their_gradient() -> None:
+def test_norms_go_by_their_gradient_and_smooth_activations_by_the_preset() -> None:
     torch.manual_seed(0)
     layers = [nn.Conv2d(3, 8, 3), nn.GroupNorm(2, 8), nn.SiLU(), nn.Conv2d(8, 8, 3), nn.GELU()]
     head = [nn.Flatten(), nn.LayerNorm(8 * 28 * 28), nn.Linear(8 * 28 * 28, 3)]
@@ -281,18 +286,32 @@ def test_smooth_activations_and_norms_go_by_their_gradient() -> None:
     inputs = images.clone().requires_grad_(True)
     output = model[:5](inputs)
     (expected,) = torch.autograd.grad(0.5 * output[:, 1].pow(2).sum(), inputs)
-    ours = backprop_feature(model, images, "4", 1, rules=Rules(preset="guided"))
-    torch.testing.assert_close(ours, expected)  # no ReLU: every layer by its gradient
+    gradient = backprop_feature(model, images, "4", 1, rules=Rules(preset="gradient"))
+    torch.testing.assert_close(gradient, expected)  # every layer by its gradient
+    guided = backprop_feature(model, images, "4", 1, rules=Rules(preset="guided"))
+    assert not torch.allclose(guided, expected)  # SiLU and GELU take the guided rule
+
+
+class _Gain(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gain = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gain
+
+
+class _Bias(_Gain):
+    pass
 
 
 def test_every_unsupported_module_is_named_up_front() -> None:
     from vebi.explain.rules import check_rule_coverage
 
-    model = nn.Sequential(
-        nn.Conv2d(1, 2, 3), nn.Softplus(), nn.Conv2d(2, 2, 3), nn.Hardswish(), nn.Flatten()
-    )
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), _Gain(), nn.Conv2d(2, 2, 3), _Bias(), nn.Flatten())
     with pytest.raises(VebiError) as error:
         check_rule_coverage(model)
     message = str(error.value)
-    assert "Softplus at '1'" in message and "Hardswish at '3'" in message
+    assert "_Gain (tests.test_explain_rules._Gain): 1 module at '1'" in message
+    assert "_Bias (tests.test_explain_rules._Bias): 1 module at '3'" in message
     check_rule_coverage(SmallVGG(in_channels=1))  # covered: no error

@@ -29,9 +29,25 @@ project default); ``relu=``, ``conv=``, ``pool=`` override a preset's choice by 
 rule object, and ``extra=`` adds rules for other module types. Biases are never added on the
 way down.
 
-ReLUs applied functionally (``F.relu`` / ``torch.relu`` in a ``forward``) cannot take a rule:
-with any ReLU rule but ``gradient`` installed, such a call stops the explanation with an error
-naming the module, instead of silently explaining it by its gradient.
+Every other elementwise activation (:data:`ACTIVATION_MODULES`: ReLU6, LeakyReLU, ELU, CELU,
+SELU, PReLU, Hardtanh, Hardswish, Hardsigmoid, SiLU, GELU, Mish, Softplus, Sigmoid, Tanh) takes
+the rule of the preset's *family* (:class:`ActivationRule`), with f'(x) its local slope:
+``gradient`` g * f'(x); ``deconvnet`` max(g, 0); ``guided`` max(g, 0) * max(f'(x), 0). For a
+ReLU these are exactly the three ReLU rules above.
+
+Functional calls get the same rules as modules (:class:`_FunctionalRules`): while a forward
+pass runs under the rules, ``F.relu``, ``torch.relu``, ``clamp(min=0)``, ``F.relu6``,
+``F.hardtanh``, ``F.silu``, ``F.gelu``, ``torch.sigmoid``, ``torch.tanh``, ... (see
+:data:`FUNCTIONAL_ACTIVATIONS`) take the activation's rule, a strided ``F.conv2d`` the conv
+rule and ``F.max_pool2d`` the pool rule, as if they were modules. ``Conv2d`` and
+``MaxPool2d`` subclasses that override ``forward`` (padding inside it, standardised weights)
+are explained through the functional calls in their forward.
+
+A leaf module of a type no rule covers is checked on its first call: when it is affine in its
+input (a normalisation written as a module, ``torchvision.transforms.Normalize`` inside the
+model, a reshape) its gradient is exact and is used; otherwise the explanation stops with a
+message naming it. ``Rules(gradient_modules=[...])`` declares types to go by their gradient,
+``Rules(activations=[...])`` types that take the activation rule.
 """
 
 from __future__ import annotations
@@ -47,30 +63,134 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from vebi.errors import VebiError
-from vebi.models.hooks import leaf_modules
+from vebi.explain.canonizers import Canonizer, GateAsScale
+from vebi.models.hooks import leaf_modules, refuse_attention
 from vebi.models.normalize import Normalize
 
-#: Leaf modules whose gradient is the rule (or that have no effect on the way down).
+#: Leaf modules whose gradient is the rule: linear maps (an eval-mode normalisation is one),
+#: shape-only modules, identities in eval mode (dropout, stochastic depth), padding, and the
+#: default rules of max-pooling and convolutions.
 GRADIENT_MODULES: tuple[type[nn.Module], ...] = (
     nn.Conv2d,
     nn.MaxPool2d,
     nn.Linear,
     nn.Flatten,
+    nn.Unflatten,
     nn.Identity,
     nn.Dropout,
+    nn.Dropout1d,
     nn.Dropout2d,
+    nn.AlphaDropout,
     nn.BatchNorm1d,
     nn.BatchNorm2d,
+    nn.SyncBatchNorm,
     nn.AvgPool2d,
     nn.AdaptiveAvgPool2d,
     nn.AdaptiveMaxPool2d,
     nn.LocalResponseNorm,
     nn.GroupNorm,
     nn.LayerNorm,
-    nn.SiLU,
-    nn.GELU,
+    nn.InstanceNorm2d,
+    nn.ZeroPad2d,
+    nn.ConstantPad2d,
+    nn.ReflectionPad2d,
+    nn.ReplicationPad2d,
+    nn.ChannelShuffle,
+    nn.PixelShuffle,
+    nn.PixelUnshuffle,
+    nn.Upsample,
+    nn.Sequential,  # a leaf Sequential is an empty one: the identity (ShuffleNet's branches)
     Normalize,
 )
+#: The same, for types of optional packages, by qualified class name (no import needed).
+GRADIENT_MODULE_NAMES: frozenset[str] = frozenset(
+    {
+        "torchvision.ops.stochastic_depth.StochasticDepth",
+        "torchvision.ops.misc.Permute",
+        "torchvision.transforms.transforms.Normalize",
+        "timm.layers.drop.DropPath",
+        "timm.layers.drop.DropBlock2d",
+        "timm.layers.linear.Linear",
+        "timm.layers.norm.LayerNorm2d",
+        "timm.layers.norm.GroupNorm1",
+        "timm.layers.std_conv.ScaledStdConv2d",
+        "timm.layers.layer_scale.LayerScale2d",
+        "timm.layers.layer_scale.LayerScale",
+    }
+)
+#: Elementwise activations other than ReLU: each takes the activation rule of the preset's
+#: family (:class:`ActivationRule`).
+ACTIVATION_MODULES: tuple[type[nn.Module], ...] = (
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.CELU,
+    nn.SELU,
+    nn.PReLU,
+    nn.Hardtanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.SiLU,
+    nn.GELU,
+    nn.Mish,
+    nn.Softplus,
+    nn.Sigmoid,
+    nn.Tanh,
+)
+#: The same, by qualified class name (timm's own activation modules).
+ACTIVATION_MODULE_NAMES: frozenset[str] = frozenset(
+    f"timm.layers.activations.{name}"
+    for name in (
+        "Swish",
+        "Mish",
+        "Sigmoid",
+        "Tanh",
+        "HardSwish",
+        "HardSigmoid",
+        "HardMish",
+        "GELU",
+        "GELUTanh",
+        "QuickGELU",
+        "PReLU",
+    )
+) | frozenset(
+    f"timm.layers.activations_me.{name}"
+    for name in ("SwishMe", "MishMe", "HardSwishMe", "HardSigmoidMe", "HardMishMe")
+)
+#: The families of rules: what every activation does under a preset.
+FAMILIES = ("guided", "deconvnet", "gradient")
+
+
+def qualified_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _is_a(module: nn.Module, types: tuple[type, ...], names: frozenset[str]) -> bool:
+    """``isinstance(module, types)``, or one of the classes it derives from is named in
+    ``names``."""
+    return isinstance(module, types) or any(
+        qualified_name(c) in names for c in type(module).__mro__
+    )
+
+
+def resolve_module_type(spec: str | type) -> type[nn.Module]:
+    """A module type from itself or its qualified name (``package.module.Class``)."""
+    if isinstance(spec, type):
+        cls = spec
+    else:
+        import importlib
+
+        module_name, _, class_name = str(spec).rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError, ValueError) as error:
+            raise VebiError(
+                f"cannot import the module type {spec!r} ({error}); give its qualified name, "
+                "e.g. mypackage.layers.MyNorm"
+            ) from None
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise VebiError(f"{spec!r} is not an nn.Module subclass")
+    return cls
 
 
 def _pair(value: Any) -> tuple[int, int]:
@@ -160,6 +280,120 @@ class GuidedReLU(ReLURule):
 
     def backward(self, module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         return _pass_where_positive(grad, x).clamp_min_(0)
+
+
+def _own_output(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The module's own output, never overwriting ``x`` (in-place activations work on a copy:
+    the rule needs the untouched input)."""
+    if getattr(module, "inplace", False):
+        x = x.clone()
+    return type(module).forward(module, x)
+
+
+def _vector_jacobian(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """grad^T d module(x) / dx, by autograd on a detached copy of ``x``."""
+    with torch.enable_grad():
+        leaf = x.detach().requires_grad_(True)
+        (result,) = torch.autograd.grad(_own_output(module, leaf), leaf, grad)
+    return result
+
+
+class ActivationRule(Rule):
+    """Elementwise activations f other than ReLU (:data:`ACTIVATION_MODULES`), by the
+    preset's family, with f'(x) the local slope at the forward input x:
+
+    * ``gradient``: g * f'(x) (the gradient);
+    * ``deconvnet``: max(g, 0), blind to x as the deconvnet's ReLU is;
+    * ``guided``: max(g, 0) * max(f'(x), 0): the positive part of the signal, where the
+      activation passes signal forward, scaled by how much it passes.
+
+    For f = ReLU each is the corresponding ReLU rule. ``extra_types`` adds module types (or
+    qualified names) to the ones covered.
+    """
+
+    module_types = ACTIVATION_MODULES
+
+    def __init__(self, family: str = "guided", extra_types: Sequence[str | type] = ()) -> None:
+        if family not in FAMILIES:
+            raise VebiError(f"unknown activation rule family {family!r}; choose from {FAMILIES}")
+        self.family = family
+        self.extra_types = tuple(resolve_module_type(t) for t in extra_types)
+
+    def applies_to(self, module: nn.Module) -> bool:
+        return _is_a(module, (*self.module_types, *self.extra_types), ACTIVATION_MODULE_NAMES)
+
+    def output(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return _own_output(module, x)
+
+    def backward(self, module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        if self.family == "deconvnet":
+            return grad.clamp_min(0)
+        if self.family == "gradient":
+            return _vector_jacobian(module, x, grad)
+        slope = _vector_jacobian(module, x, torch.ones_like(grad))  # elementwise: f'(x)
+        return grad.clamp_min(0) * slope.clamp_min_(0)
+
+    def __repr__(self) -> str:
+        return f"ActivationRule({self.family!r})"
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.family))
+
+
+class NotAffineError(VebiError):
+    """A module of a type without a rule turned out not to be affine in its input."""
+
+
+class AffineByGradient(Rule):
+    """Leaf modules of types no rule covers: on the first call of each, check on its actual
+    input x that it is affine in it, f(x + 2d) - 2 f(x + d) + f(x) = 0 for a random d of x's
+    scale (to float rounding); then its gradient is the exact linear map and is the rule. A
+    module that is not affine stops the explanation with :class:`NotAffineError`."""
+
+    #: relative size of the second difference accepted as float rounding
+    tolerance = 1e-4
+
+    def __init__(self, names: Mapping[int, str] | None = None) -> None:
+        self.names = dict(names or {})
+        self.checked: set[int] = set()
+
+    def applies_to(self, module: nn.Module) -> bool:
+        return True
+
+    def output(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        output = _own_output(module, x)
+        if id(module) not in self.checked:
+            self._check_affine(module, x, output)
+            self.checked.add(id(module))
+        return output
+
+    def _check_affine(self, module: nn.Module, x: torch.Tensor, output: torch.Tensor) -> None:
+        generator = torch.Generator(device=x.device).manual_seed(0)
+        scale = float(x.detach().float().std()) if x.numel() > 1 else 1.0
+        step = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        step = step * (scale if scale > 0 else 1.0)
+        once, twice = _own_output(module, x + step), _own_output(module, x + 2 * step)
+        curvature = (twice - 2 * once + output).abs().max()
+        size = max(float(t.abs().max()) for t in (output, once, twice))
+        if not bool(torch.isfinite(curvature)) or float(curvature) > self.tolerance * (size + 1):
+            cls = type(module)
+            name = self.names.get(id(module), "")
+            raise NotAffineError(
+                f"module {name!r} ({cls.__name__}) has no backward rule and is not affine in "
+                "its input, so its gradient would not be a rule: give its type a rule "
+                "(rules.extra), declare it an activation (rules.activations="
+                f"[{qualified_name(cls)}]) or, to explain it by its gradient anyway, "
+                f"rules.gradient_modules=[{qualified_name(cls)}]"
+            )
+
+    def backward(self, module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        return _vector_jacobian(module, x, grad)
+
+    def __eq__(self, other: object) -> bool:
+        return type(self) is type(other)
+
+    def __hash__(self) -> int:
+        return hash(type(self))
 
 
 class StrideFixConv(Rule):
@@ -279,28 +513,45 @@ RuleChoice = str | Rule
 @dataclass(frozen=True)
 class Composite:
     """Which rule each module gets: the first of ``rules`` that applies to it, else its own
-    gradient when it is one of ``gradient_modules``; other module types are refused."""
+    gradient when it is one of ``gradient_modules`` (or named in ``gradient_names``); a
+    parameter-free leaf of another type goes by its gradient once checked affine
+    (:class:`AffineByGradient`, unless ``family`` is ``gradient``: then every module goes by
+    its gradient); other module types are refused. ``functional`` holds the rules of
+    functional calls by kind (``relu``, ``activation``, ``conv``, ``pool``), ``canonizers``
+    the rewrites applied while the rules are installed."""
 
     rules: tuple[Rule, ...]
     gradient_modules: tuple[type[nn.Module], ...] = GRADIENT_MODULES
+    gradient_names: frozenset[str] = GRADIENT_MODULE_NAMES
+    family: str = "guided"
+    functional: Mapping[str, Rule] = field(default_factory=dict)
+    canonizers: tuple[Canonizer, ...] = ()
 
-    def rule_for(self, module: nn.Module) -> Rule | None:
-        """The module's rule, or None for its own gradient."""
+    def rule_for(self, module: nn.Module, affine: Rule | None = None) -> Rule | None:
+        """The module's rule, or None for its own gradient; ``affine`` is the rule for
+        parameter-free modules of unknown types (refused when None)."""
         for rule in self.rules:
             if rule.applies_to(module):
+                if _explained_functionally(module):
+                    return None  # its forward's functional calls take the rules
                 rule.check(module)
                 return rule
-        if isinstance(module, self.gradient_modules):
+        if self.family == "gradient" or _is_a(module, self.gradient_modules, self.gradient_names):
             return None
+        if affine is not None and not any(True for _ in module.parameters()):
+            return affine
         raise VebiError(self._unsupported([("", module)]))
 
     def rules_for(self, model: nn.Module) -> list[tuple[nn.Module, Rule | None]]:
         """(leaf module, its rule or None) for every leaf of ``model``; one error naming every
-        module no rule covers."""
+        module type no rule covers."""
+        refuse_attention(model)
+        leaves = leaf_modules(model)
+        affine = AffineByGradient({id(m): n for n, m in leaves.items()})
         chosen, missing = [], []
-        for name, module in leaf_modules(model).items():
+        for name, module in leaves.items():
             try:
-                chosen.append((module, self.rule_for(module)))
+                chosen.append((module, self.rule_for(module, affine)))
             except VebiError as error:
                 if not str(error).startswith("no backward rule"):
                     raise
@@ -310,21 +561,31 @@ class Composite:
         return chosen
 
     def _unsupported(self, modules: list[tuple[str, nn.Module]]) -> str:
-        types = {t.__name__ for rule in self.rules for t in rule.module_types}
-        supported = sorted(types | {t.__name__ for t in self.gradient_modules})
-        named = "; ".join(
-            f"{type(module).__name__}{f' at {name!r}' if name else ''} ({module})"
-            for name, module in modules
-        )
+        by_type: dict[type, list[str]] = {}
+        for name, module in modules:
+            by_type.setdefault(type(module), []).append(name)
+        lines = []
+        for cls, names in by_type.items():
+            shown = ", ".join(repr(n) for n in names[:3] if n) + (", ..." if len(names) > 3 else "")
+            where = f" at {shown}" if shown else ""
+            count = f"{len(names)} module{'s' if len(names) > 1 else ''}"
+            lines.append(f"  {cls.__name__} ({qualified_name(cls)}): {count}{where}")
+        example = qualified_name(next(iter(by_type)))
         return (
-            f"no backward rule for {named}; supported: {', '.join(supported)}. Add a rule for "
-            "it (a vebi.explain.rules.Rule subclass, passed in rules.extra)"
+            f"no backward rule for {len(by_type)} module type(s) with parameters:\n"
+            + "\n".join(lines)
+            + "\nGive each a rule (a vebi.explain.rules.Rule subclass, in rules.extra), or "
+            f"declare the ones that are linear in their input: rules.gradient_modules=[{example}]"
         )
 
-    @property
-    def guards_functional_relu(self) -> bool:
-        """Whether a functional ReLU would be explained wrongly (any ReLU rule but gradient)."""
-        return any(isinstance(r, ReLURule) and not isinstance(r, GradientReLU) for r in self.rules)
+
+def _explained_functionally(module: nn.Module) -> bool:
+    """Conv2d / MaxPool2d subclasses with a forward of their own (padding inside it,
+    standardised weights): their ``F.conv2d`` / ``F.max_pool2d`` calls take the rules."""
+    for base in (nn.Conv2d, nn.MaxPool2d):
+        if isinstance(module, base) and type(module).forward is not base.forward:
+            return True
+    return False
 
 
 def _choose(slot: str, choice: RuleChoice | Mapping[str, Any] | None) -> Rule | None:
@@ -356,6 +617,10 @@ class Rules:
     pool: RuleChoice | None = None
     preset: str = DEFAULT_PRESET
     extra: tuple[Rule, ...] = field(default_factory=tuple)
+    #: module types (or their qualified names) that go by their gradient
+    gradient_modules: tuple[str | type, ...] = field(default_factory=tuple)
+    #: module types (or their qualified names) that take the activation rule
+    activations: tuple[str | type, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
@@ -370,124 +635,325 @@ class Rules:
         if any(rule is None for rule in extra):
             raise VebiError("rules.extra holds an empty entry")
         object.__setattr__(self, "extra", extra)
+        for declared in ("gradient_modules", "activations"):
+            types = tuple(resolve_module_type(t) for t in getattr(self, declared))
+            object.__setattr__(self, declared, types)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any] | None) -> Rules:
         """From a config node (``preset``, ``relu``/``conv``/``pool`` as names or rule configs
         with ``_target_``, ``extra`` as a list of rule configs); null entries are left out."""
         values = {k: v for k, v in dict(config or {}).items() if v is not None}
-        if "extra" in values:
-            values["extra"] = tuple(values["extra"])
+        for listed in ("extra", "gradient_modules", "activations"):
+            if listed in values:
+                values[listed] = tuple(values[listed])
         for slot in ("relu", "conv", "pool"):
             if isinstance(values.get(slot), Mapping):
                 values[slot] = _choose(slot, values[slot])
         return cls(**values)
 
-    def composite(self) -> Composite:
-        chosen = [*self.extra, *(_choose(s, getattr(self, s)) for s in ("relu", "conv", "pool"))]
-        return Composite(tuple(rule for rule in chosen if rule is not None))
+    @property
+    def family(self) -> str:
+        """What every activation does: the ReLU choice when it is a family's name, else the
+        preset's."""
+        return self.relu if self.relu in FAMILIES else PRESETS[self.preset]["relu"]
 
-    def choices(self) -> dict[str, str]:
+    def composite(self) -> Composite:
+        relu, conv, pool = (_choose(s, getattr(self, s)) for s in ("relu", "conv", "pool"))
+        family = self.family
+        activation = None if family == "gradient" else ActivationRule(family, self.activations)
+        chosen = [*self.extra, relu, activation, conv, pool]
+        functional = {
+            kind: rule
+            for kind, rule in (("relu", relu), ("activation", activation), ("conv", conv))
+            if rule is not None and not isinstance(rule, GradientReLU)
+        }
+        if pool is not None:
+            functional["pool"] = pool
+        return Composite(
+            tuple(rule for rule in chosen if rule is not None),
+            gradient_modules=(*GRADIENT_MODULES, *self.gradient_modules),
+            family=family,
+            functional=functional,
+            canonizers=() if family == "gradient" else (GateAsScale(),),
+        )
+
+    def choices(self) -> dict[str, Any]:
         """The relu/conv/pool choices as names (rule objects as ``Class()``) and the extras."""
         chosen = {slot: str(getattr(self, slot)) for slot in ("relu", "conv", "pool")}
-        return {**chosen, **({"extra": [repr(rule) for rule in self.extra]} if self.extra else {})}
+        chosen["activation"] = self.family
+        if self.extra:
+            chosen["extra"] = [repr(rule) for rule in self.extra]
+        if self.gradient_modules:
+            chosen["gradient_modules"] = [qualified_name(t) for t in self.gradient_modules]
+        if self.activations:
+            chosen["activation_modules"] = [qualified_name(t) for t in self.activations]
+        return chosen
 
     def describe(self) -> str:
         """``relu, conv, pool`` choices in words, for summaries."""
-        return ", ".join(f"{slot} {value}" for slot, value in self.choices().items())
+        chosen = self.choices()
+        return ", ".join(
+            f"{slot} {chosen[slot]}" for slot in ("relu", "conv", "pool", "activation")
+        )
 
 
-class _FunctionalReLUGuard(TorchFunctionMode):
-    """Stops a forward pass that applies ReLU functionally, naming the module that does."""
+def _optional(*names: str) -> list[Callable[..., Any]]:
+    """The torch functions of these dotted names that exist in this torch version."""
+    found = []
+    for name in names:
+        owner, _, attribute = name.rpartition(".")
+        base = {"torch": torch, "F": F, "Tensor": torch.Tensor}[owner]
+        if hasattr(base, attribute):
+            found.append(getattr(base, attribute))
+    return found
 
-    FUNCTIONS: ClassVar[set[Callable[..., Any]]] = {
-        F.relu,
-        F.relu_,
-        torch.relu,
-        torch.relu_,
-        torch.Tensor.relu,
-        torch.Tensor.relu_,
-    }
 
-    def __init__(self, running: list[tuple[str, nn.Module]]) -> None:
+#: Functional ReLUs, and their in-place variants with the out-of-place function to use.
+FUNCTIONAL_RELUS = set(_optional("F.relu", "torch.relu", "Tensor.relu"))
+#: In-place functions -> their out-of-place versions.
+IN_PLACE: dict[Callable[..., Any], Callable[..., Any]] = {
+    getattr(owner, f"{name}_"): getattr(owner, name)
+    for owner, names in (
+        (F, ("relu", "hardtanh", "leaky_relu", "elu", "celu", "rrelu")),
+        (torch, ("relu", "sigmoid", "tanh", "clamp", "clamp_min", "clip")),
+        (torch.Tensor, ("relu", "sigmoid", "tanh", "clamp", "clamp_min", "clip")),
+    )
+    for name in names
+    if hasattr(owner, f"{name}_") and hasattr(owner, name)
+}
+#: Functional activations (other than ReLU) that take the activation rule.
+FUNCTIONAL_ACTIVATIONS = set(
+    _optional(
+        "F.relu6", "F.hardtanh", "F.silu", "F.gelu", "F.hardswish", "F.hardsigmoid",
+        "F.leaky_relu", "F.elu", "F.celu", "F.selu", "F.mish", "F.softplus", "F.prelu",
+        "torch.sigmoid", "Tensor.sigmoid", "torch.tanh", "Tensor.tanh",
+    )
+)  # fmt: skip
+#: Clamps: a ReLU when the bounds are (0, None), a ReLU6 when (0, 6); otherwise left alone.
+FUNCTIONAL_CLAMPS = set(_optional("torch.clamp", "Tensor.clamp", "torch.clip", "Tensor.clip"))
+FUNCTIONAL_CLAMP_MINS = set(_optional("torch.clamp_min", "Tensor.clamp_min"))
+
+
+class _Call(nn.Module):
+    """A functional call ``function(x, *args, **kwargs)`` dressed as a module, so that the
+    rules of modules apply to it."""
+
+    def __init__(self, function: Callable[..., Any], args: tuple, kwargs: dict) -> None:
         super().__init__()
-        self.running = running
+        self.function, self.args, self.kwargs = function, args, kwargs
+        self.inplace = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.function(x, *self.args, **self.kwargs)
+
+
+class _ConvCall(nn.Conv2d):
+    """An ``F.conv2d`` call as a Conv2d, without allocating weights."""
+
+    def __init__(self, weight, bias, stride=1, padding=0, dilation=1, groups=1) -> None:  # noqa: ANN001
+        nn.Module.__init__(self)
+        self.weight, self.bias = weight, bias
+        self.stride, self.dilation = _pair(stride), _pair(dilation)
+        self.padding = (0, 0) if padding == "valid" else padding
+        self.padding = self.padding if isinstance(self.padding, str) else _pair(self.padding)
+        self.groups, self.padding_mode = groups, "zeros"
+        self.kernel_size = tuple(weight.shape[-2:])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(
+            x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups
+        )
+
+
+def _bound(function: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[tuple, dict, bool]:
+    """(args after the input, kwargs with ``inplace`` off, whether the call was in place)."""
+    import inspect
+
+    try:
+        bound = inspect.signature(function).bind(*args, **kwargs)
+    except (TypeError, ValueError):  # a builtin without a signature: no inplace argument
+        return tuple(args[1:]), dict(kwargs), False
+    arguments = dict(bound.arguments)
+    inplace = bool(arguments.pop("inplace", False))
+    first = next(iter(arguments))
+    del arguments[first]
+    if "inplace" in inspect.signature(function).parameters:
+        arguments["inplace"] = False
+    return (), arguments, inplace
+
+
+class _FunctionalRules(TorchFunctionMode):
+    """While a model's forward runs with autograd on, gives functional activations, strided
+    convolutions and max-pooling the rules of the composite (module docstring): each call is
+    computed as its own function forward, and its backward is the rule's."""
+
+    def __init__(self, composite: Composite) -> None:
+        super().__init__()
+        self.rules = composite.functional
+        self.relu_module = nn.ReLU()
+        self.paused = 0  # > 0 while a module that goes by its gradient runs
+
+    def _rule_call(
+        self, func: Any, args: tuple, kwargs: dict
+    ) -> tuple[Rule, nn.Module, bool] | None:
+        out_of_place = IN_PLACE.get(func, func)
+        in_place = out_of_place is not func
+        if out_of_place in FUNCTIONAL_CLAMPS or out_of_place in FUNCTIONAL_CLAMP_MINS:
+            low = args[1] if len(args) > 1 else kwargs.get("min")
+            high = (
+                None
+                if out_of_place in FUNCTIONAL_CLAMP_MINS
+                else (args[2] if len(args) > 2 else kwargs.get("max"))
+            )
+            if low == 0 and high is None and "relu" in self.rules:
+                return self.rules["relu"], self.relu_module, in_place
+            if low == 0 and high == 6 and "activation" in self.rules:
+                return self.rules["activation"], _Call(F.relu6, (), {}), in_place
+            return None
+        if out_of_place in FUNCTIONAL_RELUS and "relu" in self.rules:
+            _, _, flagged = _bound(out_of_place, args, kwargs)
+            return self.rules["relu"], self.relu_module, in_place or flagged
+        if out_of_place in FUNCTIONAL_ACTIVATIONS and "activation" in self.rules:
+            rest, options, flagged = _bound(out_of_place, args, kwargs)
+            return self.rules["activation"], _Call(out_of_place, rest, options), in_place or flagged
+        if func is F.conv2d and "conv" in self.rules:
+            module = _ConvCall(*args[1:], **kwargs)
+            rule = self.rules["conv"]
+            if rule.applies_to(module):
+                rule.check(module)
+                return rule, module, False
+            return None
+        if func is F.max_pool2d and "pool" in self.rules:
+            options = dict(zip(("kernel_size", "stride", "padding", "dilation", "ceil_mode",
+                                "return_indices"), args[1:], strict=False), **kwargs)  # fmt: skip
+            if options.pop("return_indices", False):
+                return None
+            module = nn.MaxPool2d(**options)
+            rule = self.rules["pool"]
+            if rule.applies_to(module):
+                rule.check(module)
+                return rule, module, False
+        return None
 
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        if func in self.FUNCTIONS:
-            name, module = self.running[-1] if self.running else ("", None)
-            where = f"module {name!r} ({type(module).__name__})" if name else "the model"
-            raise VebiError(
-                f"{where} applies ReLU functionally ({getattr(func, '__name__', func)}) in its "
-                "forward: a backward rule can only be installed on nn.ReLU modules, and "
-                "explaining it by its gradient would be silently wrong. Use nn.ReLU modules "
-                "there, or the gradient rules (rules.preset=gradient)"
-            )
-        return func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        active = torch.is_grad_enabled() and not self.paused
+        call = self._rule_call(func, args, kwargs) if active else None
+        if call is None or not isinstance(args[0], torch.Tensor):
+            return func(*args, **kwargs)
+        rule, module, in_place = call
+        x = args[0]
+        if in_place:  # the caller may keep using x: write the result into it
+            return x.copy_(_RuleFunction.apply(x.clone(), rule, module))
+        return _RuleFunction.apply(x, rule, module)
 
 
 @contextlib.contextmanager
-def _functional_relu_guard(model: nn.Module) -> Iterator[None]:
-    """While ``model`` runs forward (not during backward passes or anything else), refuse
-    functional ReLUs; hooks keep the stack of running modules to name the culprit."""
-    running: list[tuple[str, nn.Module]] = []
-    guard = _FunctionalReLUGuard(running)
+def _functional_rules(
+    model: nn.Module, composite: Composite, by_gradient: Sequence[nn.Module]
+) -> Iterator[None]:
+    """The functional rules, on from the model's first to its last forward hook (not during
+    backward passes or anything else the caller does), and paused while one of the modules
+    ``by_gradient`` runs: whatever they call inside is their gradient."""
+    mode = _FunctionalRules(composite)
 
-    def enter(name: str) -> Callable[..., None]:
-        return lambda module, inputs: running.append((name, module))
+    def pause(module: nn.Module, inputs: Any) -> None:
+        mode.paused += 1
 
-    def leave(module: nn.Module, inputs: Any, output: Any) -> None:
-        if running:
-            running.pop()
+    def resume(module: nn.Module, inputs: Any, output: Any) -> None:
+        mode.paused -= 1
 
     def start(module: nn.Module, inputs: Any) -> None:
-        running.clear()
-        guard.__enter__()
+        mode.__enter__()
 
     def stop(module: nn.Module, inputs: Any, output: Any) -> None:
-        guard.__exit__(None, None, None)
+        mode.__exit__(None, None, None)
 
     with contextlib.ExitStack() as stack:
-        for name, module in model.named_modules():
-            if name:
-                stack.callback(module.register_forward_pre_hook(enter(name)).remove)
-                stack.callback(module.register_forward_hook(leave).remove)
-        # the guard is on from the model's first to its last hook, after every other hook
         stack.callback(model.register_forward_pre_hook(start, prepend=True).remove)
         stack.callback(model.register_forward_hook(stop).remove)
+        for module in by_gradient:
+            stack.callback(module.register_forward_pre_hook(pause).remove)
+            stack.callback(module.register_forward_hook(resume).remove)
         try:
             yield
         finally:
-            if torch.overrides._get_current_function_mode() is guard:  # a forward that raised
-                guard.__exit__(None, None, None)
+            if torch.overrides._get_current_function_mode() is mode:  # a forward that raised
+                mode.__exit__(None, None, None)
+
+
+def rules_by_module_type(
+    model: nn.Module, rules: Rules | Composite | None = None
+) -> dict[str, str]:
+    """Module type name -> the rule its leaves get (``gradient`` for their own gradient,
+    ``gradient if affine`` for types checked on their first call), plus ``functional`` for
+    the kinds of functional calls that take rules and ``canonizers``."""
+    rules = rules or Rules()
+    composite = rules.composite() if isinstance(rules, Rules) else rules
+    found: dict[str, set[str]] = {}
+    leaves = composite.rules_for(model)
+    inner = [(m, None) for m in model.modules() if any(m.children()) and _explained_functionally(m)]
+    for module, rule in [*leaves, *inner]:
+        described = "gradient" if rule is None else repr(rule)
+        if isinstance(rule, AffineByGradient):
+            described = "gradient if affine"
+        elif rule is None and _explained_functionally(module):
+            described = "by its functional calls"
+        found.setdefault(type(module).__name__, set()).add(described)
+    table = {name: " / ".join(sorted(described)) for name, described in found.items()}
+    if composite.functional:
+        table["functional"] = ", ".join(f"{k} {v!r}" for k, v in composite.functional.items())
+    used = {
+        repr(c) for c in composite.canonizers for module in model.modules() if c.applies_to(module)
+    }
+    if used:
+        table["canonizers"] = ", ".join(sorted(used))
+    return table
 
 
 def check_rule_coverage(
-    model: nn.Module, rules: Rules | Composite | None = None, hint: str = ""
+    model: nn.Module,
+    rules: Rules | Composite | None = None,
+    hint: str = "",
+    images: torch.Tensor | None = None,
 ) -> None:
     """Refuse, naming every one, the modules of ``model`` that ``rules`` (default: the
     project's) cannot explain: called when a model first enters a job, before any work.
-    ``hint`` is added to the message (e.g. how to run the job without explanations)."""
+    With ``images``, also run one forward pass under the rules, which checks the modules of
+    unknown types for affinity and the canonizers. ``hint`` is added to the message (e.g.
+    how to run the job without explanations)."""
     rules = rules or Rules()
     try:
-        (rules.composite() if isinstance(rules, Rules) else rules).rules_for(model)
+        composite = rules.composite() if isinstance(rules, Rules) else rules
+        composite.rules_for(model)
+        if images is not None:
+            with backward_rules(model, composite), torch.enable_grad():
+                model(images)
     except VebiError as error:
-        raise VebiError(f"{error}{hint}") from None
+        raise type(error)(f"{error}{hint}") from None
 
 
 @contextlib.contextmanager
 def backward_rules(model: nn.Module, rules: Rules | Composite | None = None) -> Iterator[nn.Module]:
-    """Install ``rules`` (default: the project's) in ``model``'s leaf modules; restore them
-    exactly on exit. ReLUs become out-of-place while installed (in-place and re-used ReLUs
-    work); a functional ReLU in a forward is refused (module docstring)."""
+    """Install ``rules`` (default: the project's) in ``model``'s leaf modules, its canonizers
+    and the rules of functional calls; restore everything exactly on exit. Activations become
+    out-of-place while installed (in-place and re-used ones work)."""
     rules = rules or Rules()
     composite = rules.composite() if isinstance(rules, Rules) else rules
     chosen = composite.rules_for(model)
     patched: list[tuple[nn.Module, Any]] = []
     try:
-        with contextlib.ExitStack() as guard:
-            if composite.guards_functional_relu:
-                guard.enter_context(_functional_relu_guard(model))
+        with contextlib.ExitStack() as stack:
+            if composite.functional:
+                by_gradient = [
+                    m for m, rule in chosen if rule is None and not _explained_functionally(m)
+                ]
+                stack.enter_context(_functional_rules(model, composite, by_gradient))
+            for canonizer in composite.canonizers:
+                for name, module in model.named_modules():
+                    if canonizer.applies_to(module):
+                        stack.callback(canonizer.apply(name, module))
             for module, rule in chosen:
                 if rule is not None:
                     patched.append((module, module.__dict__.get("forward")))
@@ -506,7 +972,11 @@ def _installed(rule: Rule, module: nn.Module) -> Callable[[torch.Tensor], torch.
 
 
 __all__: Sequence[str] = [
+    "ACTIVATION_MODULES",
     "GRADIENT_MODULES",
+    "ActivationRule",
+    "AffineByGradient",
+    "NotAffineError",
     "PRESETS",
     "Composite",
     "DeconvnetReLU",
@@ -520,4 +990,5 @@ __all__: Sequence[str] = [
     "ZPlusConv",
     "backward_rules",
     "check_rule_coverage",
+    "rules_by_module_type",
 ]

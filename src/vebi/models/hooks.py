@@ -73,6 +73,31 @@ def check_layer_names(model: nn.Module, layers: Sequence[str]) -> None:
         raise VebiError(f"layers listed twice in {list(layers)}")
 
 
+#: Names of the layer types of vision transformers (token maps, not channel maps).
+ATTENTION_TYPES = (nn.MultiheadAttention,)
+
+
+def refuse_attention(model: nn.Module) -> None:
+    """Refuse, before any work, a network with attention layers (ViT, Swin, MaxViT, ...):
+    its layer outputs are token maps (N, T, D), not channel maps, and no backward rule here
+    is stated for attention."""
+    found = [
+        (name, type(module).__name__)
+        for name, module in model.named_modules()
+        if isinstance(module, ATTENTION_TYPES) or type(module).__name__.endswith("Attention")
+    ]
+    if found:
+        kinds = sorted({kind for _, kind in found})
+        names = ", ".join(repr(name) for name, _ in found[:3])
+        raise VebiError(
+            f"the model has {len(found)} attention layer(s) ({', '.join(kinds)}, at {names}"
+            f"{', ...' if len(found) > 3 else ''}): vebi mines and explains convolutional "
+            "networks, whose layers output channel maps; a transformer's token maps are not "
+            "such maps and no backward rule is stated here for attention. Use a CNN (e.g. "
+            "resnet50, efficientnet_b0, convnext_tiny)"
+        )
+
+
 class CapturedOutputs(dict):
     """Layer name -> recorded output, and which of them the model went on to change in place."""
 
