@@ -25,7 +25,12 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from vebi.errors import VebiError
-from vebi.models.hooks import check_layer_names, leaf_modules, trace_leaf_calls
+from vebi.models.hooks import (
+    check_layer_names,
+    leaf_modules,
+    refuse_attention,
+    trace_leaf_calls,
+)
 from vebi.models.normalize import Normalize
 
 AGGREGATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -33,11 +38,119 @@ AGGREGATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "mean": lambda a: a.mean(dim=(2, 3)),
     "max": lambda a: a.amax(dim=(2, 3)),
 }
-#: Leaf modules whose output is never a feature layer of its own (a copy, or not a feature map).
-NON_FEATURE_MODULES = (Normalize, nn.Dropout, nn.Dropout2d, nn.Flatten, nn.Identity)
-#: Blocks whose output is one feature layer and whose inner layers are not (residual blocks:
-#: inside them the signal is only half of what the network passes on).
-FEATURE_BLOCKS: tuple[type[nn.Module], ...] = (BasicBlock, Bottleneck)
+#: Leaf modules whose output is never a feature layer of its own (a copy, a padded copy, or
+#: not a feature map).
+NON_FEATURE_MODULES = (
+    Normalize,
+    nn.Dropout,
+    nn.Dropout2d,
+    nn.Flatten,
+    nn.Identity,
+    nn.ZeroPad2d,
+    nn.ConstantPad2d,
+    nn.ReflectionPad2d,
+    nn.ReplicationPad2d,
+)
+#: Blocks whose output is one feature layer and whose inner layers are not: residual blocks
+#: (inside them the signal is only half of what the network passes on), inverted residuals,
+#: dense layers, inception modules, conv-norm-activation groups. Extend with
+#: :func:`register_feature_block` (or ``mining.feature_blocks`` in a config).
+FEATURE_BLOCKS: set[type[nn.Module]] = {BasicBlock, Bottleneck}
+#: The same by qualified class name: torchvision, timm and lukemelas-style EfficientNet code
+#: (matched along each class's bases; no import needed).
+FEATURE_BLOCK_NAMES: set[str] = {
+    *(
+        f"torchvision.models.{name}"
+        for name in (
+            "mobilenetv2.InvertedResidual",
+            "mobilenetv3.InvertedResidual",
+            "efficientnet.MBConv",
+            "efficientnet.FusedMBConv",
+            "convnext.CNBlock",
+            "regnet.ResBottleneckBlock",
+            "regnet.SimpleStemIN",
+            "densenet._DenseLayer",
+            "densenet._Transition",
+            "googlenet.Inception",
+            "googlenet.BasicConv2d",
+            "inception.InceptionA",
+            "inception.InceptionB",
+            "inception.InceptionC",
+            "inception.InceptionD",
+            "inception.InceptionE",
+            "inception.BasicConv2d",
+            "squeezenet.Fire",
+            "shufflenetv2.InvertedResidual",
+            "mnasnet._InvertedResidual",
+        )
+    ),
+    "torchvision.ops.misc.Conv2dNormActivation",
+    *(
+        f"timm.{name}"
+        for name in (
+            "layers.conv_bn_act.ConvNormAct",
+            "layers.norm_act.BatchNormAct2d",
+            "models.resnet.BasicBlock",
+            "models.resnet.Bottleneck",
+            "models.resnetv2.PreActBasic",
+            "models.resnetv2.PreActBottleneck",
+            "models.resnetv2.Bottleneck",
+            "models._efficientnet_blocks.ConvBnAct",
+            "models._efficientnet_blocks.DepthwiseSeparableConv",
+            "models._efficientnet_blocks.InvertedResidual",
+            "models._efficientnet_blocks.EdgeResidual",
+            "models._efficientnet_blocks.CondConvResidual",
+            "models._efficientnet_blocks.UniversalInvertedResidual",
+            "models.convnext.ConvNeXtBlock",
+            "models.regnet.Bottleneck",
+            "models.densenet.DenseLayer",
+            "models.densenet.DenseTransition",
+            "models.inception_v3.InceptionA",
+            "models.inception_v3.InceptionB",
+            "models.inception_v3.InceptionC",
+            "models.inception_v3.InceptionD",
+            "models.inception_v3.InceptionE",
+            "models.xception.Block",
+            "models.xception_aligned.XceptionModule",
+            "models.dpn.DualPathBlock",
+            "models.res2net.Bottle2neck",
+            "models.ghostnet.GhostBottleneck",
+            "models.byobnet.RepVggBlock",
+            "models.byobnet.BasicBlock",
+            "models.byobnet.BottleneckBlock",
+            "models.byobnet.DarkBlock",
+            "models.byobnet.EdgeBlock",
+            "models.nfnet.NormFreeBlock",
+        )
+    ),
+    "efficientnet_lite_pytorch.model.MBConvBlock",
+    "efficientnet_pytorch.model.MBConvBlock",
+}
+
+
+def register_feature_block(*types: type[nn.Module] | str) -> None:
+    """Count the outputs of these module types (classes or qualified names) as one feature
+    layer each, and leave out the layers inside them, in :func:`default_feature_layers`."""
+    for block in types:
+        if isinstance(block, str):
+            FEATURE_BLOCK_NAMES.add(block)
+        elif isinstance(block, type) and issubclass(block, nn.Module):
+            FEATURE_BLOCKS.add(block)
+        else:
+            raise VebiError(f"a feature block is an nn.Module subclass or its name, not {block!r}")
+
+
+def is_feature_block(module: nn.Module, extra: Sequence[str] = ()) -> bool:
+    """Whether ``module`` is a registered block (or one of the ``extra`` qualified names), or
+    a stock layer type with children (a Conv2d subclass that pads with a child module, a
+    batch norm with its activation inside): one layer, its output."""
+    if isinstance(module, tuple(FEATURE_BLOCKS)):
+        return True
+    names = {f"{c.__module__}.{c.__qualname__}" for c in type(module).__mro__}
+    if names & (FEATURE_BLOCK_NAMES | set(extra)):
+        return True
+    stock = (nn.Conv2d, nn.BatchNorm2d, nn.Linear)
+    return isinstance(module, stock) and any(True for _ in module.children())
 
 
 class NonFiniteActivationError(VebiError):
@@ -89,22 +202,30 @@ class FeatureIndex:
         ]
 
 
-def default_feature_layers(model: nn.Module, images: torch.Tensor) -> list[str]:
+def default_feature_layers(
+    model: nn.Module, images: torch.Tensor, blocks: Sequence[str] = ()
+) -> list[str]:
     """The feature layers when none are named (docs/method.md, section 1):
 
     * every leaf layer output from the input up to, not including, the logits (for a VGG:
       every conv, relu, pool and fully connected output, as in the paper);
-    * but a residual block (:data:`FEATURE_BLOCKS`, e.g. a ResNet's ``Bottleneck``) counts as
-      one layer, its output, and the layers inside it are left out (for a ResNet-50: the stem,
-      the 16 block outputs and the average pool, m = 17,408 instead of 70,400).
+    * but a block (:func:`is_feature_block`: a ResNet's ``Bottleneck``, an inverted residual,
+      a dense layer, an inception module, a conv-norm-activation group, or a type in
+      ``blocks`` given by qualified name) counts as one layer, its output, and the layers
+      inside it are left out (for a ResNet-50: the stem, the 16 block outputs and the average
+      pool, m = 17,408 instead of 70,400). Blocks inside blocks count as their outer block.
 
     The logits layer is the last leaf module with parameters; it and everything after it are
-    left out, and so are modules that only copy or reshape (normalisation of the input,
-    dropout, flatten, identity). Outputs must be (N, K, H, W) or (N, K).
+    left out, and so are modules that only copy, pad or reshape (normalisation of the input,
+    dropout, flatten, identity, padding). Outputs must be (N, K, H, W) or (N, K).
     """
+    refuse_attention(model)
     leaves = leaf_modules(model)
-    blocks = {n: m for n, m in model.named_modules() if n and isinstance(m, FEATURE_BLOCKS)}
-    calls = trace_leaf_calls(model, images, {**leaves, **blocks})
+    candidates = {n: m for n, m in model.named_modules() if n and is_feature_block(m, blocks)}
+    calls = trace_leaf_calls(model, images, {**leaves, **candidates})
+    called = {name for name, _ in calls}
+    found = [n for n in candidates if n in called]  # blocks that output a single tensor
+    outer = [n for n in found if not any(n.startswith(b + ".") for b in found)]
     with_params = [
         i
         for i, (name, _) in enumerate(calls)
@@ -112,9 +233,14 @@ def default_feature_layers(model: nn.Module, images: torch.Tensor) -> list[str]:
     ]
     if not with_params:
         raise VebiError("the model has no layer with parameters: cannot tell where the logits are")
+    last = calls[with_params[-1]][0]
+    logits_block = next((b for b in outer if last.startswith(b + ".")), None)
+    end = min(i for i, (name, _) in enumerate(calls) if name in (last, logits_block))
     layers = []
-    for name, shape in calls[: with_params[-1]]:
-        if any(name.startswith(block + ".") for block in blocks):
+    for name, shape in calls[:end]:
+        if name not in outer and any(name.startswith(block + ".") for block in outer):
+            continue
+        if name in candidates and name not in outer:
             continue
         if isinstance(leaves.get(name), NON_FEATURE_MODULES) or len(shape) not in (2, 4):
             continue
@@ -123,9 +249,13 @@ def default_feature_layers(model: nn.Module, images: torch.Tensor) -> list[str]:
 
 
 def select_feature_layers(
-    model: nn.Module, images: torch.Tensor, specs: Sequence[str] | None
+    model: nn.Module,
+    images: torch.Tensor,
+    specs: Sequence[str] | None,
+    blocks: Sequence[str] = (),
 ) -> list[str]:
-    """The layers named by ``specs``, or :func:`default_feature_layers` when there are none.
+    """The layers named by ``specs``, or :func:`default_feature_layers` (with the extra
+    ``blocks``, qualified class names) when there are none.
 
     A spec is a module name (``features.29``), a glob over module names (``net.layer4.*``,
     ``features.*``) or a module type (``type:Conv2d``, ``type:Bottleneck``). Module names
@@ -133,7 +263,8 @@ def select_feature_layers(
     they run. A spec that matches nothing is an error listing the model's layers.
     """
     if not specs:
-        return default_feature_layers(model, images)
+        return default_feature_layers(model, images, blocks)
+    refuse_attention(model)
     if not any("*" in s or "?" in s or "[" in s or s.startswith("type:") for s in specs):
         check_layer_names(model, specs)
         return list(specs)

@@ -278,7 +278,9 @@ class FeatureMiner:
         mu: the L1 bound of the mu-lasso (> 0).
         layers: module names, globs (``net.layer4.*``) or types (``type:Conv2d``) to read;
             ``None`` = the defaults of :func:`~vebi.mining.features.default_feature_layers`
-            (every layer output up to the logits; a residual block counts as one layer).
+            (every layer output up to the logits; a residual, inverted-residual, dense or
+            inception block counts as one layer).
+        feature_blocks: more block types for the defaults, by qualified class name.
         aggregation: ``energy`` (default), ``mean`` or ``max`` per channel.
         nonnegative: constrain the weights to w >= 0.
         labels: ``ground_truth`` or ``predicted`` labels as the regression targets. The data
@@ -309,6 +311,7 @@ class FeatureMiner:
         self,
         mu: float = 10.0,
         layers: Sequence[str] | None = None,
+        feature_blocks: Sequence[str] = (),
         aggregation: str = "energy",
         normalize_layers: bool = True,
         normalize_global: bool = True,
@@ -356,6 +359,7 @@ class FeatureMiner:
         if batch_size < 1 or chunk_rows < 1:
             raise VebiError("batch_size and chunk_rows must be >= 1")
         self.layers = list(layers) if layers else None
+        self.feature_blocks = tuple(str(block) for block in feature_blocks or ())
         self.aggregation = aggregation
         self.normalize_layers = normalize_layers
         self.normalize_global = normalize_global
@@ -415,7 +419,7 @@ class FeatureMiner:
         first = next(iter(self._loader(dataset, [0])))
         probe = _images(first)
         probe = probe.to(device)
-        layers = select_feature_layers(model, probe, self.layers)
+        layers = select_feature_layers(model, probe, self.layers, self.feature_blocks)
         with self._extractor(model, layers) as extractor:
             num_classes = int(extractor(probe, " in the first image")[1].shape[1])
             index = extractor.index
