@@ -112,7 +112,10 @@ MODELS = [
 def test_every_model_config_builds_a_module_that_stores_its_network(
     compose_cfg, option: str
 ) -> None:
-    cfg = compose_cfg("train", ["experiment=mnist", f"model={option}", "model.num_classes=3"])
+    named = ["model.net.name=resnet18"] if option == "timm" else []
+    cfg = compose_cfg(
+        "train", ["experiment=mnist", f"model={option}", "model.num_classes=3", *named]
+    )
     module = instantiate(cfg.model)
     assert module.architecture["_target_"] == cfg.model.net._target_
     assert module.architecture["num_classes"] == 3

@@ -93,7 +93,12 @@ def test_explain_cli_writes_overlays_and_json(
     (folder,) = (tmp_path / "logs2" / "explain" / "mnist").glob("*/explanations")
     record = json.loads((folder / "explanations.json").read_text())
     assert [e["image"] for e in record["explanations"]] == [f"test_{i:05d}" for i in range(4)]
-    assert record["rules"] == {"relu": "guided", "conv": "stride_fix", "pool": "standard"}
+    assert record["rules"] == {
+        "relu": "guided",
+        "conv": "stride_fix",
+        "pool": "standard",
+        "activation": "guided",
+    }
     for entry in record["explanations"]:
         assert 1 <= len(entry["features"]) <= 2 and Path(entry["figure"]).is_file()
     assert len(list(folder.glob("test_*.png"))) == 4

@@ -48,7 +48,7 @@ def test_batched_slots_equal_single_backprops(planted) -> None:
     for n in range(len(images)):
         for slot, feature in enumerate(explanation.features[n]):
             image = images[n : n + 1]
-            signal = backprop_feature(model, image, feature.layer, feature.channel, **vars(rules))
+            signal = backprop_feature(model, image, feature.layer, feature.channel, rules=rules)
             torch.testing.assert_close(explanation.maps[n, slot], signal_to_heatmap(signal)[0])
 
 

@@ -63,6 +63,8 @@ class VebiExplanation(HeatmapMethod):
         pool: Any = None,
         extra: Sequence[Any] = (),
         combine: str = "max",
+        gradient_modules: Sequence[str] = (),
+        activations: Sequence[str] = (),
     ) -> None:
         super().__init__(model, relevant)
         if combine not in ("max", "best"):
@@ -73,7 +75,15 @@ class VebiExplanation(HeatmapMethod):
             relevant,
             k=1 if combine == "best" else k,
             rules=Rules.from_config(
-                {"preset": preset, "relu": relu, "conv": conv, "pool": pool, "extra": extra}
+                {
+                    "preset": preset,
+                    "relu": relu,
+                    "conv": conv,
+                    "pool": pool,
+                    "extra": extra,
+                    "gradient_modules": gradient_modules,
+                    "activations": activations,
+                }
             ),
         )
 

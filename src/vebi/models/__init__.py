@@ -2,7 +2,8 @@
 
 from vebi.models.lenet import LeNet
 from vebi.models.normalize import Normalize
+from vebi.models.timm_models import TimmClassifier
 from vebi.models.torchvision_models import TorchvisionClassifier
 from vebi.models.vgg import SmallVGG
 
-__all__ = ["LeNet", "Normalize", "SmallVGG", "TorchvisionClassifier"]
+__all__ = ["LeNet", "Normalize", "SmallVGG", "TimmClassifier", "TorchvisionClassifier"]

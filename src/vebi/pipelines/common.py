@@ -274,6 +274,20 @@ def check_model_takes_data(net: nn.Module, datamodule: Any, source: str) -> None
         ) from None
 
 
+def rule_probe(net: nn.Module, datamodule: Any) -> torch.Tensor | None:
+    """Two seeded random images shaped like the data's, on the network's device, for the
+    forward pass of :func:`vebi.explain.rules.check_rule_coverage` (None when the shape is
+    not known before the data is read)."""
+    try:
+        shape = tuple(int(v) for v in datamodule.image_shape)
+    except (VebiError, AttributeError, TypeError):
+        return None
+    parameter = next(net.parameters(), None)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(2, *shape, generator=generator)
+    return images.to(parameter.device) if parameter is not None else images
+
+
 def load_model(cfg: DictConfig, datamodule: Any = None) -> LoadedModel:
     """The network of a mine/explain/evaluate job (``cfg.model_source``):
 

@@ -12,7 +12,7 @@ from vebi.explain.rules import check_rule_coverage
 from vebi.mining.callback import mining_datasets
 from vebi.mining.miner import FeatureMiner
 from vebi.mining.reporting import console_summary, save_and_log
-from vebi.pipelines.common import NO_GALLERIES, load_model, make_galleries
+from vebi.pipelines.common import NO_GALLERIES, load_model, make_galleries, rule_probe
 from vebi.pipelines.report import report_run
 from vebi.utils.cli import finish_loggers, wandb_run_dir
 from vebi.utils.instantiate import (
@@ -46,7 +46,9 @@ def mine(cfg: DictConfig) -> dict[str, Any]:
     try:
         dataset, val_dataset = mining_datasets(datamodule)
         if galleries:  # the galleries need backward rules
-            check_rule_coverage(module.net, hint=NO_GALLERIES)
+            check_rule_coverage(
+                module.net, hint=NO_GALLERIES, images=rule_probe(module.net, datamodule)
+            )
         if miner.cache_dir is not None:
             progress.keep(
                 f"the activation cache keeps its complete chunks in {miner.cache_dir}: run "

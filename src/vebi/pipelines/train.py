@@ -14,7 +14,7 @@ from vebi.checkpoint import read_checkpoint
 from vebi.errors import VebiError
 from vebi.explain.rules import check_rule_coverage
 from vebi.mining.callback import FeatureMiningCallback, mining_datasets
-from vebi.pipelines.common import NO_GALLERIES, make_galleries, run_settings
+from vebi.pipelines.common import NO_GALLERIES, make_galleries, rule_probe, run_settings
 from vebi.pipelines.report import report_run
 from vebi.utils.cli import finish_loggers, wandb_run_dir
 from vebi.utils.instantiate import (
@@ -63,7 +63,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     galleries = (cfg.get("interpretation") or {}).get("galleries", True)
     mining = next((c for c in callbacks if isinstance(c, FeatureMiningCallback)), None)
     if galleries and mining:
-        check_rule_coverage(model.net, hint=NO_GALLERIES)  # galleries need backward rules
+        probe = rule_probe(model.net, datamodule)  # the galleries need backward rules
+        check_rule_coverage(model.net, hint=NO_GALLERIES, images=probe)
     loggers = instantiate_loggers(cfg.get("logger"))
     trainer: L.Trainer = instantiate_trainer(
         cfg.trainer, callbacks=callbacks, logger=loggers or False
