@@ -162,7 +162,9 @@ class TopUnitActivation(HeatmapMethod):
     def _spatial_features(self, images: torch.Tensor) -> torch.Tensor:
         """(m,) True for features of layers with maps larger than 1 x 1 (traced once)."""
         if self._spatial is None:
-            shapes = dict(trace_leaf_calls(self.model, images[:1]))
+            modules = dict(self.model.named_modules())
+            layers = {layer: modules[layer] for layer in self.relevant.layers}  # blocks too
+            shapes = dict(trace_leaf_calls(self.model, images[:1], layers))
             self._spatial = torch.tensor(
                 [
                     len(shapes[layer]) == 4 and shapes[layer][-1] * shapes[layer][-2] > 1

@@ -788,8 +788,9 @@ class _FunctionalRules(TorchFunctionMode):
     convolutions and max-pooling the rules of the composite (module docstring): each call is
     computed as its own function forward, and its backward is the rule's."""
 
-    def __init__(self, composite: Composite) -> None:
+    def __init__(self, composite: Composite, calls: dict[str, int] | None = None) -> None:
         super().__init__()
+        self.calls = calls  # "<function> -> <rule>": count, when given
         self.rules = composite.functional
         self.relu_module = nn.ReLU()
         self.paused = 0  # > 0 while a module that goes by its gradient runs
@@ -843,6 +844,9 @@ class _FunctionalRules(TorchFunctionMode):
         if call is None or not isinstance(args[0], torch.Tensor):
             return func(*args, **kwargs)
         rule, module, in_place = call
+        if self.calls is not None:
+            key = f"{getattr(func, '__name__', func)} -> {rule!r}"
+            self.calls[key] = self.calls.get(key, 0) + 1
         x = args[0]
         if in_place:  # the caller may keep using x: write the result into it
             return x.copy_(_RuleFunction.apply(x.clone(), rule, module))
@@ -851,12 +855,15 @@ class _FunctionalRules(TorchFunctionMode):
 
 @contextlib.contextmanager
 def _functional_rules(
-    model: nn.Module, composite: Composite, by_gradient: Sequence[nn.Module]
+    model: nn.Module,
+    composite: Composite,
+    by_gradient: Sequence[nn.Module],
+    calls: dict[str, int] | None = None,
 ) -> Iterator[None]:
     """The functional rules, on from the model's first to its last forward hook (not during
     backward passes or anything else the caller does), and paused while one of the modules
     ``by_gradient`` runs: whatever they call inside is their gradient."""
-    mode = _FunctionalRules(composite)
+    mode = _FunctionalRules(composite, calls)
 
     def pause(module: nn.Module, inputs: Any) -> None:
         mode.paused += 1
@@ -884,11 +891,12 @@ def _functional_rules(
 
 
 def rules_by_module_type(
-    model: nn.Module, rules: Rules | Composite | None = None
+    model: nn.Module, rules: Rules | Composite | None = None, images: torch.Tensor | None = None
 ) -> dict[str, str]:
     """Module type name -> the rule its leaves get (``gradient`` for their own gradient,
-    ``gradient if affine`` for types checked on their first call), plus ``functional`` for
-    the kinds of functional calls that take rules and ``canonizers``."""
+    ``gradient if affine`` for types checked on their first call), plus ``canonizers`` and
+    ``functional``: with ``images``, the functional calls of one forward pass that took a rule
+    and how often (else the kinds of call that would)."""
     rules = rules or Rules()
     composite = rules.composite() if isinstance(rules, Rules) else rules
     found: dict[str, set[str]] = {}
@@ -902,7 +910,13 @@ def rules_by_module_type(
             described = "by its functional calls"
         found.setdefault(type(module).__name__, set()).add(described)
     table = {name: " / ".join(sorted(described)) for name, described in found.items()}
-    if composite.functional:
+    if images is not None:
+        calls: dict[str, int] = {}
+        with backward_rules(model, composite, calls), torch.enable_grad():
+            model(images)
+        if calls:
+            table["functional"] = ", ".join(f"{key} x{count}" for key, count in calls.items())
+    elif composite.functional:
         table["functional"] = ", ".join(f"{k} {v!r}" for k, v in composite.functional.items())
     used = {
         repr(c) for c in composite.canonizers for module in model.modules() if c.applies_to(module)
@@ -935,10 +949,15 @@ def check_rule_coverage(
 
 
 @contextlib.contextmanager
-def backward_rules(model: nn.Module, rules: Rules | Composite | None = None) -> Iterator[nn.Module]:
+def backward_rules(
+    model: nn.Module,
+    rules: Rules | Composite | None = None,
+    functional_calls: dict[str, int] | None = None,
+) -> Iterator[nn.Module]:
     """Install ``rules`` (default: the project's) in ``model``'s leaf modules, its canonizers
     and the rules of functional calls; restore everything exactly on exit. Activations become
-    out-of-place while installed (in-place and re-used ones work)."""
+    out-of-place while installed (in-place and re-used ones work). ``functional_calls``, when
+    given, counts the functional calls that took a rule (``"relu -> GuidedReLU()"``: n)."""
     rules = rules or Rules()
     composite = rules.composite() if isinstance(rules, Rules) else rules
     chosen = composite.rules_for(model)
@@ -949,7 +968,8 @@ def backward_rules(model: nn.Module, rules: Rules | Composite | None = None) -> 
                 by_gradient = [
                     m for m, rule in chosen if rule is None and not _explained_functionally(m)
                 ]
-                stack.enter_context(_functional_rules(model, composite, by_gradient))
+                functional = _functional_rules(model, composite, by_gradient, functional_calls)
+                stack.enter_context(functional)
             for canonizer in composite.canonizers:
                 for name, module in model.named_modules():
                     if canonizer.applies_to(module):
