@@ -73,7 +73,7 @@ def main() -> None:
             check_rule_coverage(build())
             status = "NOT refused"
         except VebiError as error:
-            status = f"refused before any work: {str(error).split(':')[0]}"
+            status = f"refused before any work: {str(error).split(' (')[0]}"
         print(f"| {name} | | | | | {status} |", flush=True)
 
 
