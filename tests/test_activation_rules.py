@@ -315,3 +315,78 @@ def test_transformers_are_refused_before_any_work() -> None:
         VebiError, match=r"the model has 2 attention layer\(s\) \(MultiheadAttention"
     ):
         check_rule_coverage(vit)
+
+
+# ------------------------------------------------------------------ Zennit as the reference
+def _conv_bn_net() -> nn.Sequential:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.Conv2d(6, 4, 3, stride=2, bias=False),
+        nn.BatchNorm2d(4),
+    )  # the relevance starts at the last batch norm: no ReLU on top (LRP passes it unchanged)
+    for module in model.modules():  # running statistics and affine parameters of a trained net
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(-1.5, 1.5)
+            module.bias.data.uniform_(-0.3, 0.3)
+    return model.eval()
+
+
+def test_zplus_with_batch_norms_folded_equals_zennit() -> None:
+    from zennit.attribution import Gradient
+    from zennit.canonizers import SequentialMergeBatchNorm
+    from zennit.composites import LayerMapComposite
+    from zennit.rules import Pass, ZPlus
+
+    from vebi.explain.rules import ZPlusConv
+
+    model = _conv_bn_net()
+    reference = copy.deepcopy(model)
+    images = torch.rand(2, 3, 9, 9, generator=torch.Generator().manual_seed(1))
+    relevance = torch.rand_like(model(images))
+    x = images.clone().requires_grad_(True)
+    with backward_rules(model, Rules(preset="gradient", conv=ZPlusConv(epsilon=1e-6))):
+        (ours,) = torch.autograd.grad(model(x), x, relevance)
+    composite = LayerMapComposite(
+        [(nn.Conv2d, ZPlus(stabilizer=1e-6, zero_params=["bias"])), (nn.ReLU, Pass())],
+        canonizers=[SequentialMergeBatchNorm()],
+    )
+    with Gradient(reference, composite) as attributor:
+        _, theirs = attributor(images, relevance)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-6)
+
+    class Unfolded(ZPlusConv):
+        canonizers = ()
+
+    x = images.clone().requires_grad_(True)
+    with backward_rules(model, Rules(preset="gradient", conv=Unfolded(epsilon=1e-6))):
+        (unfolded,) = torch.autograd.grad(model(x), x, relevance)
+    assert not torch.allclose(unfolded, theirs, rtol=1e-2)  # the folding is what makes it z+
+    # the folding is undone exactly
+    for (name, value), (_, original) in zip(
+        model.state_dict().items(), _conv_bn_net().state_dict().items(), strict=True
+    ):
+        assert torch.equal(value, original), name
+    assert model[3].bias is None and model[4].eps == 1e-5
+
+
+def test_guided_backprop_equals_zennit_on_a_torchvision_network() -> None:
+    from zennit.attribution import Gradient
+    from zennit.composites import GuidedBackprop
+
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=5).eval()
+    images = torch.rand(2, 3, 48, 48, generator=torch.Generator().manual_seed(2))
+    logits = net(images).detach()
+    signal = torch.zeros_like(logits)
+    signal[:, 3] = 1.0
+    x = images.clone().requires_grad_(True)
+    with backward_rules(net, Rules(preset="guided")):
+        (ours,) = torch.autograd.grad(net(x), x, signal)
+    with Gradient(net, GuidedBackprop()) as attributor:
+        _, theirs = attributor(images, signal)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)

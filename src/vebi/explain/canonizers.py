@@ -37,6 +37,14 @@ class Canonizer:
         """Change ``module`` (called ``name`` in the model); return the undo."""
         raise NotImplementedError
 
+    def apply_to_model(self, model: nn.Module) -> list[Callable[[], None]]:
+        """Apply to every module of ``model`` it applies to; the undos, in order."""
+        return [
+            self.apply(name, module)
+            for name, module in model.named_modules()
+            if self.applies_to(module)
+        ]
+
     def __repr__(self) -> str:
         return type(self).__name__ + "()"
 
@@ -93,4 +101,75 @@ class GateAsScale(Canonizer):
         return gate.register_forward_hook(detach).remove
 
 
-__all__ = ["SQUEEZE_EXCITATION_GATES", "Canonizer", "GateAsScale"]
+class MergeBatchNorm(Canonizer):
+    """A batch norm right after a convolution (the next leaf in registration order: in an
+    ``nn.Sequential``, or ``convN``/``bnN`` as in torchvision's blocks; Zennit's
+    ``SequentialMergeBatchNorm`` makes the same assumption) is folded into it, in eval mode:
+    W' = W * gamma / sqrt(var + eps) per output channel, b' = (b - mean) * gamma /
+    sqrt(var + eps) + beta, and the batch norm becomes the identity. The network computes the
+    same outputs; rules that read the weights (LRP's z+) see the ones that act on the input.
+    Undone exactly (the original tensors are put back)."""
+
+    def applies_to(self, module: nn.Module) -> bool:
+        return False  # pairs of modules: see apply_to_model
+
+    def apply_to_model(self, model: nn.Module) -> list[Callable[[], None]]:
+        leaves = [m for m in model.modules() if not any(m.children())]
+        undos = []
+        for conv, norm in zip(leaves, leaves[1:], strict=False):
+            merges = (
+                type(conv) is nn.Conv2d
+                and type(norm) is nn.BatchNorm2d
+                and norm.track_running_stats
+                and not norm.training
+                and conv.out_channels == norm.num_features
+            )
+            if merges:
+                undos.append(self._merge(conv, norm))
+        return undos
+
+    @staticmethod
+    def _merge(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> Callable[[], None]:
+        saved = {
+            "weight": conv.weight.data,
+            "bias": None if conv.bias is None else conv.bias.data,
+            "norm": {
+                k: getattr(norm, k).data for k in ("weight", "bias") if getattr(norm, k) is not None
+            },
+            "running": (norm.running_mean, norm.running_var, norm.eps),
+        }
+        with torch.no_grad():
+            scale = torch.rsqrt(norm.running_var + norm.eps)
+            if norm.weight is not None:
+                scale = scale * norm.weight
+            bias = conv.bias if conv.bias is not None else torch.zeros_like(norm.running_mean)
+            shift = (bias - norm.running_mean) * scale
+            if norm.bias is not None:
+                shift = shift + norm.bias
+            conv.weight.data = conv.weight.data * scale.view(-1, 1, 1, 1).to(conv.weight.dtype)
+            if conv.bias is None:
+                conv.bias = nn.Parameter(shift.detach().clone(), requires_grad=False)
+            else:
+                conv.bias.data = shift.detach().clone()
+            if norm.weight is not None:
+                norm.weight.data = torch.ones_like(norm.weight)
+                norm.bias.data = torch.zeros_like(norm.bias)
+            norm.running_mean = torch.zeros_like(norm.running_mean)
+            norm.running_var = torch.ones_like(norm.running_var)
+            norm.eps = 0.0
+
+        def undo() -> None:
+            conv.weight.data = saved["weight"]
+            if saved["bias"] is None:
+                del conv.bias
+                conv.register_parameter("bias", None)
+            else:
+                conv.bias.data = saved["bias"]
+            for key, value in saved["norm"].items():
+                getattr(norm, key).data = value
+            norm.running_mean, norm.running_var, norm.eps = saved["running"]
+
+        return undo
+
+
+__all__ = ["SQUEEZE_EXCITATION_GATES", "Canonizer", "GateAsScale", "MergeBatchNorm"]

@@ -63,7 +63,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from vebi.errors import VebiError
-from vebi.explain.canonizers import Canonizer, GateAsScale
+from vebi.explain.canonizers import Canonizer, GateAsScale, MergeBatchNorm
 from vebi.models.hooks import leaf_modules, refuse_attention
 from vebi.models.normalize import Normalize
 
@@ -208,6 +208,8 @@ class Rule:
     """
 
     module_types: ClassVar[tuple[type[nn.Module], ...]] = ()
+    #: canonizers the rule needs while it is installed (e.g. z+: batch norms folded)
+    canonizers: ClassVar[tuple[type[Canonizer], ...]] = ()
 
     def applies_to(self, module: nn.Module) -> bool:
         return isinstance(module, self.module_types)
@@ -472,9 +474,12 @@ class ZPlusConv(Rule):
     """LRP's z+ rule for convolutions (Montavon et al.): the signal R at the output is shared
     among the inputs in proportion to their positive contributions,
     R_in = x * W+^T (R / (W+ x + eps)) with W+ = max(W, 0). Meant for non-negative inputs
-    (after a ReLU); the output is the convolution's own."""
+    (after a ReLU); the output is the convolution's own. A batch norm right after the
+    convolution is folded into it while the rule is installed (:class:`MergeBatchNorm`), so
+    that W+ are the weights that act on the input."""
 
     module_types = (nn.Conv2d,)
+    canonizers = (MergeBatchNorm,)
 
     def __init__(self, epsilon: float = 1e-9) -> None:
         self.epsilon = epsilon
@@ -675,7 +680,10 @@ class Rules:
             gradient_modules=(*GRADIENT_MODULES, *self.gradient_modules),
             family=family,
             functional=functional,
-            canonizers=() if family == "gradient" else (GateAsScale(),),
+            canonizers=(
+                *(() if family == "gradient" else (GateAsScale(),)),
+                *(c() for c in dict.fromkeys(t for r in chosen if r for t in r.canonizers)),
+            ),
         )
 
     def choices(self) -> dict[str, Any]:
@@ -971,9 +979,8 @@ def backward_rules(
                 functional = _functional_rules(model, composite, by_gradient, functional_calls)
                 stack.enter_context(functional)
             for canonizer in composite.canonizers:
-                for name, module in model.named_modules():
-                    if canonizer.applies_to(module):
-                        stack.callback(canonizer.apply(name, module))
+                for undo in canonizer.apply_to_model(model):
+                    stack.callback(undo)
             for module, rule in chosen:
                 if rule is not None:
                     patched.append((module, module.__dict__.get("forward")))
