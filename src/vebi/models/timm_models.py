@@ -41,8 +41,11 @@ class TimmClassifier(nn.Sequential):
         allow_random_init: bool = False,
     ) -> None:
         timm = _timm()
-        if name not in timm.list_models() and name not in timm.list_models(pretrained=True):
-            close = timm.list_models(f"*{name.split('.')[0][:6]}*")[:10]
+        known = timm.list_models()
+        if name.split(".")[0] not in known:
+            import difflib
+
+            close = difflib.get_close_matches(name, known, n=8, cutoff=0.6)
             raise VebiError(
                 f"timm has no model {name!r}; similar names: {', '.join(close) or 'none'} "
                 "(timm.list_models() lists them all)"
