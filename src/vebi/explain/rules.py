@@ -848,8 +848,9 @@ class _FunctionalRules(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         active = torch.is_grad_enabled() and not self.paused
+        active = active and bool(args) and isinstance(args[0], torch.Tensor)
         call = self._rule_call(func, args, kwargs) if active else None
-        if call is None or not isinstance(args[0], torch.Tensor):
+        if call is None:
             return func(*args, **kwargs)
         rule, module, in_place = call
         if self.calls is not None:
