@@ -21,10 +21,7 @@ import torch
 from torch import nn
 
 from vebi.errors import VebiError
-
-
-def _class_names(module: nn.Module) -> set[str]:
-    return {f"{c.__module__}.{c.__qualname__}" for c in type(module).__mro__}
+from vebi.models.hooks import class_names
 
 
 class Canonizer:
@@ -83,10 +80,10 @@ class GateAsScale(Canonizer):
         self.gates = dict(SQUEEZE_EXCITATION_GATES if gates is None else gates)
 
     def applies_to(self, module: nn.Module) -> bool:
-        return bool(_class_names(module) & self.gates.keys())
+        return not class_names(module).isdisjoint(self.gates)
 
     def apply(self, name: str, module: nn.Module) -> Callable[[], None]:
-        attribute = next(self.gates[n] for n in _class_names(module) if n in self.gates)
+        attribute = next(self.gates[n] for n in class_names(module) if n in self.gates)
         gate = getattr(module, attribute, None)
         if not isinstance(gate, nn.Module):
             raise VebiError(

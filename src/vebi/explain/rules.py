@@ -53,6 +53,8 @@ message naming it. ``Rules(gradient_modules=[...])`` declares types to go by the
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -64,7 +66,7 @@ from torch.overrides import TorchFunctionMode
 
 from vebi.errors import VebiError
 from vebi.explain.canonizers import Canonizer, GateAsScale, MergeBatchNorm
-from vebi.models.hooks import leaf_modules, refuse_attention
+from vebi.models.hooks import class_names, leaf_modules, refuse_attention
 from vebi.models.normalize import Normalize
 
 #: Leaf modules whose gradient is the rule: linear maps (an eval-mode normalisation is one),
@@ -168,9 +170,7 @@ def qualified_name(cls: type) -> str:
 def _is_a(module: nn.Module, types: tuple[type, ...], names: frozenset[str]) -> bool:
     """``isinstance(module, types)``, or one of the classes it derives from is named in
     ``names``."""
-    return isinstance(module, types) or any(
-        qualified_name(c) in names for c in type(module).__mro__
-    )
+    return isinstance(module, types) or not names.isdisjoint(class_names(module))
 
 
 def resolve_module_type(spec: str | type) -> type[nn.Module]:
@@ -774,19 +774,21 @@ class _ConvCall(nn.Conv2d):
         )
 
 
+_signature = functools.cache(inspect.signature)  # once per function, not once per call
+
+
 def _bound(function: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[tuple, dict, bool]:
     """(args after the input, kwargs with ``inplace`` off, whether the call was in place)."""
-    import inspect
-
     try:
-        bound = inspect.signature(function).bind(*args, **kwargs)
+        signature = _signature(function)
+        bound = signature.bind(*args, **kwargs)
     except (TypeError, ValueError):  # a builtin without a signature: no inplace argument
         return tuple(args[1:]), dict(kwargs), False
     arguments = dict(bound.arguments)
     inplace = bool(arguments.pop("inplace", False))
     first = next(iter(arguments))
     del arguments[first]
-    if "inplace" in inspect.signature(function).parameters:
+    if "inplace" in signature.parameters:
         arguments["inplace"] = False
     return (), arguments, inplace
 

@@ -27,6 +27,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 from vebi.errors import VebiError
 from vebi.models.hooks import (
     check_layer_names,
+    class_names,
     leaf_modules,
     refuse_attention,
     trace_leaf_calls,
@@ -146,8 +147,8 @@ def is_feature_block(module: nn.Module, extra: Sequence[str] = ()) -> bool:
     batch norm with its activation inside): one layer, its output."""
     if isinstance(module, tuple(FEATURE_BLOCKS)):
         return True
-    names = {f"{c.__module__}.{c.__qualname__}" for c in type(module).__mro__}
-    if names & (FEATURE_BLOCK_NAMES | set(extra)):
+    names = class_names(module)
+    if not names.isdisjoint(FEATURE_BLOCK_NAMES) or not names.isdisjoint(extra):
         return True
     stock = (nn.Conv2d, nn.BatchNorm2d, nn.Linear)
     return isinstance(module, stock) and any(True for _ in module.children())

@@ -8,6 +8,7 @@ recording layer outputs during a forward pass, and switching to eval mode for a 
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import Any
 
@@ -31,6 +32,17 @@ def network_of(model: nn.Module) -> nn.Module:
         f"got a LightningModule ({type(model).__name__}) without a `net` attribute: pass the "
         "network inside it, the nn.Module that maps images to logits"
     )
+
+
+@functools.cache
+def _names_of(cls: type) -> frozenset[str]:
+    return frozenset(f"{c.__module__}.{c.__qualname__}" for c in cls.__mro__)
+
+
+def class_names(module: nn.Module) -> frozenset[str]:
+    """The qualified names (``package.module.Class``) of the module's class and its bases:
+    how types of optional packages (timm, ...) are recognised without importing them."""
+    return _names_of(type(module))
 
 
 def leaf_modules(model: nn.Module) -> dict[str, nn.Module]:
