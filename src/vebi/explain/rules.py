@@ -21,7 +21,9 @@ The rules vebi ships, for forward input x and backward signal g:
   sharing an arg-max add up); ``switch_unpool`` puts each value at its window's arg-max
   without adding (``max_unpool2d`` with the forward indices).
 * :class:`ZPlusConv`, LRP's z+ rule for convolutions, the example of a rule added from outside
-  the presets (README): R_in = x * W+^T (R / (W+ x + eps)) with W+ = max(W, 0).
+  the presets (README): R_in = x+ W+^T s + x- W-^T s, s = R / (W+ x+ + W- x- + eps sign),
+  with x+- and W+- the positive and negative parts; :class:`ZBoxConv`, LRP's z^B rule for
+  the first convolution, whose input lies in a box [L, H] (``layers=`` names it).
 
 Named presets (``Rules(preset=...)``): ``gradient``, ``deconvnet`` (Captum's Deconvolution),
 ``guided`` (Captum's GuidedBackprop), ``deconvnet_stride_fix`` and ``guided_stride_fix`` (the
@@ -213,6 +215,11 @@ class Rule:
 
     def applies_to(self, module: nn.Module) -> bool:
         return isinstance(module, self.module_types)
+
+    def selects(self, name: str | None) -> bool:
+        """Whether the rule is for the module of this qualified name in the model (None: a
+        functional call, or no name known); rules limited to named layers narrow it."""
+        return True
 
     def check(self, module: nn.Module) -> None:
         """Raise :class:`VebiError` when ``module`` is a configuration the rule cannot handle."""
@@ -470,29 +477,225 @@ class SwitchUnpool(Rule):
         return F.max_unpool2d(grad, indices, *args, output_size=x.shape[-2:])
 
 
+def _stabilize(z: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """z + epsilon * sign(z) with sign(0) = 1 (Zennit's ``stabilize``): every denominator moves
+    away from zero and keeps its sign."""
+    return z + epsilon * ((z == 0).to(z) + z.sign())
+
+
+def _conv_options(module: nn.Module) -> tuple[Any, Any, Any, int]:
+    return module.stride, module.padding, module.dilation, module.groups
+
+
+def _check_zero_padding(module: nn.Module, rule: str) -> None:
+    if module.padding_mode != "zeros" or isinstance(module.padding, str):
+        raise VebiError(f"the {rule} rule needs numeric zero padding ({module})")
+
+
 class ZPlusConv(Rule):
-    """LRP's z+ rule for convolutions (Montavon et al.): the signal R at the output is shared
-    among the inputs in proportion to their positive contributions,
-    R_in = x * W+^T (R / (W+ x + eps)) with W+ = max(W, 0). Meant for non-negative inputs
-    (after a ReLU); the output is the convolution's own. A batch norm right after the
-    convolution is folded into it while the rule is installed (:class:`MergeBatchNorm`), so
-    that W+ are the weights that act on the input."""
+    """LRP's z+ rule for convolutions (Montavon et al.; Zennit's ``ZPlus``): the signal R at the
+    output is shared among the inputs in proportion to their positive contributions
+    x_i w_ij > 0, which are x+ W+ and x- W- (x+ = max(x, 0), x- = min(x, 0), W+ = max(W, 0),
+    W- = min(W, 0)):
+
+        z = conv(x+, W+) + conv(x-, W-),    s = R / (z + eps * sign(z))  (sign(0) = 1),
+        R_in = x+ * conv^T(W+, s) + x- * conv^T(W-, s).
+
+    On inputs >= 0 (after a ReLU) this is R_in = x * conv^T(W+, R / (conv(x, W+) + eps)). Every
+    output's R is shared out whole (sum R_in = sum R z / (z + eps)), except where z = 0 (no
+    positive contribution, R lost). ``bias=False`` (default) leaves the bias out of z, as
+    vebi's rules do on the way down; ``bias=True`` adds max(b, 0) to z as Zennit's ``ZPlus``
+    does by default (the share the positive bias takes is lost). The output is the
+    convolution's own. A batch norm right after the convolution is folded into it while the
+    rule is installed (:class:`MergeBatchNorm`), so that W+ and W- are the weights that act on
+    the input. For the first convolution, whose input is bounded pixels, see :class:`ZBoxConv`.
+    """
 
     module_types = (nn.Conv2d,)
     canonizers = (MergeBatchNorm,)
 
-    def __init__(self, epsilon: float = 1e-9) -> None:
-        self.epsilon = epsilon
+    def __init__(self, epsilon: float = 1e-9, bias: bool = False) -> None:
+        self.epsilon = float(epsilon)
+        self.bias = bool(bias)
 
     def check(self, module: nn.Module) -> None:
-        if module.padding_mode != "zeros" or isinstance(module.padding, str):
-            raise VebiError(f"the z+ rule needs numeric zero padding ({module})")
+        _check_zero_padding(module, "z+")
 
     def backward(self, module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        weight = module.weight.detach().clamp_min(0)
-        args = (module.stride, module.padding, module.dilation, module.groups)
-        z = F.conv2d(x, weight, None, *args) + self.epsilon
-        return x * torch.nn.grad.conv2d_input(x.shape, weight, grad / z, *args)
+        options = _conv_options(module)
+        weight = module.weight.detach()
+        positive, x_positive = weight.clamp_min(0), x.clamp_min(0)
+        bias = module.bias.detach().clamp_min(0) if self.bias and module.bias is not None else None
+        z = F.conv2d(x_positive, positive, bias, *options)
+        has_negative = bool((x < 0).any())  # never after a ReLU: skip the x- W- half then
+        if has_negative:
+            negative, x_negative = weight.clamp_max(0), x.clamp_max(0)
+            z = z + F.conv2d(x_negative, negative, None, *options)
+        s = grad / _stabilize(z, self.epsilon)
+        relevance = x_positive * torch.nn.grad.conv2d_input(x.shape, positive, s, *options)
+        if has_negative:
+            relevance += x_negative * torch.nn.grad.conv2d_input(x.shape, negative, s, *options)
+        return relevance
+
+    def __repr__(self) -> str:
+        return "ZPlusConv(bias=True)" if self.bias else "ZPlusConv()"
+
+
+Bound = float | tuple[float, ...]
+
+
+def _as_bound(value: Any, what: str) -> Bound:
+    """A number, or per-channel numbers (a list, a config list, a tensor), as floats."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().flatten().tolist()
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    try:
+        if isinstance(value, str | bytes | bool):
+            raise TypeError
+        values = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        raise VebiError(
+            f"ZBoxConv: {what} must be a number or one per channel, got {value!r}"
+        ) from None
+    if not values:
+        raise VebiError(f"ZBoxConv: {what} is empty")
+    return _collapsed(values)
+
+
+def _collapsed(values: Sequence[float]) -> Bound:
+    """One number for one value, else the tuple of them."""
+    return float(values[0]) if len(values) == 1 else tuple(values)
+
+
+def _per_channel(value: Bound) -> tuple[float, ...]:
+    return value if isinstance(value, tuple) else (value,)
+
+
+def _broadcast(what: str, *bounds: Bound) -> list[tuple[float, ...]]:
+    """The bounds as tuples of one common length (a single number repeated)."""
+    tuples = [_per_channel(b) for b in bounds]
+    channels = max(len(t) for t in tuples)
+    if any(len(t) not in (1, channels) for t in tuples):
+        raise VebiError(f"ZBoxConv: {what} differ in length ({', '.join(map(str, tuples))})")
+    return [t * channels if len(t) == 1 else t for t in tuples]
+
+
+class ZBoxConv(Rule):
+    """LRP's z^B rule (Montavon et al., deep Taylor decomposition; Zennit's ``ZBox``) for the
+    first convolution, whose input x lies in a box L <= x <= H (L, H: numbers or one per
+    channel), with W+ = max(W, 0), W- = min(W, 0):
+
+        z = conv(x, W) - conv(L, W+) - conv(H, W-),    s = R / (z + eps * sign(z)),
+        R_in = x * conv^T(W, s) - L * conv^T(W+, s) - H * conv^T(W-, s).
+
+    Every contribution x_i w_ij - L_i w+_ij - H_i w-_ij is >= 0 inside the box, so positive R
+    gives positive R_in, shared out whole (sum R_in = sum R z / (z + eps)). The bias is left
+    out: Zennit keeps b, max(b, 0) and min(b, 0) in the three terms, which cancel.
+
+    For pixels in [0, 1] seen through the model's ``Normalize(mean, std)``, give ``mean`` and
+    ``std`` (or use :meth:`for_normalized_pixels`): ``low`` and ``high`` are then the pixel
+    bounds and the rule's are (low - mean) / std and (high - mean) / std per channel.
+
+    ``layers`` limits the rule to modules of these qualified names in the model (``fnmatch``
+    patterns, ``*`` also matching dots), e.g. ``["net.features.0"]``: put it in ``extra``,
+    before a z+ rule for the other convolutions. Without ``layers`` it applies to every
+    ``nn.Conv2d`` leaf it is offered; with them, never to functional ``F.conv2d`` calls. A
+    batch norm right after the convolution is folded into it (:class:`MergeBatchNorm`).
+    """
+
+    module_types = (nn.Conv2d,)
+    canonizers = (MergeBatchNorm,)
+
+    def __init__(
+        self,
+        low: Any = 0.0,
+        high: Any = 1.0,
+        layers: Sequence[str] | None = None,
+        epsilon: float = 1e-9,
+        mean: Any = None,
+        std: Any = None,
+    ) -> None:
+        low, high = _as_bound(low, "low"), _as_bound(high, "high")
+        if (mean is None) != (std is None):
+            raise VebiError("ZBoxConv: give both mean and std (the model's Normalize), or neither")
+        if mean is not None:
+            mean, std = _as_bound(mean, "mean"), _as_bound(std, "std")
+            lows, highs, means, stds = _broadcast("low, high, mean and std", low, high, mean, std)
+            if any(s <= 0 for s in stds):
+                raise VebiError(f"ZBoxConv: std must be > 0, got {std}")
+            low = _collapsed([(v - m) / s for v, m, s in zip(lows, means, stds, strict=True)])
+            high = _collapsed([(v - m) / s for v, m, s in zip(highs, means, stds, strict=True)])
+        lows, highs = _broadcast("low and high", low, high)
+        if any(a > b for a, b in zip(lows, highs, strict=True)):
+            raise VebiError(f"ZBoxConv: low must not exceed high ({low}, {high})")
+        if isinstance(layers, str):
+            layers = [layers]
+        self.low, self.high = low, high
+        self.layers = None if layers is None else tuple(str(name) for name in layers)
+        self.epsilon = float(epsilon)
+
+    @classmethod
+    def for_normalized_pixels(
+        cls,
+        mean: Sequence[float],
+        std: Sequence[float],
+        layers: Sequence[str] | None = None,
+        epsilon: float = 1e-9,
+    ) -> ZBoxConv:
+        """The rule for pixels in [0, 1] after ``Normalize(mean, std)``: low = (0 - mean) / std,
+        high = (1 - mean) / std per channel (in a config: ``mean:`` and ``std:`` entries)."""
+        return cls(0.0, 1.0, layers=layers, epsilon=epsilon, mean=mean, std=std)
+
+    def applies_to(self, module: nn.Module) -> bool:
+        if self.layers is not None and isinstance(module, _ConvCall):
+            return False  # a functional call has no name to match
+        return isinstance(module, self.module_types)
+
+    def selects(self, name: str | None) -> bool:
+        if self.layers is None:
+            return True
+        import fnmatch
+
+        return name is not None and any(fnmatch.fnmatchcase(name, p) for p in self.layers)
+
+    def check(self, module: nn.Module) -> None:
+        _check_zero_padding(module, "z^B")
+        channels = module.weight.shape[1] * module.groups
+        for what, bound in (("low", self.low), ("high", self.high)):
+            if len(_per_channel(bound)) not in (1, channels):
+                raise VebiError(
+                    f"ZBoxConv: {what} has {len(_per_channel(bound))} values, but the "
+                    f"convolution takes {channels} channels ({module})"
+                )
+
+    def _bound(self, bound: Bound, x: torch.Tensor) -> torch.Tensor:
+        values = torch.tensor(_per_channel(bound), dtype=x.dtype, device=x.device)
+        return values.view(1, -1, *(1,) * (x.ndim - 2)).expand_as(x)
+
+    def backward(self, module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        options = _conv_options(module)
+        weight = module.weight.detach()
+        positive, negative = weight.clamp_min(0), weight.clamp_max(0)
+        low, high = self._bound(self.low, x), self._bound(self.high, x)
+        z = (
+            F.conv2d(x, weight, None, *options)
+            - F.conv2d(low, positive, None, *options)
+            - F.conv2d(high, negative, None, *options)
+        )
+        s = grad / _stabilize(z, self.epsilon)
+
+        def spread(w: torch.Tensor) -> torch.Tensor:
+            return torch.nn.grad.conv2d_input(x.shape, w, s, *options)
+
+        return x * spread(weight) - low * spread(positive) - high * spread(negative)
+
+    def __repr__(self) -> str:
+        def shown(bound: Bound) -> str:
+            return ", ".join(f"{v:.4g}" for v in _per_channel(bound))
+
+        layers = f", layers={list(self.layers)}" if self.layers is not None else ""
+        return f"ZBoxConv(low=[{shown(self.low)}], high=[{shown(self.high)}]{layers})"
 
 
 #: The rules selectable by name for each slot; ``None`` is the layer's own gradient.
@@ -532,11 +735,14 @@ class Composite:
     functional: Mapping[str, Rule] = field(default_factory=dict)
     canonizers: tuple[Canonizer, ...] = ()
 
-    def rule_for(self, module: nn.Module, affine: Rule | None = None) -> Rule | None:
+    def rule_for(
+        self, module: nn.Module, affine: Rule | None = None, name: str | None = None
+    ) -> Rule | None:
         """The module's rule, or None for its own gradient; ``affine`` is the rule for
-        parameter-free modules of unknown types (refused when None)."""
+        parameter-free modules of unknown types (refused when None), ``name`` the module's
+        qualified name in the model (for rules limited to named layers)."""
         for rule in self.rules:
-            if rule.applies_to(module):
+            if rule.applies_to(module) and rule.selects(name):
                 if _explained_functionally(module):
                     return None  # its forward's functional calls take the rules
                 rule.check(module)
@@ -556,7 +762,7 @@ class Composite:
         chosen, missing = [], []
         for name, module in leaves.items():
             try:
-                chosen.append((module, self.rule_for(module, affine)))
+                chosen.append((module, self.rule_for(module, affine, name)))
             except VebiError as error:
                 if not str(error).startswith("no backward rule"):
                     raise
@@ -1017,6 +1223,7 @@ __all__: Sequence[str] = [
     "Rules",
     "StrideFixConv",
     "SwitchUnpool",
+    "ZBoxConv",
     "ZPlusConv",
     "backward_rules",
     "check_rule_coverage",
