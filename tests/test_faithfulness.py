@@ -45,6 +45,38 @@ def test_known_deletion_and_insertion_curves() -> None:
     assert torch.isclose(curve_area(deletion)[0], expected_area)
 
 
+def test_ties_are_taken_in_raster_order() -> None:
+    """Equal values keep raster order (stable descending argsort): the two 0.7s go x01 then
+    x10, the two 0.2s x00 then x11; a constant map is swept in raster order."""
+    model = _linear_model()
+    image = torch.ones(1, 1, 2, 2)
+    classes = torch.tensor([0])
+    tied = torch.tensor([[[0.2, 0.7], [0.7, 0.2]]])
+    deletion = perturbation_curves(model, image, tied, classes, "deletion", steps=4)
+    # logit 3 + 1 + 0 - 2 = 2; remove x01 (1), x10 (0), x00 (3), x11 (-2): 2 -> 1 -> 1 -> -2 -> 0
+    # (the reverse tie order x10, x01, x11, x00 would give 2 -> 2 -> 1 -> 3 -> 0)
+    assert torch.allclose(deletion[0], _sigmoid([2, 1, 1, -2, 0]), atol=1e-6)
+    insertion = perturbation_curves(model, image, tied, classes, "insertion", steps=4)
+    assert torch.allclose(insertion[0], _sigmoid([0, 1, 1, 4, 2]), atol=1e-6)
+    constant = perturbation_curves(model, image, torch.full((1, 2, 2), 0.5), classes, "deletion", 4)
+    assert torch.allclose(constant[0], _sigmoid([2, -1, -2, -2, 0]), atol=1e-6)
+    # the area by hand: trapezoids of width 1/4 between the five points
+    p = _sigmoid([2, 1, 1, -2, 0])
+    by_hand = sum((p[i] + p[i + 1]) / 2 * 0.25 for i in range(4))
+    assert torch.isclose(curve_area(deletion)[0], by_hand)
+
+
+def test_area_is_rise_trapezoid_from_the_unperturbed_point() -> None:
+    """RISE's auc: (sum(p) - p[0] / 2 - p[-1] / 2) / (len(p) - 1), i = 0 (no pixel changed)
+    included, over the fraction in [0, 1]."""
+    drop = torch.tensor([[1.0, 0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    assert curve_area(drop).item() == pytest.approx(0.125)  # one triangle of width 1/4
+    flat = torch.full((1, 21), 0.3, dtype=torch.float64)
+    assert curve_area(flat).item() == pytest.approx(0.3)
+    line = torch.linspace(1, 0, 11, dtype=torch.float64)[None]
+    assert curve_area(line).item() == pytest.approx(0.5)
+
+
 def test_reversed_heatmap_gives_a_worse_deletion_area() -> None:
     model = _linear_model()
     image = torch.ones(1, 1, 2, 2)

@@ -52,9 +52,13 @@ def test_planted_maps_score_exactly_through_the_streaming_loader(tmp_path: Path)
     results = json.loads(next(tmp_path.glob("evaluate/*/*/results.json")).read_text())
     planted, shifted = (results["heatmaps"]["methods"][name] for name in ("planted", "shifted"))
     assert results["heatmaps"]["num_images"] == 60
-    for metric in ("iou_mean", "iou_at_map_mean", "pointing_game", "relevance_mass"):
+    for metric in ("iou_mean", "iou_at_map_mean", "pointing_game_strict", "relevance_mass"):
         assert planted[metric] == pytest.approx(1.0), metric
         assert shifted[metric] == pytest.approx(0.0), metric
+    # the configured 15 px tolerance: the shifted square is 9 rows and 9 columns off the mask
+    # (12.7 px < 15), a hit on every image
+    assert planted["pointing_game"] == shifted["pointing_game"] == 1.0
+    assert planted["images_without_mask"] == 0
     assert results["checkpoint"] is None and "resnet18" in results["model"]
 
 

@@ -1,14 +1,18 @@
 """Faithfulness by deletion and insertion (Petsiuk et al., RISE), and the artefact score.
 
-Pixels are ranked by the heatmap, highest first (ties in raster order). After step i of S the
-first ``round(i P / S)`` of the P pixels are
+Pixels are ranked by the heatmap, highest first: ``argsort(descending=True, stable=True)`` of
+the flattened map, so equal values keep raster order (row by row, left to right; a constant
+map is swept from the top row down). RISE leaves ties to NumPy's unstable sort. After step i
+of S the first ``round(i P / S)`` of the P pixels (Python's round, half to even) are
 
 * deletion: replaced by the baseline image (the class probability should fall fast: lower
   area is better);
 * insertion: copied from the image into the baseline (it should rise fast: higher is better).
 
-The curve is the softmax probability of the explained class after each step, i = 0..S; its
-area is the trapezoid rule over the removed/revealed fraction in [0, 1].
+The curve is the softmax probability p_i of the explained class after each step i = 0..S,
+including the unperturbed i = 0 (the image for deletion, the baseline for insertion); its area
+is the trapezoid rule over the removed/revealed fraction i / S in [0, 1],
+(sum_i p_i - p_0 / 2 - p_S / 2) / S, as RISE's ``auc``.
 """
 
 from __future__ import annotations
@@ -135,7 +139,8 @@ def _endpoint_probabilities(
 
 
 def curve_area(curves: torch.Tensor) -> torch.Tensor:
-    """Trapezoid area of curves sampled at equal steps over [0, 1] (last dimension)."""
+    """Trapezoid area of curves sampled at S + 1 equal steps over [0, 1] (last dimension),
+    ends included: (sum_i p_i - p_0 / 2 - p_S / 2) / S (RISE's ``auc``)."""
     steps = curves.shape[-1] - 1
     return (curves.sum(dim=-1) - (curves[..., 0] + curves[..., -1]) / 2) / steps
 
