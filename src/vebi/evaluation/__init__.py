@@ -1,5 +1,6 @@
 """Evaluators (docs/method.md, section 5): relevance by ablation, the sparse classifier, and heatmap
-methods scored by localisation, faithfulness and artefacts (torchmetrics Metrics)."""
+methods scored by localisation, faithfulness and artefacts (torchmetrics Metrics), and their
+sanity check by cascading randomisation."""
 
 from vebi.evaluation.ablation import AblationRelevance, ablated, sparse_classifier_accuracy
 from vebi.evaluation.data import EvaluationImages, EvaluationSet
@@ -10,12 +11,20 @@ from vebi.evaluation.faithfulness import (
     perturbation_curves,
 )
 from vebi.evaluation.heatmaps import HeatmapEvaluation
-from vebi.evaluation.localisation import MeanThresholdIoU, PointingGame, RelevanceMass, ThresholdIoU
+from vebi.evaluation.localisation import (
+    MeanThresholdIoU,
+    PointingGame,
+    RelevanceMass,
+    StrictPointingGame,
+    ThresholdIoU,
+)
 from vebi.evaluation.methods import HeatmapMethod
 from vebi.evaluation.metric_base import HeatmapMetric
+from vebi.evaluation.sanity import CascadingRandomisation
 
 __all__ = [
     "AblationRelevance",
+    "CascadingRandomisation",
     "CheckerboardScore",
     "DeletionArea",
     "HeatmapEvaluation",
@@ -27,6 +36,7 @@ __all__ = [
     "RelevanceMass",
     "EvaluationImages",
     "EvaluationSet",
+    "StrictPointingGame",
     "ThresholdIoU",
     "ablated",
     "perturbation_curves",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +36,12 @@ def last_spatial_layer(model: nn.Module, images: torch.Tensor) -> str:
 
 
 class HeatmapMethod(ABC):
-    """Base class: ``method(images, classes)`` -> (N, H, W) heatmaps in [0, 1]."""
+    """Base class: ``method(images, classes)`` -> (N, H, W) heatmaps in [0, 1].
+
+    ``uses_relevant_features``: the maps depend on the mined W (the sanity check then also
+    runs the method with the trained network's W kept)."""
+
+    uses_relevant_features: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, relevant: RelevantFeatures) -> None:
         self.model = model
@@ -45,12 +50,22 @@ class HeatmapMethod(ABC):
     @abstractmethod
     def __call__(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor: ...
 
+    def maps_and_signal(
+        self, images: torch.Tensor, classes: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the maps, the signed (N, H, W) input-space signal summed over colour channels, or
+        None for methods whose only output is the non-negative map): the sanity check ranks
+        both the signal and its absolute value."""
+        return self(images, classes), None
+
 
 class VebiExplanation(HeatmapMethod):
     """Ours: the top-k relevant features that fire, propagated with the rules of ``preset``
     (its relu/conv/pool choices replaced where given; see :mod:`vebi.explain.rules`).
     ``combine="max"`` is the combined map (pixel-wise max of the k maps), ``combine="best"``
     the map of the single highest-scoring feature."""
+
+    uses_relevant_features = True
 
     def __init__(
         self,
@@ -112,14 +127,27 @@ class CaptumAttribution(HeatmapMethod):
         self.algorithm = algorithm
         self.attribution = algorithms[algorithm](model)
 
-    def __call__(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    def _signal(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        """The signed (N, C, H, W) attribution (the gradient itself, not its magnitude)."""
         inputs = images.detach().clone().requires_grad_(True)
         with eval_mode(self.model), torch.enable_grad():
             if self.algorithm == "gradient":
-                signal = self.attribution.attribute(inputs, target=classes, abs=True)
+                signal = self.attribution.attribute(inputs, target=classes, abs=False)
             else:
                 signal = self.attribution.attribute(inputs, target=classes)
-        return signal_to_heatmap(signal.detach())
+        return signal.detach()
+
+    def _heatmap(self, signal: torch.Tensor) -> torch.Tensor:
+        return signal_to_heatmap(signal.abs() if self.algorithm == "gradient" else signal)
+
+    def __call__(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        return self._heatmap(self._signal(images, classes))
+
+    def maps_and_signal(
+        self, images: torch.Tensor, classes: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        signal = self._signal(images, classes)
+        return self._heatmap(signal), signal.sum(dim=1)
 
 
 class GradCAM(HeatmapMethod):
@@ -157,6 +185,7 @@ class TopUnitActivation(HeatmapMethod):
     explanation would start from, brought to the pixels by upsampling instead of a deconvnet.
     """
 
+    uses_relevant_features = True
     _spatial: torch.Tensor | None = None
 
     def _spatial_features(self, images: torch.Tensor) -> torch.Tensor:

@@ -81,6 +81,100 @@ def ablation_table(rows: Sequence[Mapping[str, Any]], average: Mapping[str, floa
     return "\n".join(lines)
 
 
+SANITY_TITLES = {
+    "spearman": "Spearman rank correlation",
+    "spearman_abs": "Spearman rank correlation of |signal|",
+    "ssim": "SSIM",
+    "hog": "HOG correlation",
+}
+
+
+def _value(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def sanity_tables(sanity: Mapping[str, Any]) -> str:
+    """Markdown: every similarity after the whole network is randomised (mean ± std), then
+    |Spearman| after each step of the cascade."""
+    methods = sanity["methods"]
+    similarities = list(sanity["similarities"])
+    lines = [
+        "| method | " + " | ".join(f"{s} ↓" for s in similarities) + " |",
+        "|---|" + "---|" * len(similarities),
+    ]
+    for name, curves in methods.items():
+        cells = [
+            f"{_value(curves[f'{s}_mean'][-1])} ± {_value(curves[f'{s}_std'][-1])}"
+            for s in similarities
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    steps = [step["name"] for step in sanity["steps"]]
+    lines += [
+        "",
+        "Spearman rank correlation of |signal| with the trained network's map after each step "
+        "(the layers from the logits down to the named one re-initialised):",
+        "",
+        "| method | " + " | ".join(steps) + " |",
+        "|---|" + "---|" * len(steps),
+    ]
+    for name, curves in methods.items():
+        lines.append(
+            f"| {name} | " + " | ".join(_value(v) for v in curves["spearman_abs_mean"]) + " |"
+        )
+    if sanity.get("data_randomisation"):
+        lines += [
+            "",
+            "Data randomisation: similarity to the maps of the same network trained on randomly "
+            "permuted labels (its own W), mean ± std:",
+            "",
+            "| method | " + " | ".join(f"{s} ↓" for s in similarities) + " |",
+            "|---|" + "---|" * len(similarities),
+        ]
+        for name, values in sanity["data_randomisation"].items():
+            cells = [f"{values[f'{s}_mean']:.3f} ± {values[f'{s}_std']:.3f}" for s in similarities]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def sanity_figure(sanity: Mapping[str, Any]) -> Figure:
+    """One panel per similarity: the mean over images after each randomisation step, a line
+    per method (ours drawn thicker, with the trained W kept dashed); the spreads are in the
+    tables."""
+    similarities = list(sanity["similarities"])
+    steps = [step["name"] for step in sanity["steps"]]
+    figure = Figure(figsize=(4.2 * len(similarities), 4.2), layout="constrained")
+    axes = figure.subplots(1, len(similarities), sharey=True, squeeze=False)[0]
+    colours = matplotlib.colormaps["tab20"].colors
+    xs = list(range(len(steps) + 1))
+    for axis, similarity in zip(axes, similarities, strict=True):
+        for i, (name, curves) in enumerate(sanity["methods"].items()):
+            means = [1.0, *(float("nan") if v is None else v for v in curves[f"{similarity}_mean"])]
+            colour = colours[(2 * i) % 20 + (i >= 10)]
+            ours = name.startswith("vebi")
+            axis.plot(
+                xs,
+                means,
+                label=name,
+                color=colour,
+                linewidth=2.2 if ours else 1.2,
+                linestyle="--" if name.endswith("/original_W") else "-",
+                marker="o",
+                markersize=3,
+            )
+        axis.set_xticks(xs, ["trained", *steps], rotation=60, ha="right", fontsize=7)
+        axis.set_title(SANITY_TITLES.get(similarity, similarity), fontsize=10)
+        axis.axhline(0, color="grey", linewidth=0.6)
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel("similarity to the trained network's map")
+    axes[-1].legend(fontsize=6, ncols=1, loc="upper left", bbox_to_anchor=(1.02, 1))
+    figure.suptitle(
+        f"Cascading randomisation ({sanity['granularity']} by {sanity['granularity']}, "
+        f"{sanity['num_images']} images): lower is better",
+        fontsize=10,
+    )
+    return figure
+
+
 def results_markdown(result: Mapping[str, Any]) -> str:
     """The whole ``results.md``."""
     parts = [f"# Evaluation of `{result.get('checkpoint') or result.get('model')}`", ""]
@@ -107,6 +201,22 @@ def results_markdown(result: Mapping[str, Any]) -> str:
             f"{heatmaps['target']} class)",
             "",
             heatmap_table(heatmaps["methods"], heatmaps["metrics"]),
+        ]
+    if result.get("sanity"):
+        sanity = result["sanity"]
+        mined = (
+            f"W mined again at every step on {sanity['mining_images'] or 'all'} training images"
+            if sanity.get("remined")
+            else "ours with the trained W kept only"
+        )
+        parts += [
+            "",
+            f"## Sanity: cascading randomisation ({len(sanity['steps'])} steps, "
+            f"{sanity['granularity']} by {sanity['granularity']}, {sanity['num_images']} test "
+            f"images; {mined}; similarity to the trained network's maps after the whole "
+            "network is randomised, mean ± std: lower is better)",
+            "",
+            sanity_tables(sanity),
         ]
     parts += ["", *[f"- {note}" for note in result.get("notes", [])]]
     return "\n".join(parts).rstrip() + "\n"
@@ -201,6 +311,10 @@ def save_figures(
         if f"{key}_curve" in first:
             figure = curves_figure(methods, key, curve["x"], curve["x_label"], curve["title"])
             paths[f"{key}_curves"] = save_figure(figure, output_dir / f"{key}_curves.png")
+    if result.get("sanity"):
+        paths["sanity_curves"] = save_figure(
+            sanity_figure(result["sanity"]), output_dir / "sanity_curves.png"
+        )
     for name, figure in panels.items():
         paths[f"panel/{name}"] = save_figure(figure, output_dir / "panels" / f"{name}.png")
     return paths
@@ -265,6 +379,8 @@ def log_to_wandb(
                         )
                     }
                 )
+        if result.get("sanity"):
+            summary |= _log_sanity(run, result["sanity"], figures.get("sanity_curves"))
         panels = {k: v for k, v in figures.items() if k.startswith("panel/")}
         if panels:
             log_figures(
@@ -274,3 +390,49 @@ def log_to_wandb(
                 [k.removeprefix("panel/") for k in panels],
             )
         run.summary.update(summary)
+
+
+def _log_sanity(run: Any, sanity: Mapping[str, Any], figure: Path | None) -> dict[str, float]:
+    """The sanity check to a W&B run: a table (a row per method and step), a line plot per
+    similarity over the steps and the figure; returns the summary values after the last
+    step (``sanity/<method>/<similarity>``)."""
+    import wandb
+
+    steps = [step["name"] for step in sanity["steps"]]
+    similarities = list(sanity["similarities"])
+    columns = ["method", "step", "randomised down to"]
+    columns += [f"{s}_{stat}" for s in similarities for stat in ("mean", "std")]
+    rows = [
+        [name, i + 1, step, *(curves[key][i] for key in columns[3:])]
+        for name, curves in sanity["methods"].items()
+        for i, step in enumerate(steps)
+    ]
+    run.log({"sanity/steps": wandb.Table(columns=columns, data=rows)})
+    for similarity in similarities:
+        run.log(
+            {
+                f"sanity/{similarity}": wandb.plot.line_series(
+                    xs=list(range(1, len(steps) + 1)),
+                    ys=[
+                        [float("nan") if v is None else v for v in c[f"{similarity}_mean"]]
+                        for c in sanity["methods"].values()
+                    ],
+                    keys=list(sanity["methods"]),
+                    title=f"{SANITY_TITLES.get(similarity, similarity)} after each step",
+                    xname="randomisation step (from the logits down)",
+                )
+            }
+        )
+    if figure is not None:
+        run.log({"sanity/curves": wandb.Image(str(figure))})
+    summary = {
+        f"sanity/{name}/{s}": curves[f"{s}_mean"][-1]
+        for name, curves in sanity["methods"].items()
+        for s in similarities
+        if curves[f"{s}_mean"][-1] is not None
+    }
+    for name, values in (sanity.get("data_randomisation") or {}).items():
+        summary |= {
+            f"sanity/data_randomisation/{name}/{s}": values[f"{s}_mean"] for s in similarities
+        }
+    return summary

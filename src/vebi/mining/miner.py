@@ -507,10 +507,13 @@ class FeatureMiner:
         cache.finish()
         size = cache.path.stat().st_size / 2**20
         log.info(
-            "Activation cache: %.0f MB in %s (reused by later runs on the same weights and data; "
-            "delete it freely, or set mining.keep_cache=false)",
+            "Activation cache: %.0f MB in %s (%s)",
             size,
             cache.path,
+            "reused by later runs on the same weights and data; delete it freely, or set "
+            "mining.keep_cache=false"
+            if self.cache_dir is not None
+            else "temporary: removed when this mining run ends",
         )
         return stats
 

@@ -1,9 +1,9 @@
 """Evaluation job: test a checkpoint, then run the evaluators (docs/method.md, section 5).
 
 Network accuracy (Lightning ``Trainer.test``), the sparse classifier, relevance by ablation,
-and the heatmap methods of ``evaluation.methods`` scored by localisation (where masks exist),
-deletion/insertion and the artefact score. Results go to ``results.json`` / ``results.md`` /
-PNGs in the run dir and to W&B.
+the heatmap methods of ``evaluation.methods`` scored by localisation (where masks exist),
+deletion/insertion and the artefact score, and their sanity check (cascading randomisation).
+Results go to ``results.json`` / ``results.md`` / PNGs in the run dir and to W&B.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
+from vebi.checkpoint import load_classifier
 from vebi.errors import VebiError, require_int_in_range
 from vebi.evaluation.ablation import (
     AblationRelevance,
@@ -38,13 +39,15 @@ from vebi.evaluation.reporting import (
     results_markdown,
     save_figures,
 )
+from vebi.evaluation.sanity import CascadingRandomisation, seeded_subset
+from vebi.mining.callback import mining_datasets
 from vebi.mining.miner import FeatureMiner
 from vebi.mining.relevant import RelevantFeatures
 from vebi.mining.reporting import console_summary
 from vebi.mining.reuse import load_or_mine
 from vebi.models.hooks import to_device
 from vebi.modules.classifier import ClassifierModule
-from vebi.pipelines.common import load_model
+from vebi.pipelines.common import load_model, mined_features_path
 from vebi.pipelines.report import report_run
 from vebi.utils.cli import finish_loggers, wandb_run_dir
 from vebi.utils.distributed import ShardSampler, is_main_process
@@ -61,7 +64,9 @@ from vebi.utils.signals import JobProgress
 
 log = get_logger(__name__)
 
-EVALUATORS = ("sparse", "ablation", *GROUPS)
+EVALUATORS = ("sparse", "ablation", *GROUPS, "sanity")
+#: the evaluators that need the heatmap methods
+METHOD_EVALUATORS = (*GROUPS, "sanity")
 
 
 def build_metrics(settings: DictConfig, groups: list[str]) -> dict[str, HeatmapMetric]:
@@ -75,9 +80,10 @@ def build_metrics(settings: DictConfig, groups: list[str]) -> dict[str, HeatmapM
 
 
 def build_methods(
-    cfg: DictConfig, module: ClassifierModule, relevant: RelevantFeatures
+    cfg: DictConfig, net: torch.nn.Module, relevant: RelevantFeatures
 ) -> dict[str, HeatmapMethod]:
-    """Instantiate the methods of ``evaluation.methods`` named in ``evaluation.select``."""
+    """Instantiate the methods of ``evaluation.methods`` named in ``evaluation.select`` for
+    the network ``net`` and its relevant features."""
     available = cfg.evaluation.get("methods") or {}
     chosen = list(cfg.evaluation.get("select") or available)
     unknown = [name for name in chosen if name not in available]
@@ -88,7 +94,7 @@ def build_methods(
         # partial first: Hydra would turn the RelevantFeatures dataclass into a config
         method = instantiate_checked(
             available[name], HeatmapMethod, f"evaluation.methods.{name}", _partial_=True
-        )(model=module.net, relevant=relevant)
+        )(model=net, relevant=relevant)
         methods[name] = method
     return methods
 
@@ -100,10 +106,11 @@ def run_evaluators(
     test: EvaluationSet,
     methods: dict[str, HeatmapMethod],
     progress: JobProgress | None = None,
+    datamodule: L.LightningDataModule | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
     """(results, panel figures, notes) of the evaluators listed in ``evaluation.evaluators``
-    (settings checked by :func:`_check_settings`); each finished one is told to
-    ``progress``."""
+    (settings checked by :func:`_check_settings`; ``sanity`` mines again on the training
+    images of ``datamodule``); each finished one is told to ``progress``."""
     progress = progress or JobProgress("evaluate.py", list(cfg.evaluation.evaluators))
     settings = cfg.evaluation
     evaluators = list(settings.evaluators)
@@ -157,7 +164,103 @@ def run_evaluators(
         }
         for evaluator in heatmap_evaluators:
             progress.done(evaluator)
+    if "sanity" in evaluators:
+        results["sanity"] = run_sanity(cfg, net, relevant, test, datamodule)
+        notes += results["sanity"].pop("notes")
+        progress.done("sanity")
     return results, panels, notes
+
+
+def run_sanity(
+    cfg: DictConfig,
+    net: torch.nn.Module,
+    relevant: RelevantFeatures,
+    test: EvaluationSet,
+    datamodule: L.LightningDataModule | None,
+) -> dict[str, Any]:
+    """The cascading randomisation test of ``evaluation.sanity`` on a seeded, class-balanced
+    subset of the test images, W mined again at every step on a seeded subset of the training
+    images (``mining`` settings, this W's mu, a temporary activation cache)."""
+    check: CascadingRandomisation = instantiate_checked(
+        cfg.evaluation.sanity, CascadingRandomisation, "evaluation.sanity"
+    )
+    subset = test.select(balanced_subset(test.labels, check.images, int(cfg.seed)))
+    device = next(net.parameters()).device
+    classes = torch.cat(
+        [
+            explained_classes(
+                net, b.images.to(device), b.labels.to(device), cfg.evaluation.target
+            ).cpu()
+            for b in subset.batches(check.batch_size)
+        ]
+    )
+    notes: list[str] = []
+    remine = None
+    if check.remine:
+        if datamodule is None:
+            raise VebiError("evaluation.sanity.remine=true needs the data module's training images")
+        datamodule.setup("fit")
+        dataset, _ = mining_datasets(datamodule)
+        mining_set, clamped = seeded_subset(dataset, check.mining_images, int(cfg.seed))
+        notes += [clamped] if clamped else []
+        check.mining_images = len(mining_set)  # type: ignore[arg-type]
+        miner: FeatureMiner = instantiate_checked(
+            cfg.mining,
+            FeatureMiner,
+            "mining",
+            mu=relevant.mu,
+            mu_candidates=None,
+            cache_dir=None,
+            progress=False,
+        )
+
+        def remine(randomised: torch.nn.Module) -> RelevantFeatures:
+            return miner.mine(randomised, mining_set, None, relevant.class_names).relevant
+
+    data_randomised = None
+    if check.data_randomised_checkpoint:
+        data_randomised = _label_permuted_network(
+            Path(check.data_randomised_checkpoint), net, relevant
+        )
+    result = check(
+        net,
+        relevant,
+        subset,
+        classes,
+        lambda network, features: build_methods(cfg, network, features),
+        remine,
+        data_randomised=data_randomised,
+    )
+    if data_randomised is not None:
+        result["data_randomised_checkpoint"] = str(check.data_randomised_checkpoint)
+    result["notes"] = notes + result["notes"]
+    return result
+
+
+def _label_permuted_network(
+    path: Path, net: torch.nn.Module, relevant: RelevantFeatures
+) -> tuple[torch.nn.Module, RelevantFeatures]:
+    """The network of checkpoint ``path`` (trained on permuted labels) on ``net``'s device,
+    with the relevant features mined in its training run; refused unless both exist and it
+    has ``net``'s classes."""
+    if not path.is_file():
+        raise VebiError(f"evaluation.sanity.data_randomised_checkpoint={path}: no such file")
+    other = load_classifier(path)
+    features = mined_features_path(path)
+    if not features.is_file():
+        raise VebiError(
+            f"{path} has no relevant features next to it ({features}): train it with the "
+            "feature_mining callback (the default) or mine them with python mine.py "
+            f"ckpt_path={path}"
+        )
+    other_relevant = RelevantFeatures.load(features)
+    if other_relevant.num_classes != relevant.num_classes:
+        raise VebiError(
+            f"{path} has {other_relevant.num_classes} classes, the evaluated network "
+            f"{relevant.num_classes}: train the label-permuted one on the same data"
+        )
+    device = next(net.parameters()).device
+    return other.net.to(device).eval(), other_relevant
 
 
 def _panels(
@@ -273,9 +376,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         progress.done("features", str(relevant_path))
         # the heatmap methods are built before any evaluator runs: a model they cannot explain
         # (a module without backward rule) is refused now, not after the ablation
-        heatmaps = set(cfg.evaluation.evaluators) & set(GROUPS)
-        methods = build_methods(cfg, module, relevant) if heatmaps else {}
-        evaluations, panels, notes = run_evaluators(cfg, module, relevant, test, methods, progress)
+        heatmaps = set(cfg.evaluation.evaluators) & set(METHOD_EVALUATORS)
+        methods = build_methods(cfg, module.net, relevant) if heatmaps else {}
+        evaluations, panels, notes = run_evaluators(
+            cfg, module, relevant, test, methods, progress, datamodule
+        )
         result = {
             "checkpoint": str(ckpt_path) if ckpt_path else None,
             "model": model.source,

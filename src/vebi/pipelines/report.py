@@ -395,9 +395,52 @@ class _Report:
                     )
                     + "</div>"
                 )
+        sanity = results.get("sanity")
+        if sanity:
+            parts.append(self._sanity_table(sanity))
+            figure = run.folder / "sanity_curves.png"
+            if figure.is_file():
+                parts.append(
+                    f'<div class="card">{_image(figure, self.out.parent, "sanity curves")}</div>'
+                )
         for note in results.get("notes", []):
             parts.append(_note(str(note)))
         return "<section><h2>Evaluation</h2>" + "".join(parts) + "</section>"
+
+    @staticmethod
+    def _sanity_table(sanity: dict[str, Any]) -> str:
+        similarities = list(sanity.get("similarities", []))
+        rows = []
+        for method, curves in sanity.get("methods", {}).items():
+            row = [_e(method)]
+            for similarity in similarities:
+                mean = (curves.get(f"{similarity}_mean") or [None])[-1]
+                std = (curves.get(f"{similarity}_std") or [None])[-1]
+                row.append(_spread(mean, std))
+            rows.append(row)
+        return (
+            f"<h3>Sanity check: similarity to the trained network's maps once all "
+            f"{len(sanity.get('steps', []))} randomisation steps are done, on "
+            f"{_e(sanity.get('num_images'))} test images (↓ lower is better: the maps depend "
+            "on the weights)</h3>"
+            + _table(["method", *(f"{s} ↓" for s in similarities)], rows)
+            + _Report._data_randomisation_table(sanity, similarities)
+        )
+
+    @staticmethod
+    def _data_randomisation_table(sanity: dict[str, Any], similarities: list[str]) -> str:
+        other = sanity.get("data_randomisation")
+        if not other:
+            return ""
+        rows = [
+            [_e(method), *(_spread(v.get(f"{s}_mean"), v.get(f"{s}_std")) for s in similarities)]
+            for method, v in other.items()
+        ]
+        return (
+            "<h3>Data randomisation: similarity to the maps of the same network trained on "
+            "permuted labels (↓ lower is better)</h3>"
+            + _table(["method", *(f"{s} ↓" for s in similarities)], rows)
+        )
 
     @staticmethod
     def _heatmap_table(heatmaps: dict[str, Any]) -> str:
