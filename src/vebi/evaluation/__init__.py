@@ -1,9 +1,10 @@
 """Evaluators (docs/method.md, section 5): relevance by ablation, the sparse classifier, and heatmap
 methods scored by localisation, faithfulness and artefacts (torchmetrics Metrics), and their
-sanity check by cascading randomisation."""
+sanity check by cascading randomisation; dissection of the relevant features against part masks."""
 
 from vebi.evaluation.ablation import AblationRelevance, ablated, sparse_classifier_accuracy
 from vebi.evaluation.data import EvaluationImages, EvaluationSet
+from vebi.evaluation.dissection import FeatureDissection
 from vebi.evaluation.faithfulness import (
     CheckerboardScore,
     DeletionArea,
@@ -35,6 +36,7 @@ __all__ = [
     "PointingGame",
     "RelevanceMass",
     "EvaluationImages",
+    "FeatureDissection",
     "EvaluationSet",
     "StrictPointingGame",
     "ThresholdIoU",

@@ -43,6 +43,18 @@ from vebi.utils.distributed import all_reduce_sum, world
 FeatureSet = Mapping[str, Sequence[int]]
 
 
+def random_feature_set(
+    relevant: RelevantFeatures, layers: Mapping[str, int], rng: np.random.Generator
+) -> dict[str, list[int]]:
+    """As many channels per layer as ``layers`` says, drawn uniformly without replacement from
+    the channels of that layer: the random control of a relevant set of that size and layers."""
+    sizes = dict(zip(relevant.index.layers, relevant.index.channels, strict=True))
+    return {
+        layer: sorted(rng.choice(sizes[layer], size=n, replace=False).tolist())
+        for layer, n in layers.items()
+    }
+
+
 @contextlib.contextmanager
 def ablated(model: nn.Module, features: FeatureSet) -> Iterator[nn.Module]:
     """Within the block, the listed channels of each layer's output are zero."""
@@ -159,12 +171,8 @@ class AblationRelevance:
     def random_set(
         self, relevant: RelevantFeatures, layers: Mapping[str, int], rng: np.random.Generator
     ) -> dict[str, list[int]]:
-        """As many channels per layer as ``layers`` says, drawn without replacement."""
-        sizes = dict(zip(relevant.index.layers, relevant.index.channels, strict=True))
-        return {
-            layer: sorted(rng.choice(sizes[layer], size=n, replace=False).tolist())
-            for layer, n in layers.items()
-        }
+        """As many channels per layer as ``layers`` says (:func:`random_feature_set`)."""
+        return random_feature_set(relevant, layers, rng)
 
     def _lost(
         self,

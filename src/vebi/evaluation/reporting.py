@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import numpy as np
 import torch
 from lightning.pytorch.loggers import Logger, WandbLogger
 from matplotlib.figure import Figure
@@ -175,6 +176,98 @@ def sanity_figure(sanity: Mapping[str, Any]) -> Figure:
     return figure
 
 
+def _share(value: Any) -> str:
+    return "n/a" if value is None or value != value else f"{100 * value:.0f} %"
+
+
+def dissection_tables(dissection: Mapping[str, Any]) -> str:
+    """Markdown: per class the share of its relevant features (and of their weight) labelled
+    with a deciding part against the random sets, then every feature's label."""
+    lines = [
+        "| class | relevant features | with a spatial map | on a deciding part ↑ | "
+        "weight on a deciding part ↑ | random sets: on a deciding part | random sets: weight |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in dissection["per_class"]:
+        lines.append(
+            f"| {row['class']} | {row['features']} | {row['spatial_features']} | "
+            f"{_share(row['deciding_share'])} | {_share(row['deciding_weight_share'])} | "
+            f"{_share(row['random_deciding_share_mean'])} ± "
+            f"{_share(row['random_deciding_share_std'])} | "
+            f"{_share(row['random_deciding_weight_share_mean'])} ± "
+            f"{_share(row['random_deciding_weight_share_std'])} |"
+        )
+    average = dissection["average"]
+    lines.append(
+        f"| **mean** |  |  | {_share(average['deciding_share'])} | "
+        f"{_share(average['deciding_weight_share'])} | "
+        f"{_share(average['random_deciding_share_mean'])} ± "
+        f"{_share(average['random_deciding_share_std'])} | "
+        f"{_share(average['random_deciding_weight_share_mean'])} ± "
+        f"{_share(average['random_deciding_weight_share_std'])} |"
+    )
+    counts = ", ".join(f"{part} {n}" for part, n in dissection["label_counts"].items())
+    lines += [
+        "",
+        f"Labels of the relevant features: {counts}.",
+        "",
+        "| class | feature | weight | part | IoU | note |",
+        "|---|---|---|---|---|---|",
+    ]
+    for entry in dissection["features"]:
+        iou = entry["iou"]
+        lines.append(
+            f"| {entry['class']} | {entry['layer']}/{entry['channel']} | {entry['weight']:.3f} | "
+            f"{entry['part'] or '-'} | {'-' if iou != iou else f'{iou:.3f}'} | "
+            f"{entry['note'] or ''} |"
+        )
+    return "\n".join(lines)
+
+
+def dissection_figure(dissection: Mapping[str, Any]) -> Figure:
+    """Left: per class, the share of relevant features on a deciding part against the random
+    sets (mean ± std); right: how many relevant features each part labels."""
+    figure = Figure(figsize=(11, 3.8), layout="constrained")
+    shares, counts = figure.subplots(1, 2, width_ratios=[3, 1])
+    rows = dissection["per_class"]
+    xs = np.arange(len(rows))
+    nan = float("nan")
+    shares.bar(
+        xs - 0.2,
+        [nan if r["deciding_share"] is None else r["deciding_share"] for r in rows],
+        0.4,
+        label="relevant features",
+        color="#d62728",
+    )
+    shares.bar(
+        xs + 0.2,
+        [r["random_deciding_share_mean"] for r in rows],
+        0.4,
+        yerr=[r["random_deciding_share_std"] for r in rows],
+        label=f"random sets ({dissection['draws']} per class)",
+        color="#7f7f7f",
+        capsize=2,
+    )
+    shares.set_xticks(xs, [r["class"] for r in rows], rotation=60, ha="right", fontsize=7)
+    shares.set_ylim(0, 1.05)
+    shares.set_ylabel("share on a deciding part")
+    shares.set_title(
+        "Relevant features whose best part is a deciding one "
+        f"({', '.join(dissection['deciding_parts'])})",
+        fontsize=9,
+    )
+    shares.legend(fontsize=7)
+    labels = dissection["label_counts"]
+    counts.bar(
+        list(labels),
+        list(labels.values()),
+        color=["#d62728" if p in dissection["deciding_parts"] else "#7f7f7f" for p in labels],
+    )
+    counts.set_title("labels of the relevant features", fontsize=9)
+    counts.tick_params(axis="x", rotation=60, labelsize=7)
+    return figure
+
+
 def results_markdown(result: Mapping[str, Any]) -> str:
     """The whole ``results.md``."""
     parts = [f"# Evaluation of `{result.get('checkpoint') or result.get('model')}`", ""]
@@ -217,6 +310,17 @@ def results_markdown(result: Mapping[str, Any]) -> str:
             "network is randomised, mean ± std: lower is better)",
             "",
             sanity_tables(sanity),
+        ]
+    if result.get("dissection"):
+        dissection = result["dissection"]
+        parts += [
+            "",
+            f"## Dissection: the part each relevant feature detects ({dissection['num_images']} "
+            f"test images; region: the upsampled map at or above its {dissection['quantile']} "
+            f"quantile; label: the part of highest IoU, if >= {dissection['iou_floor']}; "
+            f"deciding parts: {', '.join(dissection['deciding_parts'])})",
+            "",
+            dissection_tables(dissection),
         ]
     parts += ["", *[f"- {note}" for note in result.get("notes", [])]]
     return "\n".join(parts).rstrip() + "\n"
@@ -315,6 +419,10 @@ def save_figures(
         paths["sanity_curves"] = save_figure(
             sanity_figure(result["sanity"]), output_dir / "sanity_curves.png"
         )
+    if result.get("dissection"):
+        paths["dissection"] = save_figure(
+            dissection_figure(result["dissection"]), output_dir / "dissection.png"
+        )
     for name, figure in panels.items():
         paths[f"panel/{name}"] = save_figure(figure, output_dir / "panels" / f"{name}.png")
     return paths
@@ -381,6 +489,8 @@ def log_to_wandb(
                 )
         if result.get("sanity"):
             summary |= _log_sanity(run, result["sanity"], figures.get("sanity_curves"))
+        if result.get("dissection"):
+            summary |= _log_dissection(run, result["dissection"], figures.get("dissection"))
         panels = {k: v for k, v in figures.items() if k.startswith("panel/")}
         if panels:
             log_figures(
@@ -436,3 +546,33 @@ def _log_sanity(run: Any, sanity: Mapping[str, Any], figure: Path | None) -> dic
             f"sanity/data_randomisation/{name}/{s}": values[f"{s}_mean"] for s in similarities
         }
     return summary
+
+
+def _log_dissection(
+    run: Any, dissection: Mapping[str, Any], figure: Path | None
+) -> dict[str, float]:
+    """The dissection to a W&B run: a table per class and per feature, and the figure;
+    returns the averages (``dissection/<key>``)."""
+    import wandb
+
+    rows = dissection["per_class"]
+    columns = list(rows[0])
+    run.log(
+        {
+            "dissection/per_class": wandb.Table(
+                columns=columns, data=[[r[c] for c in columns] for r in rows]
+            )
+        }
+    )
+    feature_columns = ["class", "layer", "channel", "weight", "part", "iou", "note"]
+    run.log(
+        {
+            "dissection/features": wandb.Table(
+                columns=feature_columns,
+                data=[[e[c] for c in feature_columns] for e in dissection["features"]],
+            )
+        }
+    )
+    if figure is not None:
+        run.log({"dissection/figure": wandb.Image(str(figure))})
+    return {f"dissection/{k}": v for k, v in dissection["average"].items() if v == v}

@@ -6,7 +6,9 @@ network's layers from the logits down, one at a time and cumulatively, and compa
 method's maps after each step with the trained network's maps on the same images and classes.
 A method whose maps stay the same explains the input, not the network. Ours picks its features
 through the mined W, so after each step it is run twice: with W mined again on the randomised
-network (``<method>``) and with the trained network's W kept (``<method>/original_W``).
+network (``<method>``, compared with W mined the same way, on the same training images, on the
+trained network) and with the trained network's W kept (``<method>/original_W``, compared with
+the trained network's maps).
 The *data randomisation* test compares, in the same way, the maps of the network with those
 of the same architecture trained on randomly permuted labels (its own W mined on its own
 training run), given as ``data_randomised_checkpoint``.
@@ -318,6 +320,18 @@ class CascadingRandomisation:
         trained_seconds = time.perf_counter() - began
         uses_w = [name for name in reference if methods[name].uses_relevant_features]
         remining = self.remine and remine is not None and bool(uses_w)
+        # the re-mined variants are compared with W mined the same way (same images) on the
+        # trained network, so that only the weights differ
+        remined_reference: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        if remining:
+            assert remine is not None
+            trained_again = remine(model)
+            again = {n: m for n, m in build_methods(model, trained_again).items() if n in uses_w}
+            remined_reference, failed_again = self._maps(again, data, classes)
+            for name, why in failed_again.items():
+                notes.append(
+                    f"sanity: {name} with W mined again fails on the trained network ({why})"
+                )
         estimate = len(steps) * trained_seconds * (1 + (len(uses_w) > 0))
         log.info(
             "Sanity: %d randomisation steps (%s granularity) x %d methods on %d images%s; "
@@ -363,18 +377,30 @@ class CascadingRandomisation:
                     failed_now |= failed_fresh
             for name in names:
                 base = name.removesuffix(ORIGINAL_W)
-                if name not in maps:
+                remined = name == base and base in uses_w
+                if name not in maps or (remined and base not in remined_reference):
                     why = failed_now.get(base, "not re-mined (evaluation.sanity.remine=false)")
                     if base in failed_now:
                         notes.append(f"sanity: {name} failed after randomising {step.name}: {why}")
                     for key in curves[name]:
                         curves[name][key].append(None)
                     continue
-                values = similarities(*maps[name], *reference[base])
+                if remined:
+                    values = similarities(*maps[name], *remined_reference[base])
+                else:
+                    values = similarities(*maps[name], *reference[base])
                 for s, per_image in values.items():
                     curves[name][f"{s}_mean"].append(float(per_image.mean()))
                     curves[name][f"{s}_std"].append(float(per_image.std()))
             seconds.append(time.perf_counter() - step_began)
+            if len(seconds) == 1 and len(steps) > 1:
+                log.info(
+                    "Sanity: the first step took %.1f s%s: about %s for the other %d",
+                    seconds[0],
+                    " (its re-mining included)" if remining else "",
+                    _duration(seconds[0] * (len(steps) - 1)),
+                    len(steps) - 1,
+                )
             bar.update(1)
         bar.close()
         for name in [n for n in names if all(v is None for v in curves[n]["spearman_mean"])]:

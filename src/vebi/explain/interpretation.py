@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,6 +135,19 @@ def average_visualisations(
     return [shares[j % size][j // size] for j in range(len(jobs))]
 
 
+#: (class, layer, channel) -> (the part a feature detects, or None; its IoU with that part)
+PartLabels = Mapping[tuple[int, str, int], tuple[str | None, float]]
+
+
+def _part_caption(label: tuple[str | None, float] | None) -> str:
+    if label is None:
+        return "part: n/a"
+    part, iou = label
+    if part is None:
+        return "no part" if iou != iou else f"no part (IoU {iou:.2f})"
+    return f"{part} IoU {iou:.2f}"
+
+
 def gallery_file(folder: str | Path, class_id: int, name: str, kind: str = "") -> Path:
     """``<folder>/class_<c>_<name>.png`` (the gallery), or ``..._<kind>.png``."""
     suffix = f"_{kind}" if kind else ""
@@ -146,18 +160,26 @@ def save_galleries(
     folder: str | Path,
     dataset: Dataset | None = None,
     thumbnails: int = 0,
+    part_labels: PartLabels | None = None,
 ) -> list[Path]:
     """One PNG per class with relevant features, ``<folder>/class_<c>_<name>.png`` (classes
     without any, e.g. those of a 1000-class head that had no mining images, get none), and,
     with ``thumbnails`` > 0 and the ``dataset``, ``class_<c>_<name>_top.png``: each feature's
     first ``thumbnails`` top training images (those its average visualisation averages);
-    returns their paths (the galleries first)."""
+    returns their paths (the galleries first). ``part_labels``: (class, layer, channel) -> (the
+    part the feature detects or None, its IoU), written under each tile, as Network
+    Dissection labels its units."""
     paths, tops = [], []
     for class_id, name in enumerate(relevant.class_names):
         tiles = [v for v in visualisations if v.class_id == class_id]
         if not tiles:
             continue
         titles = [f"{v.layer}/{v.channel} w={v.weight:.2f}" for v in tiles]
+        if part_labels is not None:
+            titles = [
+                f"{title}\n{_part_caption(part_labels.get((class_id, v.layer, v.channel)))}"
+                for title, v in zip(titles, tiles, strict=True)
+            ]
         figure = gallery_figure(
             [v.average_map for v in tiles],
             [v.average_image for v in tiles],
@@ -186,17 +208,18 @@ def interpret_and_log(
     loggers: list,
     top_n: int = 20,
     thumbnails: int = 8,
+    part_labels: PartLabels | None = None,
 ) -> list[Path]:
     """Average visualisations of every relevant feature, a gallery PNG per class and a PNG of
     its features' top ``thumbnails`` training images, logged to W&B as images
     (``interpretation/galleries``, ``interpretation/top_images``). Under torch.distributed
     every process must call it (with its own cache shard); the first writes and logs (the
-    others return [])."""
+    others return []). ``part_labels``: see :func:`save_galleries`."""
     cache = ActivationCache(cache_path, fingerprint="")
     visualisations = average_visualisations(model, relevant, dataset, cache, top_n)
     if not is_main_process():  # every process took part; one writes
         return []
-    paths = save_galleries(visualisations, relevant, folder, dataset, thumbnails)
+    paths = save_galleries(visualisations, relevant, folder, dataset, thumbnails, part_labels)
     galleries = [p for p in paths if not p.stem.endswith("_top")]
     tops = [p for p in paths if p.stem.endswith("_top")]
     log_figures(loggers, "interpretation/galleries", galleries, [p.stem for p in galleries])

@@ -24,8 +24,11 @@ from vebi.checkpoint import (
     stored_settings,
 )
 from vebi.errors import CheckpointError, VebiError
+from vebi.evaluation.data import EvaluationSet
+from vebi.evaluation.dissection import FeatureDissection
 from vebi.explain.interpretation import interpret_and_log
 from vebi.mining.miner import MiningReport
+from vebi.mining.relevant import RelevantFeatures
 from vebi.mining.reporting import ARTEFACT_NAME
 from vebi.models.hooks import eval_mode
 from vebi.modules.classifier import ClassifierModule
@@ -390,12 +393,18 @@ def make_galleries(
     dataset: Dataset,
     folder: Path,
     loggers: list[Logger],
+    datamodule: Any = None,
 ) -> list[Path]:
     """The interpretation galleries of a mining run when ``interpretation.galleries`` is on
-    (and the activation cache that ranks the images was kept); their paths."""
+    (and the activation cache that ranks the images was kept); their paths. With part masks
+    of the training images (``datamodule.part_labels("train")``, an8Flower) each tile is
+    labelled with the part its feature detects (``interpretation.part_labels``)."""
     settings = cfg.get("interpretation") or {}
     if not settings.get("galleries", True) or report.cache_path is None:
         return []
+    labels = None
+    if settings.get("part_labels", True):
+        labels = gallery_part_labels(net, report.relevant, dataset, datamodule)
     paths = interpret_and_log(
         net,
         report.relevant,
@@ -405,6 +414,39 @@ def make_galleries(
         loggers,
         int(settings.get("top_n", 20)),
         int(settings.get("thumbnails", 8)),
+        labels,
     )
     log.info("Interpretation galleries: %s", folder)
     return paths
+
+
+def gallery_part_labels(
+    net: nn.Module, relevant: RelevantFeatures, dataset: Dataset, datamodule: Any
+) -> dict[tuple[int, str, int], tuple[str | None, float]] | None:
+    """(class, layer, channel) -> (part, IoU) of every relevant feature, dissected on the
+    training images ``dataset`` (docs/method.md, section 5), or None without part masks."""
+    part_labels = getattr(datamodule, "part_labels", None)
+    parts = part_labels("train") if callable(part_labels) else None
+    if parts is None:
+        return None
+    if len(parts) != len(dataset):  # type: ignore[arg-type]
+        log.warning(
+            "part masks of %d images for %d mining images: galleries unlabelled",
+            len(parts),
+            len(dataset),
+        )  # type: ignore[arg-type]
+        return None
+    log.info("Labelling the relevant features with the parts they detect (%d images)", len(parts))
+    result = FeatureDissection(draws=0)(
+        net,
+        relevant,
+        EvaluationSet.from_dataset(dataset),
+        parts,
+        list(datamodule.part_names),
+        list(datamodule.deciding_parts),
+    )
+    names = list(relevant.class_names)
+    return {
+        (names.index(e["class"]), e["layer"], e["channel"]): (e["part"], e["iou"])
+        for e in result["features"]
+    }

@@ -24,6 +24,7 @@ from vebi.evaluation.ablation import (
     summarise_ablation,
 )
 from vebi.evaluation.data import EvaluationSet
+from vebi.evaluation.dissection import FeatureDissection
 from vebi.evaluation.heatmaps import (
     HeatmapEvaluation,
     balanced_subset,
@@ -64,7 +65,7 @@ from vebi.utils.signals import JobProgress
 
 log = get_logger(__name__)
 
-EVALUATORS = ("sparse", "ablation", *GROUPS, "sanity")
+EVALUATORS = ("sparse", "ablation", *GROUPS, "sanity", "dissection")
 #: the evaluators that need the heatmap methods
 METHOD_EVALUATORS = (*GROUPS, "sanity")
 
@@ -168,6 +169,24 @@ def run_evaluators(
         results["sanity"] = run_sanity(cfg, net, relevant, test, datamodule)
         notes += results["sanity"].pop("notes")
         progress.done("sanity")
+    if "dissection" in evaluators:
+        parts = getattr(datamodule, "part_labels", None)
+        labels = parts("test") if callable(parts) else None
+        if labels is None:
+            notes.append("dissection skipped: the data set has no part masks")
+        else:
+            dissection: FeatureDissection = instantiate_checked(
+                settings.dissection, FeatureDissection, "evaluation.dissection"
+            )
+            results["dissection"] = dissection(
+                net,
+                relevant,
+                test,
+                labels[test.rows],
+                list(datamodule.part_names),  # type: ignore[union-attr]
+                list(datamodule.deciding_parts),  # type: ignore[union-attr]
+            )
+        progress.done("dissection")
     return results, panels, notes
 
 

@@ -59,7 +59,13 @@ def mine(cfg: DictConfig) -> dict[str, Any]:
         path = save_and_log(report, Path(cfg.paths.output_dir), loggers)
         progress.done("saving the relevant features", str(path))
         make_galleries(
-            cfg, module.net, report, dataset, Path(cfg.paths.output_dir) / "galleries", loggers
+            cfg,
+            module.net,
+            report,
+            dataset,
+            Path(cfg.paths.output_dir) / "galleries",
+            loggers,
+            datamodule,
         )
         progress.done("galleries")
         miner.release(report)

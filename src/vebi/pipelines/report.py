@@ -403,9 +403,44 @@ class _Report:
                 parts.append(
                     f'<div class="card">{_image(figure, self.out.parent, "sanity curves")}</div>'
                 )
+        dissection = results.get("dissection")
+        if dissection:
+            parts.append(self._dissection_table(dissection))
+            figure = run.folder / "dissection.png"
+            if figure.is_file():
+                parts.append(
+                    f'<div class="card">{_image(figure, self.out.parent, "dissection")}</div>'
+                )
         for note in results.get("notes", []):
             parts.append(_note(str(note)))
         return "<section><h2>Evaluation</h2>" + "".join(parts) + "</section>"
+
+    @staticmethod
+    def _dissection_table(dissection: dict[str, Any]) -> str:
+        def share(value: Any) -> str:
+            return _number(None if value is None or value != value else 100 * value, 1)
+
+        rows = [
+            [
+                _e(row["class"]),
+                f'<td class="num">{_e(row["features"])}',
+                f'<td class="num">{share(row["deciding_share"])}',
+                f'<td class="num">{share(row["deciding_weight_share"])}',
+                f'<td class="num">{share(row["random_deciding_share_mean"])} ± '
+                f"{share(row['random_deciding_share_std'])}",
+            ]
+            for row in dissection.get("per_class", [])
+        ]
+        deciding = _e(", ".join(dissection.get("deciding_parts", [])))
+        return (
+            "<h3>Dissection: % of each class's relevant features (and of their weight) whose "
+            f"region overlaps a deciding part ({deciding}) best, against random sets "
+            "(↑ higher is better)</h3>"
+            + _table(
+                ["class", "features", "% on a deciding part", "% of the weight", "random sets"],
+                rows,
+            )
+        )
 
     @staticmethod
     def _sanity_table(sanity: dict[str, Any]) -> str:

@@ -99,6 +99,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 mining_datasets(datamodule)[0],
                 mining.output_dir / "galleries",
                 loggers,
+                datamodule,
             )
             mining.miner.release(mining.report)
             progress.done("galleries")
