@@ -6,6 +6,12 @@ same kind and writes it in the published layout, which :class:`An8FlowerDataModu
 
     <root>/<name>/<class>/<image>.png          the images
     <root>/<name>_MASK/<class>/<image>.png     the masks, class-deciding region dark
+    <root>/<name>_PARTS/<class>/<image>.png    the part labels (generated data only): one uint8
+                                               channel, 0 = background, 1..4 = PARTS in order
+                                               (petals, centre, stem, leaves), as visible
+
+The ``_PARTS`` folder is ours, not part of the published layout; the loaders of the published
+layout ignore it, and :meth:`An8FlowerDataModule.part_labels` gives it aligned with the splits.
 
 Each flower has petals (a rose curve with 4-8 petals), a centre disc, a stem and two leaves, at
 a random position, scale and rotation, over a textured background (low-frequency colour noise)
@@ -23,7 +29,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +46,10 @@ from vebi.utils.log import get_logger
 
 log = get_logger(__name__)
 
+#: The flower parts, in the order of their labels (1..4) in the ``_PARTS`` files.
 PARTS = ("petals", "centre", "stem", "leaves")
+#: The names of the values of a part-label image: ``PART_LABELS[v]`` is the part of value ``v``.
+PART_LABELS = ("background", *PARTS)
 #: Hues of the class colours (0..1): red, orange, yellow, green, blue, purple.
 SIX_HUES = (0.0, 0.08, 0.16, 0.33, 0.61, 0.78)
 
@@ -82,8 +91,22 @@ def _rotate(x: np.ndarray, y: np.ndarray, angle: np.ndarray) -> tuple[np.ndarray
     return cos * x + sin * y, -sin * x + cos * y
 
 
+def part_label_map(visible: dict[str, np.ndarray]) -> np.ndarray:
+    """The part labels (B, H, W) uint8 of visible part masks {part: (B, H, W) bool}: 0 where no
+    part is visible, k where ``PARTS[k - 1]`` is. The masks must be disjoint (occlusion
+    applied), as :meth:`An8FlowerGenerator.render` gives them."""
+    stack = np.stack([visible[part] for part in PARTS])
+    if (stack.sum(axis=0) > 1).any():
+        raise VebiError("visible part masks overlap: occlusion must leave one part per pixel")
+    labels = np.zeros(stack.shape[1:], dtype=np.uint8)
+    for value, mask in enumerate(stack, start=1):
+        labels[mask] = value
+    return labels
+
+
 class An8FlowerGenerator:
-    """Draws an8Flower-style images and masks, vectorised over a batch, deterministic by seed.
+    """Draws an8Flower-style images, masks and part labels, vectorised over a batch,
+    deterministic by (seed, class, image index).
 
     Args:
         variant: ``single`` or ``double``.
@@ -214,14 +237,38 @@ class An8FlowerGenerator:
             mask |= visible[part]
         return mask
 
+    @staticmethod
+    def file_name(class_id: int, index: int) -> str:
+        """The file name of image ``index`` of class ``class_id`` (in all three folders)."""
+        return f"class{class_id}_img{index}_p{index % 4}_r{index % 3}.png"
+
+    def _batches(self, class_id: int) -> Iterator[tuple[range, np.ndarray, dict[str, np.ndarray]]]:
+        """(indices, images, visible part masks) of class ``class_id``, batch by batch."""
+        for start in range(0, self.images_per_class, self.batch_size):
+            indices = range(start, min(start + self.batch_size, self.images_per_class))
+            yield (indices, *self.render(class_id, indices))
+
+    def _settings(self) -> str:
+        return (
+            f"variant={self.variant_name}, image_size={self.size}, "
+            f"images_per_class={self.images_per_class}, seed={self.seed}"
+        )
+
     def write(self, root: str | Path, name: str | None = None, progress: bool = True) -> Path:
-        """Write ``<root>/<name>`` and ``<root>/<name>_MASK`` (atomically: a temporary folder is
-        renamed at the end). Returns the image folder."""
+        """Write ``<root>/<name>``, ``<root>/<name>_MASK`` and ``<root>/<name>_PARTS``
+        (atomically: each is renamed from a temporary folder at the end, the images last).
+        Returns the image folder."""
         root = Path(root)
         name = name or f"an8flower_{self.variant_name}"
-        target, target_masks = root / name, root / f"{name}_MASK"
-        if target.exists() or target_masks.exists():
-            raise VebiError(f"{target} already exists: delete it to generate it again")
+        targets = [root / f"{name}{suffix}" for suffix in ("", "_MASK", "_PARTS")]
+        existing = [t for t in targets if t.exists()]
+        if existing:
+            raise VebiError(
+                f"{existing[0]} already exists: delete "
+                + " and ".join(str(t) for t in existing)
+                + " to generate it again"
+            )
+        target, target_masks, target_parts = targets
         root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
         try:
@@ -231,20 +278,98 @@ class An8FlowerGenerator:
             ) as bar:
                 for class_id in range(self.variant.num_classes):
                     class_name = self.variant.class_name(class_id)
-                    (staging / "images" / class_name).mkdir(parents=True)
-                    (staging / "masks" / class_name).mkdir(parents=True)
-                    for start in range(0, self.images_per_class, self.batch_size):
-                        indices = range(start, min(start + self.batch_size, self.images_per_class))
-                        images, visible = self.render(class_id, indices)
-                        masks = self.deciding_mask(visible)
-                        for image, mask, index in zip(images, masks, indices, strict=True):
-                            filename = f"class{class_id}_img{index}_p{index % 4}_r{index % 3}.png"
+                    for kind in ("images", "masks", "parts"):
+                        (staging / kind / class_name).mkdir(parents=True)
+                    for indices, images, visible in self._batches(class_id):
+                        masks, labels = self.deciding_mask(visible), part_label_map(visible)
+                        for image, mask, label, index in zip(
+                            images, masks, labels, indices, strict=True
+                        ):
+                            filename = self.file_name(class_id, index)
                             Image.fromarray(image).save(staging / "images" / class_name / filename)
                             dark = np.where(mask, 0, 255).astype(np.uint8)  # relevant region dark
                             Image.fromarray(dark).save(staging / "masks" / class_name / filename)
+                            Image.fromarray(label).save(staging / "parts" / class_name / filename)
                         bar.update(len(indices))
             os.replace(staging / "masks", target_masks)
+            os.replace(staging / "parts", target_parts)
             os.replace(staging / "images", target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return target
+
+    def _refuse(self, folder: Path, reason: str) -> VebiError:
+        masks = folder.with_name(folder.name + "_MASK")
+        return VebiError(
+            f"{folder} was not generated with these settings ({self._settings()}) or not by this "
+            f"version of the generator: {reason}. So its part labels cannot be drawn again. "
+            f"Delete {folder} and {masks} to generate the data again with part labels, or keep "
+            "it and use it without part labels (data.generate=false)"
+        )
+
+    def check_folder(self, folder: str | Path) -> None:
+        """Refuse (VebiError saying what differs) an image folder that is not what :meth:`write`
+        writes with these settings: other class folders, other file names, or a first or last
+        image of a class that is not byte-equal to the one drawn again."""
+        folder = Path(folder)
+        expected = [self.variant.class_name(c) for c in range(self.variant.num_classes)]
+        classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+        if classes != expected:
+            raise self._refuse(
+                folder,
+                f"its class folders are not the {len(expected)} of the {self.variant_name} "
+                f"variant (found {len(classes)}, e.g. {classes[:2]})",
+            )
+        last = self.images_per_class - 1
+        for class_id, class_name in enumerate(expected):
+            names = {self.file_name(class_id, i) for i in range(self.images_per_class)}
+            found = {p.name for p in (folder / class_name).iterdir() if p.is_file()}
+            if found != names:
+                raise self._refuse(
+                    folder,
+                    f"{folder / class_name} holds {len(found)} files, not the "
+                    f"{self.images_per_class} images these settings name",
+                )
+            images, _ = self.render(class_id, [0, last])
+            for index, image in zip((0, last), images, strict=True):
+                self._check_image(folder, class_id, index, image)
+
+    def _check_image(self, folder: Path, class_id: int, index: int, image: np.ndarray) -> None:
+        path = folder / self.variant.class_name(class_id) / self.file_name(class_id, index)
+        on_disk = _read(path, "RGB")
+        if on_disk.shape != image.shape or not np.array_equal(on_disk, image):
+            raise self._refuse(folder, f"{path} differs from the image drawn again")
+
+    def write_parts(self, root: str | Path, name: str | None = None, progress: bool = True) -> Path:
+        """Write only ``<root>/<name>_PARTS`` for an image folder that :meth:`write` wrote with
+        these settings (data generated before part labels were written), by drawing the images
+        again. The folder is checked first (:meth:`check_folder`), and every image again while
+        its labels are written; a mismatch is a VebiError and leaves nothing behind. Atomic
+        like :meth:`write`. Returns the part-label folder."""
+        root = Path(root)
+        name = name or f"an8flower_{self.variant_name}"
+        folder, target = root / name, root / f"{name}_PARTS"
+        if not folder.is_dir():
+            raise VebiError(f"no an8Flower folder at {folder} to write part labels for")
+        if target.exists():
+            raise VebiError(f"{target} already exists: delete it to write it again")
+        self.check_folder(folder)
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}_PARTS.", dir=root))
+        try:
+            total = self.variant.num_classes * self.images_per_class
+            with tqdm(
+                total=total, desc=f"part labels of {name}", unit="img", disable=not progress
+            ) as bar:
+                for class_id in range(self.variant.num_classes):
+                    class_dir = staging / "parts" / self.variant.class_name(class_id)
+                    class_dir.mkdir(parents=True)
+                    for indices, images, visible in self._batches(class_id):
+                        labels = part_label_map(visible)
+                        for image, label, index in zip(images, labels, indices, strict=True):
+                            self._check_image(folder, class_id, index, image)
+                            Image.fromarray(label).save(class_dir / self.file_name(class_id, index))
+                        bar.update(len(indices))
+            os.replace(staging / "parts", target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return target
@@ -318,6 +443,61 @@ def read_an8flower_folder(
     )
 
 
+def read_part_labels(
+    folder: str | Path,
+    files: Sequence[str],
+    image_size: int | None = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Read the part labels of ``files`` (paths relative to ``folder``, as
+    :func:`read_an8flower_folder` returns them) from ``folder_PARTS``, in that order.
+
+    Returns (N, H, W) uint8 with the values of :data:`PART_LABELS`. Labels are resized like
+    the masks of :func:`read_an8flower_folder` (nearest neighbour to ``image_size`` when the
+    image is of another size). A label file that is missing, unreadable, not a single 8-bit
+    channel, of another size than its image, or holding a value above ``len(PARTS)`` is an
+    error naming the file.
+    """
+    folder = Path(folder)
+    part_folder = folder.with_name(folder.name + "_PARTS")
+    hint = f"delete {part_folder} to have it written again (data.generate=true)"
+    labels = []
+    for file in tqdm(files, desc=f"reading {part_folder.name}", unit="img", disable=not progress):
+        path = part_folder / file
+        if not path.is_file():
+            raise VebiError(f"no part labels {path} for {folder / file}; {hint}")
+        try:
+            with Image.open(folder / file) as image:
+                width, height = image.size
+            with Image.open(path) as label_image:
+                mode = label_image.mode
+                label = np.asarray(label_image)
+        except (UnidentifiedImageError, OSError) as error:
+            raise VebiError(f"cannot read {path}: {error}; {hint}") from error
+        if mode not in ("L", "P"):
+            raise VebiError(f"{path} is a {mode} image, not one 8-bit channel of labels; {hint}")
+        if label.shape != (height, width):
+            raise VebiError(
+                f"{path} is {label.shape[1]}x{label.shape[0]} but its image is "
+                f"{width}x{height}; {hint}"
+            )
+        if label.max(initial=0) > len(PARTS):
+            raise VebiError(
+                f"{path} holds the value {int(label.max())}; part labels are 0..{len(PARTS)} "
+                f"({', '.join(PART_LABELS)}); {hint}"
+            )
+        if image_size and label.shape != (image_size, image_size):
+            label = np.asarray(
+                Image.fromarray(label).resize((image_size, image_size), Image.NEAREST)
+            )
+        labels.append(label)
+    if not labels:
+        return torch.zeros((0, image_size or 0, image_size or 0), dtype=torch.uint8)
+    if len({label.shape for label in labels}) > 1:
+        raise VebiError(f"part labels in {part_folder} differ in size: set image_size")
+    return torch.from_numpy(np.stack(labels))
+
+
 class MaskedImages(Dataset):
     """(image float [0, 1] (3, H, W), label, mask float (H, W), 1 = deciding region)."""
 
@@ -337,6 +517,12 @@ class An8FlowerDataModule(SplitDataModule):
     ``prepare_data`` generates the data with :class:`An8FlowerGenerator` when ``generate`` is
     true and the folder is absent. Splits are stratified and fixed by ``split_seed``
     (``val_fraction``/``test_fraction`` of each class). Images are held in memory as uint8.
+
+    Part labels (``<name>_PARTS``, see the module) are given apart from the items, by
+    :meth:`part_labels`. When ``generate`` is true and a folder in the generator's layout has
+    none (data generated before they were written), ``prepare_data`` writes them by drawing the
+    images again, after checking that they are the images on disk
+    (:meth:`An8FlowerGenerator.write_parts`). Other folders simply have no part labels.
     """
 
     def __init__(
@@ -363,6 +549,9 @@ class An8FlowerDataModule(SplitDataModule):
         self.save_hyperparameters(logger=False)
         self.folder = Path(data_dir) / name
         self.class_names: list[str] = []
+        self._files: list[str] = []
+        self._split: dict[str, torch.Tensor] | None = None
+        self._part_labels: dict[str, torch.Tensor] = {}
 
     @property
     def num_classes(self) -> int:
@@ -372,24 +561,81 @@ class An8FlowerDataModule(SplitDataModule):
             else VARIANTS[self.hparams.variant].num_classes
         )
 
+    @property
+    def part_folder(self) -> Path:
+        """The folder of the part labels, ``<data_dir>/<name>_PARTS``."""
+        return self.folder.with_name(self.folder.name + "_PARTS")
+
+    @property
+    def part_names(self) -> tuple[str, ...]:
+        """The name of each value of :meth:`part_labels` (:data:`PART_LABELS`)."""
+        return PART_LABELS
+
+    @property
+    def deciding_parts(self) -> tuple[str, ...]:
+        """The parts whose colours decide the class in this variant, e.g. ``("petals",)``."""
+        return VARIANTS[self.hparams.variant].deciding
+
+    def _generator(self) -> An8FlowerGenerator:
+        return An8FlowerGenerator(
+            self.hparams.variant,
+            self.hparams.image_size,
+            self.hparams.images_per_class,
+            self.hparams.generator_seed,
+        )
+
     def prepare_data(self) -> None:
         if self.folder.is_dir():
+            if self.hparams.generate and not self.part_folder.exists():
+                self._add_part_labels()
             return
         if not self.hparams.generate:
             raise VebiError(
                 f"no an8Flower data at {self.folder}; set data.generate=true to make it"
             )
-        An8FlowerGenerator(
-            self.hparams.variant,
-            self.hparams.image_size,
-            self.hparams.images_per_class,
-            self.hparams.generator_seed,
-        ).write(self.folder.parent, self.folder.name, progress=self.hparams.progress)
+        self._generator().write(
+            self.folder.parent, self.folder.name, progress=self.hparams.progress
+        )
+
+    def _add_part_labels(self) -> None:
+        """Write the part labels of a folder the generator wrote before it wrote them; a folder
+        whose class folders are not those of any variant is not ours and is left as it is."""
+        classes = sorted(p.name for p in self.folder.iterdir() if p.is_dir())
+        ours = any(
+            classes == [v.class_name(c) for c in range(v.num_classes)] for v in VARIANTS.values()
+        )
+        if not ours:
+            log.info(
+                "%s is not in the an8Flower generator's layout: it has no part labels",
+                self.folder,
+            )
+            return
+        log.info("writing the part labels of %s into %s", self.folder, self.part_folder)
+        self._generator().write_parts(
+            self.folder.parent, self.folder.name, progress=self.hparams.progress
+        )
+
+    def part_labels(self, split: str) -> torch.Tensor | None:
+        """The part labels (N, H, W) uint8 of the items of ``split`` (``train``, ``val`` or
+        ``test``), in their order, with the values of :attr:`part_names`; None when the folder
+        has no ``_PARTS`` folder. Read on the first call and kept."""
+        if split not in ("train", "val", "test"):
+            raise VebiError(f"unknown split {split!r}; choose train, val or test")
+        if self._split is None:
+            raise VebiError("the data module is not set up: call setup() first")
+        if not self.part_folder.is_dir():
+            return None
+        if split not in self._part_labels:
+            files = [self._files[i] for i in self._split[split].tolist()]
+            self._part_labels[split] = read_part_labels(
+                self.folder, files, self.hparams.image_size, self.hparams.progress
+            )
+        return self._part_labels[split]
 
     def setup(self, stage: str | None = None) -> None:
         if self.data_train is not None:
             return
-        images, labels, masks, self.class_names, _ = read_an8flower_folder(
+        images, labels, masks, self.class_names, self._files = read_an8flower_folder(
             self.folder, self.hparams.image_size, self.hparams.progress
         )
         generator = torch.Generator().manual_seed(self.hparams.split_seed)
@@ -403,6 +649,7 @@ class An8FlowerDataModule(SplitDataModule):
             parts["test"].append(members[n_val : n_val + n_test])
             parts["train"].append(members[n_val + n_test :])
         split = {k: torch.cat(v).sort().values for k, v in parts.items()}
+        self._split, self._part_labels = split, {}
         self.data_train, self.data_val, self.data_test = (
             MaskedImages(images[split[k]], labels[split[k]], masks[split[k]])
             for k in ("train", "val", "test")
