@@ -131,6 +131,8 @@ def _collect(run_dir: Path, staging: Path, panels: int) -> None:
             shutil.copy2(run_dir / name, staging / name)
     if (run_dir / "sanity_curves.png").is_file():
         compact_png(run_dir / "sanity_curves.png", staging / "sanity_curves.png", width=2000)
+    if (run_dir / "dissection.png").is_file():
+        compact_png(run_dir / "dissection.png", staging / "dissection.png")
     for path in sorted((run_dir / "panels").glob("*.png"))[:panels]:
         compact_png(path, staging / f"panel_{path.name}")
 

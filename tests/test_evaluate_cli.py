@@ -180,14 +180,19 @@ def test_localisation_on_generated_an8flower(tmp_path: Path) -> None:
         "trainer.max_epochs=1",
         *common,
         "logger=none",
-        "interpretation.galleries=false",
+        "interpretation.thumbnails=0",
     )
     assert train.returncode == 0, train.stderr[-3000:]
+    # the galleries are labelled with the part each feature detects (the data has part masks)
+    assert (
+        "Labelling the relevant features with the parts they detect" in train.stdout + train.stderr
+    )
+    assert list((tmp_path / "logs" / "train").rglob("galleries/class_*.png"))
     result = run_cli(
         "evaluate.py",
         "experiment=an8flower_single",
         *common,
-        "evaluation.evaluators=[localisation,artefacts]",
+        "evaluation.evaluators=[localisation,artefacts,dissection]",
         "evaluation.heatmap_images=null",
         "evaluation.select=[vebi,vebi_standard_conv,gradcam,centre_gaussian]",
     )
@@ -210,6 +215,14 @@ def test_localisation_on_generated_an8flower(tmp_path: Path) -> None:
     assert values["heatmaps/iou_curves_table/nrows"][-1] == 19 * 4
     assert values["heatmaps/vebi/iou_mean"][-1] == pytest.approx(methods["vebi"]["iou_mean"])
     assert len(list((run / "panels").glob("*.png"))) == 6
+    dissection = results["dissection"]
+    assert len(dissection["per_class"]) == 6 and dissection["deciding_parts"] == ["petals"]
+    assert sum(dissection["label_counts"].values()) == len(dissection["features"]) > 0
+    for entry in dissection["features"]:
+        assert entry["part"] is None or entry["iou"] >= dissection["iou_floor"], entry
+    assert (run / "dissection.png").is_file()
+    assert "## Dissection" in (run / "results.md").read_text()
+    assert values["dissection/per_class/nrows"][-1] == 6
 
 
 def test_results_name_paths_relative_to_the_project(tmp_path: Path) -> None:

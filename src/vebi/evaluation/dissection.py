@@ -304,6 +304,10 @@ class FeatureDissection:
         counts = {part: 0 for part in [*part_names, "none"]}
         for entry in labelled:
             counts[entry["part"] or "none"] += 1
+        for entry in labelled:
+            entry["iou"] = _defined(entry["iou"])
+        rows = [{k: _defined(v) for k, v in row.items()} for row in rows]
+        average = {k: _defined(v) for k, v in average.items()}
         return {
             "quantile": self.quantile,
             "iou_floor": self.iou_floor,
@@ -333,3 +337,9 @@ def _nanmean(values: np.ndarray) -> float:
 def _nanstd(values: np.ndarray) -> float:
     finite = values[np.isfinite(values)]
     return float(finite.std()) if len(finite) else float("nan")
+
+
+def _defined(value: Any) -> Any:
+    """None for an undefined (NaN) number, so results stay plain JSON: a feature without a
+    spatial map has no IoU, a class without spatial features no share."""
+    return None if isinstance(value, float) and value != value else value

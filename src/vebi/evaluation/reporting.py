@@ -218,7 +218,7 @@ def dissection_tables(dissection: Mapping[str, Any]) -> str:
         iou = entry["iou"]
         lines.append(
             f"| {entry['class']} | {entry['layer']}/{entry['channel']} | {entry['weight']:.3f} | "
-            f"{entry['part'] or '-'} | {'-' if iou != iou else f'{iou:.3f}'} | "
+            f"{entry['part'] or '-'} | {'-' if iou is None else f'{iou:.3f}'} | "
             f"{entry['note'] or ''} |"
         )
     return "\n".join(lines)
@@ -241,9 +241,12 @@ def dissection_figure(dissection: Mapping[str, Any]) -> Figure:
     )
     shares.bar(
         xs + 0.2,
-        [r["random_deciding_share_mean"] for r in rows],
+        [
+            nan if r["random_deciding_share_mean"] is None else r["random_deciding_share_mean"]
+            for r in rows
+        ],
         0.4,
-        yerr=[r["random_deciding_share_std"] for r in rows],
+        yerr=[r["random_deciding_share_std"] or 0.0 for r in rows],
         label=f"random sets ({dissection['draws']} per class)",
         color="#7f7f7f",
         capsize=2,
@@ -575,4 +578,4 @@ def _log_dissection(
     )
     if figure is not None:
         run.log({"dissection/figure": wandb.Image(str(figure))})
-    return {f"dissection/{k}": v for k, v in dissection["average"].items() if v == v}
+    return {f"dissection/{k}": v for k, v in dissection["average"].items() if v is not None}

@@ -136,7 +136,7 @@ def average_visualisations(
 
 
 #: (class, layer, channel) -> (the part a feature detects, or None; its IoU with that part)
-PartLabels = Mapping[tuple[int, str, int], tuple[str | None, float]]
+PartLabels = Mapping[tuple[int, str, int], tuple[str | None, float | None]]
 
 
 def _part_caption(label: tuple[str | None, float] | None) -> str:
@@ -144,7 +144,7 @@ def _part_caption(label: tuple[str | None, float] | None) -> str:
         return "part: n/a"
     part, iou = label
     if part is None:
-        return "no part" if iou != iou else f"no part (IoU {iou:.2f})"
+        return "no part" if iou is None or iou != iou else f"no part (IoU {iou:.2f})"
     return f"{part} IoU {iou:.2f}"
 
 

@@ -422,7 +422,7 @@ def make_galleries(
 
 def gallery_part_labels(
     net: nn.Module, relevant: RelevantFeatures, dataset: Dataset, datamodule: Any
-) -> dict[tuple[int, str, int], tuple[str | None, float]] | None:
+) -> dict[tuple[int, str, int], tuple[str | None, float | None]] | None:
     """(class, layer, channel) -> (part, IoU) of every relevant feature, dissected on the
     training images ``dataset`` (docs/method.md, section 5), or None without part masks."""
     part_labels = getattr(datamodule, "part_labels", None)
