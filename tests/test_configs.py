@@ -78,7 +78,12 @@ def test_evaluation_group_composes(compose_cfg) -> None:
         "localisation",
         "faithfulness",
         "artefacts",
+        "dissection",
     }
+    dissection = instantiate(cfg.evaluation.dissection)
+    assert (dissection.quantile, dissection.iou_floor, dissection.seed) == (0.995, 0.04, 7)
+    sanity = instantiate(cfg.evaluation.sanity)
+    assert sanity.granularity == "layer" and sanity.data_randomised_checkpoint is None
 
 
 def test_an8flower_single_differs_from_double_only_where_it_should(compose_cfg) -> None:

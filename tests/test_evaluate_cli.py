@@ -67,6 +67,8 @@ def test_evaluate_runs_every_evaluator_on_mnist(
         assert 0 <= row["deletion_auc"] <= 1 and 0 <= row["insertion_auc"] <= 1, name
         assert len(row["deletion_curve"]) == 6 and "iou_mean" not in row
     assert "localisation skipped: the data set has no ground-truth masks" in results["notes"]
+    assert "dissection skipped: the data set has no part masks" in results["notes"]
+    assert "dissection" not in results
     # ours removes the evidence faster than a random ordering of the pixels
     assert methods["vebi"]["deletion_auc"] < methods["uniform_random"]["deletion_auc"]
     markdown = (run / "results.md").read_text()
@@ -222,6 +224,7 @@ def test_localisation_on_generated_an8flower(tmp_path: Path) -> None:
         assert entry["part"] is None or entry["iou"] >= dissection["iou_floor"], entry
     assert (run / "dissection.png").is_file()
     assert "## Dissection" in (run / "results.md").read_text()
+    assert "Dissection: % of each class" in (run / "report.html").read_text()
     assert values["dissection/per_class/nrows"][-1] == 6
 
 
@@ -236,8 +239,16 @@ def test_results_name_paths_relative_to_the_project(tmp_path: Path) -> None:
         "wandb_dir": None,
         "figures": {"iou_curves": str(root / "logs/evaluate/mnist/run/iou_curves.png")},
         "metrics": {"test/acc": 0.99},
+        "model": str(root / "logs/train/mnist/run/checkpoints/best.ckpt"),
+        "sanity": {"data_randomised_checkpoint": str(root / "logs/train/permuted/best.ckpt")},
+        "config": {"sanity": {"data_randomised_checkpoint": str(root / "logs/p.ckpt")}},
+        "notes": ["a note that names /anything stays as it is"],
     }
     portable = portable_paths(result, root)
+    assert portable["model"] == "logs/train/mnist/run/checkpoints/best.ckpt"
+    assert portable["sanity"]["data_randomised_checkpoint"] == "logs/train/permuted/best.ckpt"
+    assert portable["config"]["sanity"]["data_randomised_checkpoint"] == "logs/p.ckpt"
+    assert portable["notes"] == result["notes"]
     assert portable["checkpoint"] == "logs/train/mnist/run/checkpoints/best.ckpt"
     assert portable["figures"]["iou_curves"] == "logs/evaluate/mnist/run/iou_curves.png"
     assert portable["relevant_features"] == "/elsewhere/relevant_features.h5"  # outside: kept

@@ -252,14 +252,15 @@ def dissection_figure(dissection: Mapping[str, Any]) -> Figure:
         capsize=2,
     )
     shares.set_xticks(xs, [r["class"] for r in rows], rotation=60, ha="right", fontsize=7)
-    shares.set_ylim(0, 1.05)
+    shares.set_ylim(0, 1.3)
+    shares.set_yticks([0, 0.2, 0.4, 0.6, 0.8, 1.0])
     shares.set_ylabel("share on a deciding part")
     shares.set_title(
         "Relevant features whose best part is a deciding one "
         f"({', '.join(dissection['deciding_parts'])})",
         fontsize=9,
     )
-    shares.legend(fontsize=7)
+    shares.legend(fontsize=7, ncols=2, loc="upper left")
     labels = dissection["label_counts"]
     counts.bar(
         list(labels),

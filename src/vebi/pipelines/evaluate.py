@@ -439,28 +439,21 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
-PATH_KEYS = ("checkpoint", "relevant_features", "output_dir", "wandb_dir")
-
-
-def portable_paths(result: dict[str, Any], root: Path) -> dict[str, Any]:
-    """``result`` with its file paths relative to the project ``root`` where they lie inside
-    it, so that results copied elsewhere (experiments/results) name no machine's folders."""
-
-    def portable(path: Any) -> Any:
-        if not path:
-            return path
+def portable_paths(result: Any, root: Path) -> Any:
+    """``result`` with every absolute file path inside the project ``root`` made relative to
+    it (at any depth: the checkpoint, the figures, a sanity check's other checkpoint, the
+    config), so that results copied elsewhere (experiments/results) name no machine's
+    folders; other values unchanged."""
+    if isinstance(result, dict):
+        return {key: portable_paths(value, root) for key, value in result.items()}
+    if isinstance(result, list):
+        return [portable_paths(value, root) for value in result]
+    if isinstance(result, str) and result.startswith("/"):
         try:
-            return str(Path(path).resolve().relative_to(root.resolve()))
-        except ValueError:
-            return str(path)
-
-    copy = dict(result)
-    for key in PATH_KEYS:
-        if key in copy:
-            copy[key] = portable(copy[key])
-    if "figures" in copy:
-        copy["figures"] = {name: portable(path) for name, path in copy["figures"].items()}
-    return copy
+            return str(Path(result).resolve().relative_to(root.resolve()))
+        except (ValueError, OSError):
+            return result
+    return result
 
 
 def _write_results(result: dict[str, Any], output_dir: Path, root: Path) -> None:
