@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from vebi.errors import VebiError, require_int_in_range
 from vebi.evaluation.ablation import random_feature_set
 from vebi.evaluation.data import EvaluationSet
+from vebi.evaluation.methods import spatial_layers
 from vebi.mining.relevant import RelevantFeatures
 from vebi.models.hooks import capture_outputs, eval_mode
 
@@ -49,14 +50,24 @@ class _Feature:
     constant: bool = False
 
 
-def _spatial_layers(model: nn.Module, layers: Sequence[str], images: torch.Tensor) -> set[str]:
-    with eval_mode(model), torch.no_grad(), capture_outputs(model, layers) as outputs:
-        model(images[:1])
-    return {
-        layer
-        for layer in layers
-        if outputs[layer].ndim == 4 and outputs[layer].shape[-1] * outputs[layer].shape[-2] > 1
-    }
+@dataclass(frozen=True)
+class PartMasks:
+    """The part label of every pixel of a split's images (N, H, W), the names the labels
+    index and the parts that decide the class."""
+
+    labels: torch.Tensor
+    names: tuple[str, ...]
+    deciding: tuple[str, ...]
+
+
+def part_masks(datamodule: Any, split: str) -> PartMasks | None:
+    """The part masks of ``split`` where the data module has them (``part_labels(split)``,
+    ``part_names``, ``deciding_parts``: an8Flower), else None."""
+    read = getattr(datamodule, "part_labels", None)
+    labels = read(split) if callable(read) else None
+    if labels is None:
+        return None
+    return PartMasks(labels, tuple(datamodule.part_names), tuple(datamodule.deciding_parts))
 
 
 class FeatureDissection:
@@ -193,7 +204,7 @@ class FeatureDissection:
         if unknown:
             raise VebiError(f"deciding parts {sorted(unknown)} are not among {list(part_names)}")
         probe = next(iter(data.batches(1))).images.to(next(model.parameters()).device)
-        spatial = _spatial_layers(model, relevant.layers, probe)
+        spatial = spatial_layers(model, relevant.layers, probe)
         rng = np.random.default_rng(self.seed)
         sets: list[list[tuple[int, float]]] = []  # per class: relevant (feature id, weight)
         random_sets: list[list[list[tuple[int, float]]]] = []

@@ -35,6 +35,17 @@ def last_spatial_layer(model: nn.Module, images: torch.Tensor) -> str:
     return spatial[-1]
 
 
+def spatial_layers(model: nn.Module, layers: Sequence[str], images: torch.Tensor) -> set[str]:
+    """Those of ``layers`` (leaves or blocks) whose output is a map larger than 1 x 1."""
+    modules = dict(model.named_modules())
+    shapes = dict(trace_leaf_calls(model, images[:1], {layer: modules[layer] for layer in layers}))
+    return {
+        layer
+        for layer in layers
+        if len(shapes.get(layer, ())) == 4 and shapes[layer][-1] * shapes[layer][-2] > 1
+    }
+
+
 class HeatmapMethod(ABC):
     """Base class: ``method(images, classes)`` -> (N, H, W) heatmaps in [0, 1].
 
@@ -191,14 +202,9 @@ class TopUnitActivation(HeatmapMethod):
     def _spatial_features(self, images: torch.Tensor) -> torch.Tensor:
         """(m,) True for features of layers with maps larger than 1 x 1 (traced once)."""
         if self._spatial is None:
-            modules = dict(self.model.named_modules())
-            layers = {layer: modules[layer] for layer in self.relevant.layers}  # blocks too
-            shapes = dict(trace_leaf_calls(self.model, images[:1], layers))
+            spatial = spatial_layers(self.model, self.relevant.layers, images)
             self._spatial = torch.tensor(
-                [
-                    len(shapes[layer]) == 4 and shapes[layer][-1] * shapes[layer][-2] > 1
-                    for layer in self.relevant.index.layer_of_each_feature()
-                ]
+                [layer in spatial for layer in self.relevant.index.layer_of_each_feature()]
             )
         if not self._spatial.any():
             raise VebiError("none of the mined layers has a spatial map: no top unit to upsample")

@@ -25,7 +25,7 @@ from vebi.checkpoint import (
 )
 from vebi.errors import CheckpointError, VebiError
 from vebi.evaluation.data import EvaluationSet
-from vebi.evaluation.dissection import FeatureDissection
+from vebi.evaluation.dissection import FeatureDissection, part_masks
 from vebi.explain.interpretation import interpret_and_log
 from vebi.mining.miner import MiningReport
 from vebi.mining.relevant import RelevantFeatures
@@ -425,10 +425,10 @@ def gallery_part_labels(
 ) -> dict[tuple[int, str, int], tuple[str | None, float | None]] | None:
     """(class, layer, channel) -> (part, IoU) of every relevant feature, dissected on the
     training images ``dataset`` (docs/method.md, section 5), or None without part masks."""
-    part_labels = getattr(datamodule, "part_labels", None)
-    parts = part_labels("train") if callable(part_labels) else None
-    if parts is None:
+    masks = part_masks(datamodule, "train")
+    if masks is None:
         return None
+    parts = masks.labels
     if len(parts) != len(dataset):  # type: ignore[arg-type]
         log.warning(
             "part masks of %d images for %d mining images: galleries unlabelled",
@@ -442,8 +442,8 @@ def gallery_part_labels(
         relevant,
         EvaluationSet.from_dataset(dataset),
         parts,
-        list(datamodule.part_names),
-        list(datamodule.deciding_parts),
+        masks.names,
+        masks.deciding,
     )
     names = list(relevant.class_names)
     return {

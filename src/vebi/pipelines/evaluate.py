@@ -24,7 +24,7 @@ from vebi.evaluation.ablation import (
     summarise_ablation,
 )
 from vebi.evaluation.data import EvaluationSet
-from vebi.evaluation.dissection import FeatureDissection
+from vebi.evaluation.dissection import FeatureDissection, part_masks
 from vebi.evaluation.heatmaps import (
     HeatmapEvaluation,
     balanced_subset,
@@ -170,21 +170,15 @@ def run_evaluators(
         notes += results["sanity"].pop("notes")
         progress.done("sanity")
     if "dissection" in evaluators:
-        parts = getattr(datamodule, "part_labels", None)
-        labels = parts("test") if callable(parts) else None
-        if labels is None:
+        masks = part_masks(datamodule, "test")
+        if masks is None:
             notes.append("dissection skipped: the data set has no part masks")
         else:
             dissection: FeatureDissection = instantiate_checked(
                 settings.dissection, FeatureDissection, "evaluation.dissection"
             )
             results["dissection"] = dissection(
-                net,
-                relevant,
-                test,
-                labels[test.rows],
-                list(datamodule.part_names),  # type: ignore[union-attr]
-                list(datamodule.deciding_parts),  # type: ignore[union-attr]
+                net, relevant, test, masks.labels[test.rows], masks.names, masks.deciding
             )
         progress.done("dissection")
     return results, panels, notes

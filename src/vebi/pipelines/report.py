@@ -395,22 +395,17 @@ class _Report:
                     )
                     + "</div>"
                 )
-        sanity = results.get("sanity")
-        if sanity:
-            parts.append(self._sanity_table(sanity))
-            figure = run.folder / "sanity_curves.png"
+        for key, table, figure_name in (
+            ("sanity", self._sanity_table, "sanity_curves"),
+            ("dissection", self._dissection_table, "dissection"),
+        ):
+            if not results.get(key):
+                continue
+            parts.append(table(results[key]))
+            figure = run.folder / f"{figure_name}.png"
             if figure.is_file():
-                parts.append(
-                    f'<div class="card">{_image(figure, self.out.parent, "sanity curves")}</div>'
-                )
-        dissection = results.get("dissection")
-        if dissection:
-            parts.append(self._dissection_table(dissection))
-            figure = run.folder / "dissection.png"
-            if figure.is_file():
-                parts.append(
-                    f'<div class="card">{_image(figure, self.out.parent, "dissection")}</div>'
-                )
+                image = _image(figure, self.out.parent, figure_name.replace("_", " "))
+                parts.append(f'<div class="card">{image}</div>')
         for note in results.get("notes", []):
             parts.append(_note(str(note)))
         return "<section><h2>Evaluation</h2>" + "".join(parts) + "</section>"
