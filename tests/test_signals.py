@@ -72,7 +72,10 @@ class Job:
             status = self.process.wait(STOP_SECONDS + 40)
         except subprocess.TimeoutExpired:
             self.process.kill()
-            pytest.fail(f"still running {STOP_SECONDS + 40} s after the signal")
+            self.reader.join(10)
+            pytest.fail(
+                f"still running {STOP_SECONDS + 40} s after the signal:\n{self.text[-3000:]}"
+            )
         self.reader.join(10)
         return status, time.monotonic() - sent
 
@@ -231,3 +234,32 @@ def test_sigterm_during_evaluation_writes_no_results(
     assert "evaluate.py interrupted by SIGTERM; finished: test, features" in line
     assert "not finished: sparse" not in line and "ablation" in line.split("not finished:")[1]
     assert list(logs.rglob("results.json")) == [] and no_temporary_files(logs) == []
+
+
+class _SignalsItselfWhenCollected:
+    """Sends SIGINT to this process from its ``__del__`` and runs on, so that the handler's
+    exception is raised inside the finaliser, where Python ignores it (as in matplotlib's
+    ``WeakKeyDictionary`` callbacks while explain.py draws an overlay)."""
+
+    def __del__(self) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(10_000):  # the handler runs at one of these bytecode boundaries
+            pass
+
+
+def test_a_signal_whose_exception_a_finaliser_ignored_is_delivered_again() -> None:
+    from vebi.utils.signals import JobInterrupted, stop_on_signals
+
+    ignored: list[BaseException] = []
+    outer_hook = sys.unraisablehook
+    sys.unraisablehook = lambda unraisable: ignored.append(unraisable.exc_value)
+    try:
+        with pytest.raises(JobInterrupted) as stopped, stop_on_signals():
+            _SignalsItselfWhenCollected()  # collected at once: __del__ swallows the first raise
+            time.sleep(5)  # the signal sent again is raised here
+            pytest.fail("the ignored interruption was not delivered again")
+    finally:
+        sys.unraisablehook = outer_hook
+    assert stopped.value.signum == signal.SIGINT
+    assert ignored == []  # the hook of stop_on_signals handled it; no other hook saw it
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

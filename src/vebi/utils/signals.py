@@ -13,6 +13,11 @@ that says what was finished and what was not, finished artefacts intact and none
 * The entry points (:func:`vebi.utils.cli.report_user_errors`) print
   :meth:`JobInterrupted.describe` and exit with 128 + the signal number (143 for SIGTERM, 130
   for SIGINT), as a shell reports a process ended by that signal.
+* Python ignores an exception raised where nothing can catch it: in a ``__del__``, a weakref
+  callback or the garbage collector (matplotlib drops figures through ``WeakKeyDictionary``
+  callbacks, so about one signal in six sent while an overlay was drawn used to be lost and the
+  job ran on). Such an exception reaches ``sys.unraisablehook``; ours sends the same signal
+  again, so that it is raised at the next point of ordinary code.
 """
 
 from __future__ import annotations
@@ -20,9 +25,12 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import OnExceptionCheckpoint
@@ -30,6 +38,8 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 #: The signals a job stops on.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+#: Delay before a signal whose exception a finaliser ignored is sent again.
+REDELIVER_SECONDS = 0.05
 
 
 class JobInterrupted(BaseException):
@@ -125,16 +135,30 @@ def stop_on_signals() -> Iterator[None]:
     _handler.progress = None
     for signum in STOP_SIGNALS:
         signal.signal(signum, _handler)
+    previous_hook = sys.unraisablehook
+
+    def deliver_again(unraisable: Any) -> None:
+        """A :class:`JobInterrupted` raised inside a finaliser was ignored: send the signal
+        again from another thread a moment later, once this hook (where a raise would be
+        ignored too) has returned; if it lands in a finaliser again, this runs again."""
+        error = unraisable.exc_value
+        if isinstance(error, JobInterrupted):
+            resend = threading.Timer(REDELIVER_SECONDS, os.kill, (os.getpid(), error.signum))
+            resend.daemon = True
+            resend.start()
+        else:
+            previous_hook(unraisable)
+
+    sys.unraisablehook = deliver_again
     try:
         yield
     finally:
+        sys.unraisablehook = previous_hook
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 
 
 def _in_main_thread() -> bool:
-    import threading
-
     return threading.current_thread() is threading.main_thread()
 
 
