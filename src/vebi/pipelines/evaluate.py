@@ -13,6 +13,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import Logger
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
@@ -48,20 +49,14 @@ from vebi.mining.reporting import console_summary
 from vebi.mining.reuse import load_or_mine
 from vebi.models.hooks import to_device
 from vebi.modules.classifier import ClassifierModule
-from vebi.pipelines.common import load_model, mined_features_path
+from vebi.pipelines.common import LoadedModel, load_model, mined_features_path
 from vebi.pipelines.report import report_run
-from vebi.utils.cli import finish_loggers, wandb_run_dir
 from vebi.utils.distributed import ShardSampler, is_main_process
-from vebi.utils.instantiate import (
-    device_for,
-    flat_config,
-    instantiate_checked,
-    instantiate_loggers,
-    instantiate_trainer,
-)
+from vebi.utils.instantiate import device_for, instantiate_checked, instantiate_trainer
 from vebi.utils.io import atomic_path, strict_json
 from vebi.utils.log import get_logger
 from vebi.utils.signals import JobProgress
+from vebi.utils.task import Task, task
 
 log = get_logger(__name__)
 
@@ -325,112 +320,142 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         L.seed_everything(int(cfg.seed), workers=True)
     datamodule = instantiate_checked(cfg.data, L.LightningDataModule, "data")
     model = load_model(cfg, datamodule)
-    module, ckpt_path = model.module, model.ckpt_path
-    data_classes = getattr(datamodule, "num_classes", None)
-    if data_classes is not None and data_classes != module.hparams.num_classes:
-        raise VebiError(
-            f"{model.source} predicts {module.hparams.num_classes} classes but the data "
-            f"({cfg.data._target_}) has {data_classes}: pick the matching experiment=..."
-        )
-    output_dir = Path(cfg.paths.output_dir)
-    loggers = instantiate_loggers(cfg.get("logger"))
-    # test batches sharded without padding (ShardSampler): under DDP the test metrics are
-    # those of one process
-    trainer: L.Trainer = instantiate_trainer(
-        cfg.trainer, logger=loggers or False, callbacks=[], use_distributed_sampler=False
-    )
-    for logger in loggers:
-        logger.log_hyperparams({**flat_config(cfg), "model": model.source})
+    _check_classes(model, datamodule, cfg)
     planned = ["test", "features", *cfg.evaluation.evaluators, "results.json"]
-    progress = JobProgress("evaluate.py", planned)
-    failed = True
-    try:
-        datamodule.prepare_data()
-        datamodule.setup("test")
-        test_dataset = datamodule.test_dataloader().dataset
-        # refuses an empty test split before anything runs
-        test = EvaluationSet.from_dataset(
-            test_dataset,
-            cfg.evaluation.get("max_images"),
-            int(cfg.seed),
-            int(cfg.evaluation.batch_size_inference),
-            int(getattr(datamodule, "hparams", {}).get("num_workers", 0)),
-        )
-        loader = DataLoader(
-            test_dataset,
-            batch_size=int(datamodule.hparams.get("batch_size", 64)),
-            sampler=ShardSampler(len(test_dataset)),
-            num_workers=int(datamodule.hparams.get("num_workers", 0)),
-        )
-        if len(test_dataset) < trainer.world_size:  # Lightning's test loop needs a batch each
-            raise VebiError(
-                f"the test split has {len(test_dataset)} image(s), fewer than the "
-                f"{trainer.world_size} processes of trainer.devices x trainer.num_nodes: run on "
-                "fewer devices (the evaluators after the test pass cope with empty shards)"
-            )
-        (metrics,) = trainer.test(module, dataloaders=loader)
-        progress.done("test")
-        module = to_device(module, device_for(cfg.trainer))
-        explicit = cfg.get("relevant_features")
-        relevant, relevant_path, obtained = load_or_mine(
-            instantiate_checked(cfg.mining, FeatureMiner, "mining"),
-            module.net,
-            module.class_names,
-            datamodule,
-            Path(explicit) if explicit else model.saved_features(),
-            explicit=bool(explicit),
-            output_dir=output_dir / "mining",
-            loggers=loggers,
-            named_classes=module.hparams.get("class_names"),
-        )
-        probe = test.select(torch.arange(1)).load().images
-        relevant.check_model(module.net, probe.to(device_for(cfg.trainer)))
-        log.info("\n%s\n  (%s: %s)", console_summary(relevant), obtained, relevant_path)
-        progress.done("features", str(relevant_path))
+    with task(cfg, "evaluate.py", planned, model=model.source) as run:
+        test, metrics = _test_network(cfg, model.module, datamodule, run.loggers)
+        run.progress.done("test")
+        module = to_device(model.module, device_for(cfg.trainer))
+        relevant, relevant_path = _relevant_features(cfg, model, module, datamodule, test, run)
+        run.progress.done("features", str(relevant_path))
         # the heatmap methods are built before any evaluator runs: a model they cannot explain
         # (a module without backward rule) is refused now, not after the ablation
         heatmaps = set(cfg.evaluation.evaluators) & set(METHOD_EVALUATORS)
         methods = build_methods(cfg, module.net, relevant) if heatmaps else {}
         evaluations, panels, notes = run_evaluators(
-            cfg, module, relevant, test, methods, progress, datamodule
+            cfg, module, relevant, test, methods, run.progress, datamodule
         )
         result = {
-            "checkpoint": str(ckpt_path) if ckpt_path else None,
+            "checkpoint": str(model.ckpt_path) if model.ckpt_path else None,
             "model": model.source,
-            "num_test_images": len(test_dataset),
+            "num_test_images": len(test.dataset),
             "relevant_features": str(relevant_path),
             "mu": relevant.mu,
             "k": cfg.get("k"),
-            "metrics": {k: float(v) for k, v in metrics.items()}
-            | {f"test/{k}": v for k, v in evaluations.pop("sparse", {}).items()},
+            "metrics": metrics | {f"test/{k}": v for k, v in evaluations.pop("sparse", {}).items()},
             **evaluations,
             "notes": notes,
             "config": OmegaConf.to_container(cfg.evaluation, resolve=True),
-            "output_dir": str(output_dir),
+            "output_dir": str(cfg.paths.output_dir),
         }
-        # every process holds the same (all-reduced) results; one writes them
-        figures = save_figures(result, panels, output_dir) if is_main_process() else {}
-        result["figures"] = {name: str(path) for name, path in figures.items()}
-        log_to_wandb(loggers, result, figures)
-        result["wandb_dir"] = wandb_run_dir(loggers)
-        if is_main_process():
-            _write_results(result, output_dir, Path(cfg.paths.root_dir))
-            progress.done("results.json")
-        result["report"] = report_run(output_dir, loggers)
-        failed = False
-    finally:
-        finish_loggers(loggers, failed=failed)
+        _publish(result, panels, cfg, run)
+    _print_summary(result)
+    return result
+
+
+def _check_classes(model: LoadedModel, datamodule: L.LightningDataModule, cfg: DictConfig) -> None:
+    """Refuse a network whose class count is not the data's."""
+    data_classes = getattr(datamodule, "num_classes", None)
+    predicted = model.module.hparams.num_classes
+    if data_classes is not None and data_classes != predicted:
+        raise VebiError(
+            f"{model.source} predicts {predicted} classes but the data "
+            f"({cfg.data._target_}) has {data_classes}: pick the matching experiment=..."
+        )
+
+
+def _test_network(
+    cfg: DictConfig,
+    module: ClassifierModule,
+    datamodule: L.LightningDataModule,
+    loggers: list[Logger],
+) -> tuple[EvaluationSet, dict[str, float]]:
+    """(the evaluation images, the network's test metrics from Lightning's test loop). Test
+    batches are sharded without padding (ShardSampler): under DDP the test metrics are those
+    of one process."""
+    trainer: L.Trainer = instantiate_trainer(
+        cfg.trainer, logger=loggers or False, callbacks=[], use_distributed_sampler=False
+    )
+    datamodule.prepare_data()
+    datamodule.setup("test")
+    test_dataset = datamodule.test_dataloader().dataset
+    # refuses an empty test split before anything runs
+    test = EvaluationSet.from_dataset(
+        test_dataset,
+        cfg.evaluation.get("max_images"),
+        int(cfg.seed),
+        int(cfg.evaluation.batch_size_inference),
+        int(getattr(datamodule, "hparams", {}).get("num_workers", 0)),
+    )
+    loader = DataLoader(
+        test_dataset,
+        batch_size=int(datamodule.hparams.get("batch_size", 64)),
+        sampler=ShardSampler(len(test_dataset)),
+        num_workers=int(datamodule.hparams.get("num_workers", 0)),
+    )
+    if len(test_dataset) < trainer.world_size:  # Lightning's test loop needs a batch each
+        raise VebiError(
+            f"the test split has {len(test_dataset)} image(s), fewer than the "
+            f"{trainer.world_size} processes of trainer.devices x trainer.num_nodes: run on "
+            "fewer devices (the evaluators after the test pass cope with empty shards)"
+        )
+    (metrics,) = trainer.test(module, dataloaders=loader)
+    return test, {k: float(v) for k, v in metrics.items()}
+
+
+def _relevant_features(
+    cfg: DictConfig,
+    model: LoadedModel,
+    module: ClassifierModule,
+    datamodule: L.LightningDataModule,
+    test: EvaluationSet,
+    run: Task,
+) -> tuple[RelevantFeatures, Path]:
+    """The relevant features of ``relevant_features=``, of the checkpoint's training run, or
+    mined now (:func:`~vebi.mining.reuse.load_or_mine`), checked against the network."""
+    explicit = cfg.get("relevant_features")
+    relevant, relevant_path, obtained = load_or_mine(
+        instantiate_checked(cfg.mining, FeatureMiner, "mining"),
+        module.net,
+        module.class_names,
+        datamodule,
+        Path(explicit) if explicit else model.saved_features(),
+        explicit=bool(explicit),
+        output_dir=Path(cfg.paths.output_dir) / "mining",
+        loggers=run.loggers,
+        named_classes=module.hparams.get("class_names"),
+    )
+    probe = test.select(torch.arange(1)).load().images
+    relevant.check_model(module.net, probe.to(device_for(cfg.trainer)))
+    log.info("\n%s\n  (%s: %s)", console_summary(relevant), obtained, relevant_path)
+    return relevant, relevant_path
+
+
+def _publish(result: dict[str, Any], panels: dict[str, Any], cfg: DictConfig, run: Task) -> None:
+    """Figures, W&B, ``results.json``/``results.md`` and the report. Every process holds the
+    same (all-reduced) results; the first one writes them."""
+    output_dir = Path(cfg.paths.output_dir)
+    figures = save_figures(result, panels, output_dir) if is_main_process() else {}
+    result["figures"] = {name: str(path) for name, path in figures.items()}
+    log_to_wandb(run.loggers, result, figures)
+    result["wandb_dir"] = run.wandb_dir
+    if is_main_process():
+        _write_results(result, output_dir, Path(cfg.paths.root_dir))
+        run.progress.done("results.json")
+    result["report"] = report_run(output_dir, run.loggers)
+
+
+def _print_summary(result: dict[str, Any]) -> None:
     acc = result["metrics"].get("test/acc")
-    lines = [results_markdown(result), "Evaluation finished", f"  model:       {model.source}"]
+    lines = [results_markdown(result), "Evaluation finished", f"  model:       {result['model']}"]
     if acc is not None:
-        lines.append(f"  test acc:    {100 * acc:.2f}% on {len(test_dataset)} test images")
-    lines.append(f"  run files:   {output_dir}")
+        lines.append(f"  test acc:    {100 * acc:.2f}% on {result['num_test_images']} test images")
+    lines.append(f"  run files:   {result['output_dir']}")
     if result.get("report"):
         lines.append(f"  report:      {result['report']}")
     if result["wandb_dir"]:
         lines.append(f"  W&B run:     {result['wandb_dir']}")
     log.info("\n".join(lines))
-    return result
 
 
 def portable_paths(result: Any, root: Path) -> Any:

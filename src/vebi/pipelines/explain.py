@@ -20,17 +20,11 @@ from vebi.mining.miner import model_fingerprint
 from vebi.mining.relevant import RelevantFeatures
 from vebi.pipelines.common import load_model, relevant_features_for
 from vebi.pipelines.report import report_run
-from vebi.utils.cli import finish_loggers, wandb_run_dir
 from vebi.utils.distributed import ShardSampler, gather_objects, is_main_process
-from vebi.utils.instantiate import (
-    flat_config,
-    instantiate_checked,
-    instantiate_loggers,
-    instantiate_trainer,
-)
+from vebi.utils.instantiate import instantiate_checked, instantiate_trainer
 from vebi.utils.io import atomic_path, unique_file_names
 from vebi.utils.log import get_logger
-from vebi.utils.signals import JobProgress
+from vebi.utils.task import task
 from vebi.utils.wandb_media import log_figures
 
 log = get_logger(__name__)
@@ -150,7 +144,6 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
         batch_size=batch_size,
         sampler=ShardSampler(len(images)),
     )
-    loggers = instantiate_loggers(cfg.get("logger"))
     trainer: L.Trainer = instantiate_trainer(
         cfg.trainer,
         logger=False,
@@ -159,14 +152,11 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
         inference_mode=False,  # explanations need autograd
         enable_model_summary=False,
     )
-    for logger in loggers:
-        logger.log_hyperparams({**flat_config(cfg), "model": model.source})
-    failed, wandb_dir, page = True, None, None
-    progress = JobProgress("explain.py", ["explaining", "explanations.json"])
-    progress.keep(f"the overlays written so far are complete files in {output_dir}")
-    try:
+    page = None
+    with task(cfg, "explain.py", ["explaining", "explanations.json"], model=model.source) as run:
+        run.progress.keep(f"the overlays written so far are complete files in {output_dir}")
         batches = trainer.predict(step, dataloaders=loader) or []
-        progress.done("explaining", f"{len(images)} image(s)")
+        run.progress.done("explaining", f"{len(images)} image(s)")
         mine = [entry for batch in batches for entry in batch]
         entries = sorted(entry for part in gather_objects(mine) for entry in part)
         records = [record for _, record in entries]
@@ -189,14 +179,11 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
         if is_main_process():
             with atomic_path(output_dir / "explanations.json") as tmp:
                 tmp.write_text(json.dumps(result, indent=2))
-            progress.done("explanations.json")
+            run.progress.done("explanations.json")
             figures = [Path(record["figure"]) for record in records]
-            log_figures(loggers, "explanations", figures, [r["image"] for r in records])
-            page = report_run(cfg.paths.output_dir, loggers)
-            wandb_dir = wandb_run_dir(loggers)
-        failed = False
-    finally:
-        finish_loggers(loggers, failed=failed)
+            log_figures(run.loggers, "explanations", figures, [r["image"] for r in records])
+            page = report_run(cfg.paths.output_dir, run.loggers)
+        wandb_dir = run.wandb_dir
     if not is_main_process():
         return result
     lines = [f"\nExplained {len(records)} image(s) with k = {cfg.k} features ({rules.describe()}):"]

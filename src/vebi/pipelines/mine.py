@@ -14,15 +14,9 @@ from vebi.mining.miner import FeatureMiner
 from vebi.mining.reporting import console_summary, save_and_log
 from vebi.pipelines.common import NO_GALLERIES, load_model, make_galleries, rule_probe
 from vebi.pipelines.report import report_run
-from vebi.utils.cli import finish_loggers, wandb_run_dir
-from vebi.utils.instantiate import (
-    device_for,
-    flat_config,
-    instantiate_checked,
-    instantiate_loggers,
-)
+from vebi.utils.instantiate import device_for, instantiate_checked
 from vebi.utils.log import get_logger
-from vebi.utils.signals import JobProgress
+from vebi.utils.task import task
 
 log = get_logger(__name__)
 
@@ -36,44 +30,36 @@ def mine(cfg: DictConfig) -> dict[str, Any]:
     datamodule.prepare_data()
     datamodule.setup("fit")
     miner = instantiate_checked(cfg.mining, FeatureMiner, "mining")
-    loggers = instantiate_loggers(cfg.get("logger"))
-    for logger in loggers:
-        logger.log_hyperparams({**flat_config(cfg), "model": model.source})
     galleries = (cfg.get("interpretation") or {}).get("galleries", True)
     planned = ["mining", "saving the relevant features", *(["galleries"] if galleries else [])]
-    failed = True
-    progress = JobProgress("mine.py", planned)
-    try:
+    with task(cfg, "mine.py", planned, model=model.source) as run:
         dataset, val_dataset = mining_datasets(datamodule)
         if galleries:  # the galleries need backward rules
             check_rule_coverage(
                 module.net, hint=NO_GALLERIES, images=rule_probe(module.net, datamodule)
             )
         if miner.cache_dir is not None:
-            progress.keep(
+            run.progress.keep(
                 f"the activation cache keeps its complete chunks in {miner.cache_dir}: run "
                 "the same command again to resume"
             )
         report = miner.mine(module.net, dataset, val_dataset, module.class_names)
-        progress.done("mining")
-        path = save_and_log(report, Path(cfg.paths.output_dir), loggers)
-        progress.done("saving the relevant features", str(path))
+        run.progress.done("mining")
+        path = save_and_log(report, Path(cfg.paths.output_dir), run.loggers)
+        run.progress.done("saving the relevant features", str(path))
         make_galleries(
             cfg,
             module.net,
             report,
             dataset,
             Path(cfg.paths.output_dir) / "galleries",
-            loggers,
+            run.loggers,
             datamodule,
         )
-        progress.done("galleries")
+        run.progress.done("galleries")
         miner.release(report)
-        page = report_run(cfg.paths.output_dir, loggers)
-        wandb_dir = wandb_run_dir(loggers)
-        failed = False
-    finally:
-        finish_loggers(loggers, failed=failed)
+        page = report_run(cfg.paths.output_dir, run.loggers)
+        wandb_dir = run.wandb_dir
     log.info(
         "\n%s\n\n  relevant features: %s\n  report: %s\n  W&B run: %s",
         console_summary(report.relevant),

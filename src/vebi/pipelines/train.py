@@ -16,17 +16,15 @@ from vebi.explain.rules import check_rule_coverage
 from vebi.mining.callback import FeatureMiningCallback, mining_datasets
 from vebi.pipelines.common import NO_GALLERIES, make_galleries, rule_probe, run_settings
 from vebi.pipelines.report import report_run
-from vebi.utils.cli import finish_loggers, wandb_run_dir
 from vebi.utils.instantiate import (
-    flat_config,
     instantiate_callbacks,
     instantiate_checked,
-    instantiate_loggers,
     instantiate_trainer,
 )
 from vebi.utils.io import atomic_path, strict_json
 from vebi.utils.log import get_logger
 from vebi.utils.signals import InterruptCheckpoint, JobProgress, interrupted_training
+from vebi.utils.task import task
 
 log = get_logger(__name__)
 
@@ -65,31 +63,25 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if galleries and mining:
         probe = rule_probe(model.net, datamodule)  # the galleries need backward rules
         check_rule_coverage(model.net, hint=NO_GALLERIES, images=probe)
-    loggers = instantiate_loggers(cfg.get("logger"))
-    trainer: L.Trainer = instantiate_trainer(
-        cfg.trainer, callbacks=callbacks, logger=loggers or False
-    )
-    for logger in loggers:
-        logger.log_hyperparams(flat_config(cfg))
-
     planned = ["training", *(["mining"] if mining else []), *(["test"] if cfg.get("test") else [])]
     planned += ["galleries"] if mining and galleries else []
-    failed = True
-    progress = JobProgress("train.py", planned)
-    try:
+    with task(cfg, "train.py", planned) as run:
+        trainer: L.Trainer = instantiate_trainer(
+            cfg.trainer, callbacks=callbacks, logger=run.loggers or False
+        )
         started = time.perf_counter()
-        _fit(trainer, model, datamodule, resume, interrupt, progress)
+        _fit(trainer, model, datamodule, resume, interrupt, run.progress)
         train_seconds = time.perf_counter() - started
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         best = _best_checkpoint(trainer)
         if mining and mining.report:
-            progress.done("mining", str(mining.artefact_path))
+            run.progress.done("mining", str(mining.artefact_path))
         if cfg.get("test"):
             trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
             metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
-            progress.done("test")
+            run.progress.done("test")
         metrics["train_seconds"] = train_seconds
-        for logger in loggers:
+        for logger in run.loggers:
             logger.log_metrics({"train_seconds": train_seconds})
         if mining and mining.report:  # every process: galleries rank all shards' images
             make_galleries(
@@ -98,11 +90,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 mining.report,
                 mining_datasets(datamodule)[0],
                 mining.output_dir / "galleries",
-                loggers,
+                run.loggers,
                 datamodule,
             )
             mining.miner.release(mining.report)
-            progress.done("galleries")
+            run.progress.done("galleries")
         result = {
             **metrics,
             "relevant_features": str(mining.artefact_path)
@@ -110,15 +102,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             else None,
             "best_checkpoint": best,
             "output_dir": str(Path(cfg.paths.output_dir)),
-            "wandb_dir": wandb_run_dir(loggers),
+            "wandb_dir": run.wandb_dir,
         }
         if trainer.is_global_zero:
             with atomic_path(Path(cfg.paths.output_dir) / "summary.json") as tmp:
                 tmp.write_text(strict_json(result)[0])
-        result["report"] = report_run(cfg.paths.output_dir, loggers)
-        failed = False
-    finally:
-        finish_loggers(loggers, failed=failed)
+        result["report"] = report_run(cfg.paths.output_dir, run.loggers)
     _print_summary(result)
     return result
 

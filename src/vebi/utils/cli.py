@@ -11,7 +11,6 @@ from typing import Any, TypeVar
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback as HydraCallback
-from lightning.pytorch.loggers import Logger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from vebi.errors import VebiError
@@ -81,26 +80,6 @@ def report_user_errors(task: Callable[..., T]) -> Callable[..., T]:
             raise SystemExit(1) from None
 
     return wrapper
-
-
-def wandb_run_dir(loggers: list[Logger]) -> str | None:
-    """The local folder of the W&B run (offline runs sync from there), if a W&B logger is used."""
-    for logger in loggers:
-        if isinstance(logger, WandbLogger):
-            return str(Path(logger.experiment.dir).parent)
-    return None
-
-
-def finish_loggers(loggers: list[Logger], failed: bool = False) -> None:
-    """Flush and close loggers; W&B runs are marked failed when the job failed."""
-    for logger in loggers:
-        if isinstance(logger, WandbLogger):
-            import wandb
-
-            if wandb.run is not None:
-                wandb.finish(exit_code=1 if failed else 0)
-        else:
-            logger.finalize("failed" if failed else "success")
 
 
 class RunDirCheck(HydraCallback):
