@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 from hydra.utils import instantiate
-from lightning import LightningDataModule, LightningModule, Trainer
+from lightning import LightningModule, Trainer
 
 from tests.conftest import CONFIG_DIR
+from vebi.data import check_data_contract
 
 EXPERIMENTS = sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
 GROUP_OPTIONS = [
@@ -32,7 +33,12 @@ def test_experiment_composes_and_instantiates(
     offline = ["model.net.pretrained=false"] if experiment == "imagenet" else []
     cfg = compose_cfg(config_name, [f"experiment={experiment}", *offline])
     assert cfg.experiment_name == experiment
-    assert isinstance(instantiate(cfg.data), LightningDataModule)
+    datamodule = instantiate(cfg.data)  # nothing read from disk yet
+    assert check_data_contract(datamodule) is datamodule
+    assert (datamodule.batch_size, datamodule.num_workers) == (
+        cfg.data.batch_size,
+        cfg.data.num_workers,
+    )
     model = instantiate(cfg.model)
     assert isinstance(model, LightningModule)
     trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)

@@ -2,11 +2,88 @@
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
+
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from vebi.errors import VebiError
+
+
+@runtime_checkable
+class ClassificationData(Protocol):
+    """What the jobs (train, mine, explain, evaluate) read from a data module: the contract
+    that :class:`SplitDataModule` implements. Images are (C, H, W) float tensors in [0, 1]
+    (normalisation is the model's job); items are (image, label[, mask])."""
+
+    class_names: Sequence[str]
+    data_test: Dataset | None
+
+    @property
+    def num_classes(self) -> int: ...
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]: ...
+
+    @property
+    def batch_size(self) -> int: ...
+
+    @property
+    def num_workers(self) -> int: ...
+
+    def prepare_data(self) -> None: ...
+
+    def setup(self, stage: str) -> None: ...
+
+    def mining_dataset(self) -> Dataset:
+        """The training images without augmentation, in a fixed order."""
+        ...
+
+    def test_dataloader(self) -> DataLoader: ...
+
+
+#: The members of :class:`ClassificationData`, checked by :func:`check_data_contract`.
+DATA_CONTRACT = (
+    "class_names",
+    "num_classes",
+    "image_shape",
+    "batch_size",
+    "num_workers",
+    "data_test",
+    "prepare_data",
+    "setup",
+    "mining_dataset",
+    "test_dataloader",
+)
+
+
+def check_data_contract(datamodule: object, where: str = "data") -> ClassificationData:
+    """``datamodule`` if it is a LightningDataModule offering every member of
+    :class:`ClassificationData` (looked up without evaluating properties, which may need the
+    data on disk); otherwise one error naming what is missing and how to get it."""
+    kind = f"{type(datamodule).__module__}.{type(datamodule).__qualname__}"
+    if not isinstance(datamodule, LightningDataModule):
+        raise VebiError(f"{where} must be a LightningDataModule, got {kind}")
+    missing = [name for name in DATA_CONTRACT if not _offers(datamodule, name)]
+    if missing:
+        raise VebiError(
+            f"{where} ({kind}) lacks {', '.join(missing)}, which the jobs read from a data "
+            "module (vebi.data.ClassificationData): derive it from vebi.data.SplitDataModule, "
+            "which provides them from data_train/data_val/data_test and its hyper-parameters "
+            "batch_size, num_workers (and image_size), or add them"
+        )
+    return datamodule  # type: ignore[return-value]
+
+
+def _offers(instance: object, name: str) -> bool:
+    try:
+        inspect.getattr_static(instance, name)
+    except AttributeError:
+        return False
+    return True
 
 
 def image_transforms(size: int, train: bool, eval_resize: float = 1.14) -> transforms.Compose:
@@ -44,6 +121,14 @@ class SplitDataModule(LightningDataModule):
         """(C, H, W) of the images; RGB at ``image_size`` unless a subclass says otherwise."""
         return (3, self.hparams.image_size, self.hparams.image_size)
 
+    @property
+    def batch_size(self) -> int:
+        return int(self.hparams.batch_size)
+
+    @property
+    def num_workers(self) -> int:
+        return int(self.hparams.get("num_workers", 0))
+
     def mining_dataset(self) -> Dataset:
         """The training split as (image, label, ...) without augmentation, in a fixed order."""
         dataset = self.data_mining if self.data_mining is not None else self.data_train
@@ -54,10 +139,10 @@ class SplitDataModule(LightningDataModule):
     def _loader(self, dataset: Dataset | None, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise VebiError("the data module is not set up: call setup() first")
-        workers = self.hparams.num_workers
+        workers = self.num_workers
         return DataLoader(
             dataset,
-            batch_size=self.hparams.batch_size,
+            batch_size=self.batch_size,
             shuffle=shuffle,
             num_workers=workers,
             pin_memory=self.hparams.get("pin_memory", False),

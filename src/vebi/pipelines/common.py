@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate as hydra_instantiate
@@ -23,6 +24,7 @@ from vebi.checkpoint import (
     newest_checkpoint,
     stored_settings,
 )
+from vebi.data.base import ClassificationData, check_data_contract
 from vebi.errors import CheckpointError, VebiError
 from vebi.evaluation.data import EvaluationSet
 from vebi.evaluation.dissection import FeatureDissection, part_masks
@@ -32,6 +34,7 @@ from vebi.mining.relevant import RelevantFeatures
 from vebi.mining.reporting import ARTEFACT_NAME
 from vebi.models.hooks import eval_mode
 from vebi.modules.classifier import ClassifierModule
+from vebi.utils.instantiate import instantiate_checked
 from vebi.utils.log import get_logger
 
 log = get_logger(__name__)
@@ -62,6 +65,13 @@ def _storable(override: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def instantiate_data(config: DictConfig) -> ClassificationData:
+    """The data module of ``config`` (``cfg.data``), checked against the contract the jobs
+    read (:class:`vebi.data.ClassificationData`) before any work."""
+    datamodule = instantiate_checked(config, L.LightningDataModule, "data")
+    return check_data_contract(datamodule, f"data ({config.get('_target_')})")
 
 
 def run_settings(cfg: DictConfig, datamodule: Any) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from vebi.checkpoint import load_classifier
+from vebi.data.base import ClassificationData
 from vebi.errors import VebiError, require_int_in_range
 from vebi.evaluation.ablation import (
     AblationRelevance,
@@ -49,7 +50,7 @@ from vebi.mining.reporting import console_summary
 from vebi.mining.reuse import load_or_mine
 from vebi.models.hooks import to_device
 from vebi.modules.classifier import ClassifierModule
-from vebi.pipelines.common import LoadedModel, load_model, mined_features_path
+from vebi.pipelines.common import LoadedModel, instantiate_data, load_model, mined_features_path
 from vebi.pipelines.report import report_run
 from vebi.utils.distributed import ShardSampler, is_main_process
 from vebi.utils.instantiate import device_for, instantiate_checked, instantiate_trainer
@@ -318,7 +319,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     _check_settings(cfg.evaluation)
     if cfg.get("seed") is not None:
         L.seed_everything(int(cfg.seed), workers=True)
-    datamodule = instantiate_checked(cfg.data, L.LightningDataModule, "data")
+    datamodule = instantiate_data(cfg.data)
     model = load_model(cfg, datamodule)
     _check_classes(model, datamodule, cfg)
     planned = ["test", "features", *cfg.evaluation.evaluators, "results.json"]
@@ -353,11 +354,11 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
-def _check_classes(model: LoadedModel, datamodule: L.LightningDataModule, cfg: DictConfig) -> None:
+def _check_classes(model: LoadedModel, datamodule: ClassificationData, cfg: DictConfig) -> None:
     """Refuse a network whose class count is not the data's."""
-    data_classes = getattr(datamodule, "num_classes", None)
+    data_classes = datamodule.num_classes
     predicted = model.module.hparams.num_classes
-    if data_classes is not None and data_classes != predicted:
+    if data_classes != predicted:
         raise VebiError(
             f"{model.source} predicts {predicted} classes but the data "
             f"({cfg.data._target_}) has {data_classes}: pick the matching experiment=..."
@@ -367,7 +368,7 @@ def _check_classes(model: LoadedModel, datamodule: L.LightningDataModule, cfg: D
 def _test_network(
     cfg: DictConfig,
     module: ClassifierModule,
-    datamodule: L.LightningDataModule,
+    datamodule: ClassificationData,
     loggers: list[Logger],
 ) -> tuple[EvaluationSet, dict[str, float]]:
     """(the evaluation images, the network's test metrics from Lightning's test loop). Test
@@ -385,13 +386,13 @@ def _test_network(
         cfg.evaluation.get("max_images"),
         int(cfg.seed),
         int(cfg.evaluation.batch_size_inference),
-        int(getattr(datamodule, "hparams", {}).get("num_workers", 0)),
+        datamodule.num_workers,
     )
     loader = DataLoader(
         test_dataset,
-        batch_size=int(datamodule.hparams.get("batch_size", 64)),
+        batch_size=datamodule.batch_size,
         sampler=ShardSampler(len(test_dataset)),
-        num_workers=int(datamodule.hparams.get("num_workers", 0)),
+        num_workers=datamodule.num_workers,
     )
     if len(test_dataset) < trainer.world_size:  # Lightning's test loop needs a batch each
         raise VebiError(

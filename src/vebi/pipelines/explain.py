@@ -18,10 +18,10 @@ from vebi.explain.inputs import load_images
 from vebi.explain.rules import Rules
 from vebi.mining.miner import model_fingerprint
 from vebi.mining.relevant import RelevantFeatures
-from vebi.pipelines.common import load_model, relevant_features_for
+from vebi.pipelines.common import instantiate_data, load_model, relevant_features_for
 from vebi.pipelines.report import report_run
 from vebi.utils.distributed import ShardSampler, gather_objects, is_main_process
-from vebi.utils.instantiate import instantiate_checked, instantiate_trainer
+from vebi.utils.instantiate import instantiate_trainer
 from vebi.utils.io import atomic_path, unique_file_names
 from vebi.utils.log import get_logger
 from vebi.utils.task import task
@@ -118,7 +118,7 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
     writes ``explanations.json`` with the records of all (in input order)."""
     batch_size = require_int_in_range("batch_size", cfg.batch_size, 1)
     require_int_in_range("k", cfg.k, 1)
-    datamodule = instantiate_checked(cfg.data, L.LightningDataModule, "data")
+    datamodule = instantiate_data(cfg.data)
     model = load_model(cfg, datamodule)
     module = model.module
     target = require_int_in_range(

@@ -5,14 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 from omegaconf import DictConfig
 
 from vebi.explain.rules import check_rule_coverage
 from vebi.mining.callback import mining_datasets
 from vebi.mining.miner import FeatureMiner
 from vebi.mining.reporting import console_summary, save_and_log
-from vebi.pipelines.common import NO_GALLERIES, load_model, make_galleries, rule_probe
+from vebi.pipelines.common import (
+    NO_GALLERIES,
+    instantiate_data,
+    load_model,
+    make_galleries,
+    rule_probe,
+)
 from vebi.pipelines.report import report_run
 from vebi.utils.instantiate import device_for, instantiate_checked
 from vebi.utils.log import get_logger
@@ -24,7 +29,7 @@ log = get_logger(__name__)
 def mine(cfg: DictConfig) -> dict[str, Any]:
     """Load the network (checkpoint or config), mine on the data's training split, save and log
     the artefact."""
-    datamodule = instantiate_checked(cfg.data, L.LightningDataModule, "data")
+    datamodule = instantiate_data(cfg.data)
     model = load_model(cfg, datamodule)
     module = model.module.to(device_for(cfg.trainer))
     datamodule.prepare_data()

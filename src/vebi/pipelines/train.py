@@ -7,14 +7,20 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from vebi.checkpoint import read_checkpoint
 from vebi.errors import VebiError
 from vebi.explain.rules import check_rule_coverage
 from vebi.mining.callback import FeatureMiningCallback, mining_datasets
-from vebi.pipelines.common import NO_GALLERIES, make_galleries, rule_probe, run_settings
+from vebi.modules.classifier import ClassifierModule
+from vebi.pipelines.common import (
+    NO_GALLERIES,
+    instantiate_data,
+    make_galleries,
+    rule_probe,
+    run_settings,
+)
 from vebi.pipelines.report import report_run
 from vebi.utils.instantiate import (
     instantiate_callbacks,
@@ -47,9 +53,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         read_checkpoint(resume)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
-    datamodule = instantiate_checked(cfg.data, L.LightningDataModule, "data")
-    model = instantiate(cfg.model)
-    if getattr(datamodule, "num_classes", model.hparams.num_classes) != model.hparams.num_classes:
+    datamodule = instantiate_data(cfg.data)
+    model = instantiate_checked(cfg.model, ClassifierModule, "model")
+    if datamodule.num_classes != model.hparams.num_classes:
         raise VebiError(
             f"the data has {datamodule.num_classes} classes but model.num_classes is "
             f"{model.hparams.num_classes}"
