@@ -13,11 +13,15 @@ The curve is the softmax probability p_i of the explained class after each step 
 including the unperturbed i = 0 (the image for deletion, the baseline for insertion); its area
 is the trapezoid rule over the removed/revealed fraction i / S in [0, 1],
 (sum_i p_i - p_0 / 2 - p_S / 2) / S, as RISE's ``auc``.
+
+The two ends of every path, p_0 and p_S, are the model's probabilities on the images and on
+their baseline, the same for every method scored on a batch: an :class:`EndpointCache` that
+:class:`~vebi.evaluation.heatmaps.HeatmapEvaluation` passes to the metrics keeps them (3
+forwards per image instead of 4 per image and method); without one they are computed anew.
 """
 
 from __future__ import annotations
 
-import weakref
 from typing import Any
 
 import torch
@@ -26,7 +30,7 @@ from torch import nn
 
 from vebi.errors import VebiError
 from vebi.evaluation.data import forward_batch_size
-from vebi.evaluation.metric_base import Curve, HeatmapMetric, require
+from vebi.evaluation.metric_base import Curve, MeanOverImages, require
 from vebi.explain.heatmaps import checkerboard_score, stride_periods
 from vebi.models.hooks import inference_mode
 
@@ -56,12 +60,14 @@ def perturbation_curves(
     steps: int = 20,
     baseline: str = "zero",
     batch_size: int | None = None,
+    endpoints: EndpointCache | None = None,
 ) -> torch.Tensor:
     """(N, steps + 1) probabilities of ``classes`` along the deletion or insertion path.
 
     ``batch_size`` perturbed images go through the model at once; by default as many as
     :func:`~vebi.evaluation.data.forward_batch_size` gives on the model's device (at least one
-    image's whole path)."""
+    image's whole path). ``endpoints``: the probabilities at the ends of the paths shared with
+    the other methods scored on these images (:class:`EndpointCache`); None: computed here."""
     if mode not in ("deletion", "insertion"):
         raise VebiError(f"mode must be 'deletion' or 'insertion', got {mode!r}")
     if steps < 1:
@@ -78,9 +84,10 @@ def perturbation_curves(
     rank.scatter_(1, order, torch.arange(pixels, device=order.device).expand_as(order))
     rank = rank.view(count, 1, *images.shape[-2:])
     reference = baseline_images(images, baseline)
+    endpoints = EndpointCache() if endpoints is None else endpoints
     probabilities = {
-        "image": _endpoint_probabilities(model, images, "image", images, batch_size),
-        "baseline": _endpoint_probabilities(model, images, baseline, reference, batch_size),
+        "image": endpoints.probabilities(model, images, "image", images, batch_size),
+        "baseline": endpoints.probabilities(model, images, baseline, reference, batch_size),
     }
     first_end, last_end = ("image", "baseline") if mode == "deletion" else ("baseline", "image")
     start, end = (images, reference) if mode == "deletion" else (reference, images)
@@ -104,38 +111,52 @@ def perturbation_curves(
     return curves
 
 
-#: The class probabilities of the last batch of images and of its baselines (see
-#: :func:`_endpoint_probabilities`).
-_ENDPOINTS: dict[str, Any] = {}
+def class_probabilities(model: nn.Module, inputs: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """(N, classes) softmax of ``model`` on ``inputs``, ``batch_size`` images at a time."""
+    with inference_mode(model):
+        return torch.cat(
+            [
+                model(inputs[first : first + batch_size]).softmax(dim=1)
+                for first in range(0, len(inputs), batch_size)
+            ]
+        )
 
 
-def _weights_version(model: nn.Module) -> int:
-    return sum(p._version for p in model.parameters())
+class EndpointCache:
+    """The two ends of the deletion and insertion paths of one batch of images: the softmax of
+    the model on the images (``kind="image"``) and on each of their baselines (``kind`` the
+    baseline's name), computed once and shared by every method and metric scored on them.
 
+    They hold while the images and the model's weights stay as they are: the owner clears the
+    cache when either changes (:class:`~vebi.evaluation.heatmaps.HeatmapEvaluation` makes one
+    per evaluation and clears it at every batch). Given other images or another model (other
+    objects, compared with ``is``: the cache holds them) it starts again by itself."""
 
-def _endpoint_probabilities(
-    model: nn.Module, images: torch.Tensor, kind: str, inputs: torch.Tensor, batch_size: int
-) -> torch.Tensor:
-    """(N, classes) softmax of ``model`` on ``inputs``: the images (``kind="image"``) or one
-    of their baselines, the two ends of every deletion and insertion path. Every method scored
-    on a batch shares them (3 forwards per image instead of 4 per image and method): they are
-    kept for the last ``images`` tensor seen, while it is alive and unchanged and the model
-    and its weights are the same."""
-    key = (id(model), _weights_version(model), images._version, images.shape, images.device)
-    alive = _ENDPOINTS.get("images")
-    if alive is None or alive() is not images or _ENDPOINTS.get("key") != key:
-        _ENDPOINTS.clear()
-        _ENDPOINTS.update(images=weakref.ref(images), key=key, probabilities={})
-    known = _ENDPOINTS["probabilities"]
-    if kind not in known:
-        with inference_mode(model):
-            known[kind] = torch.cat(
-                [
-                    model(inputs[first : first + batch_size]).softmax(dim=1)
-                    for first in range(0, len(inputs), batch_size)
-                ]
-            )
-    return known[kind]
+    def __init__(self) -> None:
+        self._images: torch.Tensor | None = None
+        self._model: nn.Module | None = None
+        self._known: dict[str, torch.Tensor] = {}
+
+    def clear(self) -> None:
+        """Forget the images, the model and their probabilities."""
+        self._images, self._model, self._known = None, None, {}
+
+    def probabilities(
+        self,
+        model: nn.Module,
+        images: torch.Tensor,
+        kind: str,
+        inputs: torch.Tensor,
+        batch_size: int,
+    ) -> torch.Tensor:
+        """(N, classes) softmax of ``model`` on ``inputs``: the ``images`` (``kind="image"``)
+        or their baseline ``kind``, computed on the first request for this kind."""
+        if images is not self._images or model is not self._model:
+            self.clear()
+            self._images, self._model = images, model
+        if kind not in self._known:
+            self._known[kind] = class_probabilities(model, inputs, batch_size)
+        return self._known[kind]
 
 
 def curve_area(curves: torch.Tensor) -> torch.Tensor:
@@ -145,25 +166,25 @@ def curve_area(curves: torch.Tensor) -> torch.Tensor:
     return (curves.sum(dim=-1) - (curves[..., 0] + curves[..., -1]) / 2) / steps
 
 
-class _PerturbationArea(HeatmapMetric):
+class _PerturbationArea(MeanOverImages):
     """Deletion or insertion: ``update`` runs the perturbation path of each map through the
-    model (:func:`perturbation_curves`) and accumulates the curves; ``compute`` gives the mean
-    curve and its area (= the mean of the per-image areas)."""
+    model (:func:`perturbation_curves`) and adds the curves to their mean over images
+    (:class:`~vebi.evaluation.metric_base.MeanOverImages`, all zeros before any image);
+    ``compute`` gives the mean curve and its area (= the mean of the per-image areas, the area
+    being linear in the curve)."""
 
     group = "faithfulness"
     needs_model = True
+    uses_endpoints = True
+    nan_when_empty = False
     mode: str
 
-    def __init__(self, steps: int = 20, baseline: str = "zero", **kwargs: object) -> None:
-        super().__init__(**kwargs)
+    def __init__(self, steps: int = 20, baseline: str = "zero", **kwargs: Any) -> None:
+        super().__init__((steps + 1,), **kwargs)
         if baseline not in BASELINES:
             raise VebiError(f"unknown baseline {baseline!r}; use one of {BASELINES}")
         self.steps = steps
         self.baseline = baseline
-        self.add_state(
-            "curve_sum", torch.zeros(steps + 1, dtype=torch.float64), dist_reduce_fx="sum"
-        )
-        self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(
         self,
@@ -174,9 +195,11 @@ class _PerturbationArea(HeatmapMetric):
         targets: torch.Tensor | None = None,
         model: nn.Module | None = None,
         curves: torch.Tensor | None = None,
+        endpoints: EndpointCache | None = None,
     ) -> None:
-        """Accumulate the curves of ``heatmaps`` (run through ``model``), or given ``curves``
-        (N, steps + 1) from :func:`perturbation_curves`."""
+        """Accumulate the curves of ``heatmaps`` (run through ``model``, the ends of the paths
+        from ``endpoints`` when given), or given ``curves`` (N, steps + 1) from
+        :func:`perturbation_curves`."""
         if curves is None:
             curves = perturbation_curves(
                 require(model, "model", self),
@@ -186,14 +209,14 @@ class _PerturbationArea(HeatmapMetric):
                 self.mode,
                 self.steps,
                 self.baseline,
+                endpoints=endpoints,
             )
         if curves.ndim != 2 or curves.shape[1] != self.steps + 1:
             raise ValueError(f"curves must be (N, {self.steps + 1}); got {tuple(curves.shape)}")
-        self.curve_sum += curves.double().sum(dim=0).to(self.curve_sum.device)
-        self.count += len(curves)
+        self._add_scores(curves)
 
     def compute(self) -> dict[str, torch.Tensor]:
-        curve = self.curve_sum / self.count.clamp_min(1)
+        curve = self._mean()
         return {"curve": curve, "auc": curve_area(curve)}
 
     def result(self) -> dict[str, Any]:
@@ -224,25 +247,30 @@ class InsertionArea(_PerturbationArea):
     higher_is_better = True
 
 
-class CheckerboardScore(HeatmapMetric):
+class CheckerboardScore(MeanOverImages):
     """Mean :func:`~vebi.explain.heatmaps.checkerboard_score` of the maps: the share of their
-    spectral energy at the stride grid. Lower is better (no grid artefacts). ``periods=None``
-    takes the model's first stride period (:func:`~vebi.explain.heatmaps.stride_periods`)."""
+    spectral energy at the stride grid, 0 before any map. Lower is better (no grid artefacts).
+    ``periods=None`` takes the model's first stride period
+    (:func:`~vebi.explain.heatmaps.stride_periods`), looked up at each ``update``."""
 
     name = "artefact_score"
     group = "artefacts"
     higher_is_better = False
+    nan_when_empty = False
 
-    def __init__(self, periods: list[int] | None = None, **kwargs: object) -> None:
+    def __init__(self, periods: list[int] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.periods = list(periods) if periods else None
-        self.add_state("score_sum", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
-        self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def periods_for(self, model: nn.Module | None) -> list[int]:
+        """The periods scored: the given ones, else the model's first stride period (none if
+        it has no strided layer)."""
+        if self.periods is not None:
+            return self.periods
+        return stride_periods(require(model, "model", self))[:1]
 
     def skip_reason(self, model: nn.Module, has_masks: bool) -> str | None:
-        if self.periods is None:
-            self.periods = stride_periods(model)[:1]
-        if not self.periods:
+        if not self.periods_for(model):
             return "artefact score skipped: the model has no strided layer"
         return None
 
@@ -255,10 +283,4 @@ class CheckerboardScore(HeatmapMetric):
         targets: torch.Tensor | None = None,
         model: nn.Module | None = None,
     ) -> None:
-        if self.periods is None:
-            self.periods = stride_periods(require(model, "model", self))[:1]
-        self.score_sum += checkerboard_score(heatmaps, self.periods).double().sum()
-        self.count += len(heatmaps)
-
-    def compute(self) -> torch.Tensor:
-        return self.score_sum / self.count.clamp_min(1)
+        self._add_scores(checkerboard_score(heatmaps, self.periods_for(model)))

@@ -12,8 +12,9 @@ from tqdm.auto import tqdm
 
 from vebi.errors import VebiError
 from vebi.evaluation.data import EvaluationSet
+from vebi.evaluation.faithfulness import EndpointCache
 from vebi.evaluation.methods import HeatmapMethod
-from vebi.evaluation.metric_base import HeatmapMetric
+from vebi.evaluation.metric_base import HeatmapMetric, check_metric
 from vebi.models.hooks import eval_mode
 from vebi.utils.distributed import world
 
@@ -69,17 +70,16 @@ class HeatmapEvaluation:
     ``metrics``: name -> :class:`~vebi.evaluation.metric_base.HeatmapMetric` (each method is
     scored by a fresh copy of each); those that cannot score this model or data (no masks, no
     strided layer) are left out with a note (:meth:`applicable`). Also the seconds per image
-    of each method.
+    of each method. The metrics that ``uses_endpoints`` (deletion, insertion) share the ends of
+    their perturbation paths through one :class:`~vebi.evaluation.faithfulness.EndpointCache`
+    per evaluation, cleared at every batch.
     """
 
     def __init__(self, metrics: Mapping[str, HeatmapMetric], batch_size: int = 64) -> None:
-        for name, metric in metrics.items():
-            if not isinstance(metric, HeatmapMetric):
-                raise VebiError(
-                    f"evaluation.metrics.{name} is a {type(metric).__name__}, not a vebi "
-                    "HeatmapMetric (vebi.evaluation.metric_base)"
-                )
-        self.metrics = dict(metrics)
+        self.metrics = {
+            name: check_metric(metric, f"evaluation.metrics.{name}")
+            for name, metric in metrics.items()
+        }
         self.batch_size = batch_size
 
     def applicable(
@@ -125,8 +125,10 @@ class HeatmapEvaluation:
             for name in methods
         }
         seconds = dict.fromkeys(methods, 0.0)
+        endpoints = EndpointCache()
         bar = tqdm(total=len(shard) * len(methods), desc="heatmaps", disable=not progress)
         for batch in shard.batches(self.batch_size):
+            endpoints.clear()  # other images
             images = batch.images.to(device)
             masks = None if batch.masks is None else batch.masks.to(device)
             targets = explained_classes(model, images, batch.labels.to(device), target)
@@ -136,8 +138,12 @@ class HeatmapEvaluation:
                 seconds[name] += time.perf_counter() - began
                 self._check(name, maps, images)
                 for metric in metrics[name].values():
-                    metric.update(maps, masks, images=images, targets=targets, model=model)
+                    shared = {"endpoints": endpoints} if metric.uses_endpoints else {}
+                    metric.update(
+                        maps, masks, images=images, targets=targets, model=model, **shared
+                    )
                 bar.update(len(images))
+        endpoints.clear()
         bar.close()
         results = {}
         for name in methods:

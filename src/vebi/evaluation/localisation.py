@@ -19,6 +19,7 @@ Edge cases, the same for every metric here:
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import Any
 
 import torch
@@ -26,7 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from vebi.errors import VebiError
-from vebi.evaluation.metric_base import Curve, HeatmapMetric, require
+from vebi.evaluation.metric_base import Curve, HeatmapMetric, MeanOverImages, require
 
 #: The ``result()`` key of the number of images left out because their mask is empty.
 WITHOUT_MASK_KEY = "images_without_mask"
@@ -77,21 +78,18 @@ def dilate(masks: torch.Tensor, radius: int) -> torch.Tensor:
     return F.conv2d(masks.float()[:, None], kernel, padding=radius)[:, 0] > 0.5
 
 
-class _LocalisationMetric(HeatmapMetric):
-    """The shared part: images without a mask are left out and counted (module doc); the rest
-    add their per-image scores (:meth:`_scores`) to ``score_sum``; the metric is
-    ``score_sum / count``, NaN when no image had a mask."""
+class _LocalisationMetric(MeanOverImages):
+    """The shared part: images without a mask are left out and counted in ``without_mask``
+    (module doc); the others add their per-image scores (:meth:`_scores`) to the mean
+    (:class:`~vebi.evaluation.metric_base.MeanOverImages`), which is NaN when no image had a
+    mask."""
 
     group = "localisation"
     needs_masks = True
     higher_is_better = True
 
-    def __init__(self, score_shape: tuple[int, ...] = (), **kwargs: object) -> None:
-        super().__init__(**kwargs)
-        self.add_state(
-            "score_sum", torch.zeros(score_shape, dtype=torch.float64), dist_reduce_fx="sum"
-        )
-        self.add_state("count", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+    def __init__(self, score_shape: tuple[int, ...] = (), **kwargs: Any) -> None:
+        super().__init__(score_shape, **kwargs)
         self.add_state("without_mask", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(
@@ -107,16 +105,11 @@ class _LocalisationMetric(HeatmapMetric):
         has_object = masks.flatten(1).any(1)
         self.without_mask += (~has_object).sum()
         if has_object.any():
-            scores = self._scores(heatmaps[has_object], masks[has_object])
-            self.score_sum += scores.double().sum(0)
-            self.count += has_object.sum()
+            self._add_scores(self._scores(heatmaps[has_object], masks[has_object]))
 
+    @abstractmethod
     def _scores(self, heatmaps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """Per-image scores (N, *score_shape) of maps whose masks are non-empty."""
-        raise NotImplementedError
-
-    def compute(self) -> torch.Tensor:
-        return self.score_sum / self.count  # 0 / 0 = NaN: no image with a mask
 
     def result(self) -> dict[str, Any]:
         return {self.name: float(self.compute()), WITHOUT_MASK_KEY: int(self.without_mask)}
@@ -142,7 +135,7 @@ class ThresholdIoU(_LocalisationMetric):
         return torch.stack([_iou(heatmaps >= t, masks) for t in self.thresholds], dim=1)
 
     def compute(self) -> dict[str, torch.Tensor]:
-        curve = self.score_sum / self.count
+        curve = self._mean()
         return {"thresholds": self.thresholds, "curve": curve, "mean": curve.mean()}
 
     def result(self) -> dict[str, Any]:

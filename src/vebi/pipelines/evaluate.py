@@ -34,7 +34,7 @@ from vebi.evaluation.heatmaps import (
     metric_info,
 )
 from vebi.evaluation.methods import HeatmapMethod
-from vebi.evaluation.metric_base import GROUPS, HeatmapMetric
+from vebi.evaluation.metric_base import GROUPS, HeatmapMetric, check_metric
 from vebi.evaluation.reporting import (
     class_panels,
     log_to_wandb,
@@ -67,10 +67,13 @@ METHOD_EVALUATORS = (*GROUPS, "sanity")
 
 
 def build_metrics(settings: DictConfig, groups: list[str]) -> dict[str, HeatmapMetric]:
-    """The heatmap metrics of ``evaluation.metrics`` whose group is among ``groups``."""
+    """The heatmap metrics of ``evaluation.metrics`` whose group is among ``groups``: each
+    ``_target_`` checked before it is called, and what it made checked again (Hydra's
+    ``_partial_: true`` makes a ``functools.partial``, not a metric)."""
     metrics = {}
     for name, spec in (settings.get("metrics") or {}).items():
-        metric = instantiate_checked(spec, HeatmapMetric, f"evaluation.metrics.{name}")
+        where = f"evaluation.metrics.{name}"
+        metric = check_metric(instantiate_checked(spec, HeatmapMetric, where), where)
         if metric.group in groups:
             metrics[name] = metric
     return metrics
