@@ -8,7 +8,7 @@ from typing import Any
 import lightning as L
 from omegaconf import DictConfig
 
-from vebi.explain.rules import check_rule_coverage
+from vebi.explain.rules import Rules, check_rule_coverage
 from vebi.mining.callback import mining_datasets
 from vebi.mining.miner import FeatureMiner
 from vebi.mining.reporting import console_summary, save_and_log
@@ -45,9 +45,10 @@ def mine(cfg: DictConfig) -> dict[str, Any]:
     progress = JobProgress("mine.py", planned)
     try:
         dataset, val_dataset = mining_datasets(datamodule)
-        if galleries:  # the galleries need backward rules
+        rules = Rules.from_config(cfg.get("rules"))  # the galleries' backward rules
+        if galleries:
             check_rule_coverage(
-                module.net, hint=NO_GALLERIES, images=rule_probe(module.net, datamodule)
+                module.net, rules, hint=NO_GALLERIES, images=rule_probe(module.net, datamodule)
             )
         if miner.cache_dir is not None:
             progress.keep(
@@ -66,6 +67,7 @@ def mine(cfg: DictConfig) -> dict[str, Any]:
             Path(cfg.paths.output_dir) / "galleries",
             loggers,
             datamodule,
+            rules,
         )
         progress.done("galleries")
         miner.release(report)
