@@ -293,3 +293,33 @@ def test_registering(registry) -> None:
         register_preset("broken", "guided", pool="nope")
     with pytest.raises(VebiError, match="a preset named 'guided' is registered already"):
         register_preset("guided", "deconvnet")
+
+
+def test_the_readme_rule_registers_and_is_selected_by_name(
+    compose_cfg, tmp_path, monkeypatch, registry
+) -> None:
+    """The README's z+ class and its registration, as a user's module: ``rules.imports`` and
+    ``rules.conv=my_zplus`` select it, and it equals vebi's own ZPlusConv."""
+    from tests.test_readme import python_blocks
+    from vebi.explain.rules import ZPlusConv
+
+    blocks = python_blocks("Explanations")
+    rule = next(b for b in blocks if "class ZPlusConv(Rule)" in b)
+    registration = next(b for b in blocks if "register_rule(" in b)
+    (tmp_path / "readme_rules.py").write_text(rule + "\n" + registration)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        cfg = compose_cfg("explain", ["rules.imports=[readme_rules]", "rules.conv=my_zplus"])
+        rules = Rules.from_config(cfg.rules)
+        cfg = compose_cfg(
+            "explain", ["rules.imports=[readme_rules]", "rules.preset=guided_my_zplus"]
+        )
+        assert Rules.from_config(cfg.rules).composite().rules == rules.composite().rules
+    finally:
+        sys.modules.pop("readme_rules", None)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Conv2d(4, 3, 3, stride=2), nn.ReLU(), nn.Conv2d(3, 2, 3)
+    ).eval()
+    images = torch.rand(2, 1, 15, 15, generator=torch.Generator().manual_seed(0))
+    ours = backprop_feature(model, images, "4", 1, Rules(conv=ZPlusConv()))
+    torch.testing.assert_close(backprop_feature(model, images, "4", 1, rules), ours)

@@ -31,6 +31,15 @@ project default); ``relu=``, ``conv=``, ``pool=`` override a preset's choice by 
 rule object, and ``extra=`` adds rules for other module types. Biases are never added on the
 way down.
 
+Rules and presets are chosen by registered name: :func:`register_rule` (a decorator, after
+Zennit's ``register_composite``) and :func:`register_preset` fill :data:`NAMED_RULES` and
+:data:`PRESETS`, the shipped ones exactly as a user's. The entry points build one
+:class:`Rules` from the ``rules`` config group (``configs/rules/``: ``rules=<preset>``,
+``rules.conv=<name>``; ``rules.imports`` lists the modules to import first, where a user's
+rules register) with :meth:`Rules.from_config`, and every function that propagates signals
+(``backprop_feature``, ``Explainer``, the galleries, ``VebiExplanation``) takes that
+``Rules``.
+
 Every other elementwise activation (:data:`ACTIVATION_MODULES`: ReLU6, LeakyReLU, ELU, CELU,
 SELU, PReLU, Hardtanh, Hardswish, Hardsigmoid, SiLU, GELU, Mish, Softplus, Sigmoid, Tanh) takes
 the rule of the preset's *family* (:class:`ActivationRule`), with f'(x) its local slope:
