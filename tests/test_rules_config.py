@@ -279,6 +279,8 @@ def test_registering(registry) -> None:
         register_rule("guided")(MyGuided)
     register_rule("fix_eps", "conv")(lambda: StrideFixConv())  # a factory, its slot given
     assert Rules(conv="fix_eps").composite().rules[-1] == StrideFixConv()
+    with pytest.raises(VebiError, match="a conv rule named 'fix_eps' is registered already"):
+        register_rule("fix_eps", "conv")(lambda: StrideFixConv())  # another lambda
     with pytest.raises(VebiError, match="give the slot"):
         register_rule("no_slot")(lambda: StrideFixConv())
     with pytest.raises(VebiError, match="unknown slot"):

@@ -859,7 +859,9 @@ def _same_factory(old: Any, new: Any) -> bool:
     if old is new:
         return True
     named = getattr(old, "__qualname__", None), getattr(old, "__module__", None)
-    return None not in named and named == (
+    if None in named or "<" in named[0]:  # lambdas and local classes share their names
+        return False
+    return named == (
         getattr(new, "__qualname__", None),
         getattr(new, "__module__", None),
     )
