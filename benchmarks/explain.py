@@ -31,7 +31,13 @@ from captum.attr import GuidedBackprop
 from vebi import load_classifier
 from vebi.checkpoint import newest_checkpoint
 from vebi.data import MNISTDataModule
-from vebi.explain import Explainer, backprop_feature, checkerboard_score, signal_to_heatmap
+from vebi.explain import (
+    Explainer,
+    Rules,
+    backprop_feature,
+    checkerboard_score,
+    signal_to_heatmap,
+)
 from vebi.explain.heatmaps import stride_periods
 from vebi.mining import RelevantFeatures
 from vebi.mining.features import FeatureIndex, default_feature_layers
@@ -180,7 +186,9 @@ def artefact_figure(
     from vebi.explain.figures import save_figure
 
     maps = {
-        conv: signal_to_heatmap(backprop_feature(model, images, layer, channel, conv=conv))
+        conv: signal_to_heatmap(
+            backprop_feature(model, images, layer, channel, rules=Rules(conv=conv))
+        )
         for conv in ("standard", "stride_fix")
     }
     figure = Figure(figsize=(1.6 * len(images), 3.6))
@@ -220,7 +228,9 @@ def artefacts(device: str, datamodule: MNISTDataModule, figure: Path | None) -> 
         channel = most_active_channel(model, test_images, layer)
         scores = {}
         for conv in ("standard", "stride_fix"):
-            signal = backprop_feature(model, test_images, layer, channel, relu="guided", conv=conv)
+            signal = backprop_feature(
+                model, test_images, layer, channel, rules=Rules(relu="guided", conv=conv)
+            )
             scores[conv] = checkerboard_score(signal_to_heatmap(signal), periods).mean().item()
         print(
             f"  {layer:8s} {channel:7d} {scores['standard']:10.4f} {scores['stride_fix']:11.4f} "

@@ -50,9 +50,8 @@ def test_standard_rules_equal_captum(make, shape, layer, relu, reference) -> Non
     model = randomised(make())
     images = torch.rand(*shape, generator=torch.Generator().manual_seed(1))
     channel = _most_active_channel(model, images, layer)
-    ours = backprop_feature(
-        model, images, layer, channel, relu=relu, conv="standard", pool="standard"
-    )
+    rules = Rules(relu=relu, conv="standard", pool="standard")
+    ours = backprop_feature(model, images, layer, channel, rules=rules)
     module = dict(model.named_modules())[layer]
     theirs = reference(model, module).attribute(images, neuron_selector=_half_energy(channel))
     assert ours.shape == images.shape and ours.abs().sum() > 0
@@ -67,7 +66,8 @@ def test_gradient_rule_equals_autograd() -> None:
     model(images)
     handle.remove()
     (expected,) = torch.autograd.grad(0.5 * output["a"][:, 4].pow(2).sum(), images)
-    ours = backprop_feature(model, images.detach(), "conv3", 4, relu="gradient", conv="standard")
+    rules = Rules(relu="gradient", conv="standard")
+    ours = backprop_feature(model, images.detach(), "conv3", 4, rules=rules)
     torch.testing.assert_close(ours, expected)
 
 
@@ -155,8 +155,10 @@ def test_per_image_channels_and_errors() -> None:
         backprop_feature(model, images, "conv3", 32)
     with pytest.raises(VebiError, match="unknown layer"):
         backprop_feature(model, images, "conv9", 0)
-    with pytest.raises(VebiError, match="unknown relu rule"):
-        backprop_feature(model, images, "conv3", 0, relu="lrp")
+    with pytest.raises(VebiError, match="unknown relu rule 'lrp'; the registered relu rules"):
+        backprop_feature(model, images, "conv3", 0, rules=Rules(relu="lrp"))
+    with pytest.raises(VebiError, match="rules must be a vebi.explain.rules.Rules"):
+        backprop_feature(model, images, "conv3", 0, "guided")  # the old relu= argument
     softmax = nn.Sequential(
         nn.Conv2d(1, 2, 3), nn.Softmax2d(), nn.Flatten(), nn.Linear(2 * 26 * 26, 2)
     )

@@ -107,7 +107,7 @@ def test_stride_fix_lowers_artefacts_on_a_trained_net(mnist_root) -> None:
     for layer in ("relu3", "relu2"):
         scores = {}
         for conv in ("standard", "stride_fix"):
-            signal = backprop_feature(model, test, layer, 3, relu="guided", conv=conv)
+            signal = backprop_feature(model, test, layer, 3, rules=Rules(relu="guided", conv=conv))
             scores[conv] = checkerboard_score(signal_to_heatmap(signal), periods).mean().item()
         assert scores["stride_fix"] < 0.5 * scores["standard"], scores
 

@@ -11,7 +11,7 @@ the config. Input-space signals all go through the same
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -21,7 +21,7 @@ from torch import nn
 from vebi.errors import VebiError
 from vebi.explain.explainer import Explainer
 from vebi.explain.heatmaps import min_max_scale, signal_to_heatmap
-from vebi.explain.rules import DEFAULT_PRESET, Rules
+from vebi.explain.rules import Rules
 from vebi.mining.relevant import RelevantFeatures
 from vebi.models.hooks import capture_outputs, eval_mode, trace_leaf_calls
 
@@ -71,10 +71,11 @@ class HeatmapMethod(ABC):
 
 
 class VebiExplanation(HeatmapMethod):
-    """Ours: the top-k relevant features that fire, propagated with the rules of ``preset``
-    (its relu/conv/pool choices replaced where given; see :mod:`vebi.explain.rules`).
-    ``combine="max"`` is the combined map (pixel-wise max of the k maps), ``combine="best"``
-    the map of the single highest-scoring feature."""
+    """Ours: the top-k relevant features that fire, propagated with ``rules`` (None: the
+    project default; see :mod:`vebi.explain.rules`). In a config ``rules`` is a rules config
+    (the run's ``${rules}``, or one with some of its choices replaced), built with
+    :meth:`Rules.from_config`. ``combine="max"`` is the combined map (pixel-wise max of the k
+    maps), ``combine="best"`` the map of the single highest-scoring feature."""
 
     uses_relevant_features = True
 
@@ -83,34 +84,15 @@ class VebiExplanation(HeatmapMethod):
         model: nn.Module,
         relevant: RelevantFeatures,
         k: int = 3,
-        preset: str = DEFAULT_PRESET,
-        relu: Any = None,
-        conv: Any = None,
-        pool: Any = None,
-        extra: Sequence[Any] = (),
+        rules: Rules | Mapping[str, Any] | None = None,
         combine: str = "max",
-        gradient_modules: Sequence[str] = (),
-        activations: Sequence[str] = (),
     ) -> None:
         super().__init__(model, relevant)
         if combine not in ("max", "best"):
             raise VebiError(f"combine must be 'max' or 'best', got {combine!r}")
         self.combine = combine
         self.explainer = Explainer(
-            model,
-            relevant,
-            k=1 if combine == "best" else k,
-            rules=Rules.from_config(
-                {
-                    "preset": preset,
-                    "relu": relu,
-                    "conv": conv,
-                    "pool": pool,
-                    "extra": extra,
-                    "gradient_modules": gradient_modules,
-                    "activations": activations,
-                }
-            ),
+            model, relevant, k=1 if combine == "best" else k, rules=Rules.from_config(rules)
         )
 
     def __call__(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from vebi.errors import VebiError
-from vebi.explain.rules import DEFAULT_PRESET, Rule, RuleChoice, Rules, backward_rules
+from vebi.explain.rules import Rules, backward_rules
 from vebi.models.hooks import capture_outputs, eval_mode
 
 
@@ -25,26 +25,24 @@ def backprop_feature(
     images: torch.Tensor,
     layer: str,
     channel: int | Sequence[int] | torch.Tensor,
-    relu: RuleChoice | None = None,
-    conv: RuleChoice | None = None,
-    pool: RuleChoice | None = None,
-    preset: str = DEFAULT_PRESET,
-    extra: Sequence[Rule] = (),
     rules: Rules | None = None,
 ) -> torch.Tensor:
     """Input-space signal of channel ``channel`` of ``layer`` per image (docs/method.md, section 4).
 
     Starts from the forward activation map of that channel (the whole map, other channels
-    zero) and propagates it to the pixels with ``rules``, or with ``preset`` whose relu/conv/
-    pool choices the given ones replace, plus ``extra`` rules (see :mod:`vebi.explain.rules`).
+    zero) and propagates it to the pixels with ``rules`` (None: the project default,
+    ``Rules()``; e.g. ``Rules(preset="deconvnet", conv="stride_fix")``, see
+    :mod:`vebi.explain.rules`).
     ``channel`` is one channel for all images or one per image. Returns a tensor shaped like
     ``images``. The model is used in eval mode and restored exactly.
     """
     channels = torch.as_tensor(channel, device=images.device).long().expand(len(images))
-    if rules is None:
-        rules = Rules(relu, conv, pool, preset, tuple(extra))
-    elif (relu, conv, pool, preset, tuple(extra)) != (None, None, None, DEFAULT_PRESET, ()):
-        raise VebiError("pass either rules= or preset/relu/conv/pool/extra, not both")
+    if rules is not None and not isinstance(rules, Rules):
+        raise VebiError(
+            f"rules must be a vebi.explain.rules.Rules (or None for the default), not "
+            f"{type(rules).__name__}: e.g. rules=Rules(preset='deconvnet')"
+        )
+    rules = rules or Rules()
     with (
         eval_mode(model),
         backward_rules(model, rules),

@@ -209,14 +209,16 @@ def interpret_and_log(
     top_n: int = 20,
     thumbnails: int = 8,
     part_labels: PartLabels | None = None,
+    rules: Rules | None = None,
 ) -> list[Path]:
     """Average visualisations of every relevant feature, a gallery PNG per class and a PNG of
     its features' top ``thumbnails`` training images, logged to W&B as images
     (``interpretation/galleries``, ``interpretation/top_images``). Under torch.distributed
     every process must call it (with its own cache shard); the first writes and logs (the
-    others return []). ``part_labels``: see :func:`save_galleries`."""
+    others return []). ``part_labels``: see :func:`save_galleries`; ``rules``: the backward
+    rules of the visualisations (None: the default)."""
     cache = ActivationCache(cache_path, fingerprint="")
-    visualisations = average_visualisations(model, relevant, dataset, cache, top_n)
+    visualisations = average_visualisations(model, relevant, dataset, cache, top_n, rules)
     if not is_main_process():  # every process took part; one writes
         return []
     paths = save_galleries(visualisations, relevant, folder, dataset, thumbnails, part_labels)

@@ -31,6 +31,15 @@ project default); ``relu=``, ``conv=``, ``pool=`` override a preset's choice by 
 rule object, and ``extra=`` adds rules for other module types. Biases are never added on the
 way down.
 
+Rules and presets are chosen by registered name: :func:`register_rule` (a decorator, after
+Zennit's ``register_composite``) and :func:`register_preset` fill :data:`NAMED_RULES` and
+:data:`PRESETS`, the shipped ones exactly as a user's. The entry points build one
+:class:`Rules` from the ``rules`` config group (``configs/rules/``: ``rules=<preset>``,
+``rules.conv=<name>``; ``rules.imports`` lists the modules to import first, where a user's
+rules register) with :meth:`Rules.from_config`, and every function that propagates signals
+(``backprop_feature``, ``Explainer``, the galleries, ``VebiExplanation``) takes that
+``Rules``.
+
 Every other elementwise activation (:data:`ACTIVATION_MODULES`: ReLU6, LeakyReLU, ELU, CELU,
 SELU, PReLU, Hardtanh, Hardswish, Hardsigmoid, SiLU, GELU, Mish, Softplus, Sigmoid, Tanh) takes
 the rule of the preset's *family* (:class:`ActivationRule`), with f'(x) its local slope:
@@ -58,7 +67,7 @@ import contextlib
 import functools
 import inspect
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
@@ -698,26 +707,6 @@ class ZBoxConv(Rule):
         return f"ZBoxConv(low=[{shown(self.low)}], high=[{shown(self.high)}]{layers})"
 
 
-#: The rules selectable by name for each slot; ``None`` is the layer's own gradient.
-NAMED_RULES: dict[str, dict[str, type[Rule] | None]] = {
-    "relu": {"guided": GuidedReLU, "deconvnet": DeconvnetReLU, "gradient": GradientReLU},
-    "conv": {"stride_fix": StrideFixConv, "standard": None},
-    "pool": {"standard": None, "switch_unpool": SwitchUnpool},
-    "extra": {},  # extra rules come as objects or configs, never by name
-}
-#: Named choices of (relu, conv, pool).
-PRESETS: dict[str, dict[str, str]] = {
-    "gradient": {"relu": "gradient", "conv": "standard", "pool": "standard"},
-    "deconvnet": {"relu": "deconvnet", "conv": "standard", "pool": "standard"},
-    "guided": {"relu": "guided", "conv": "standard", "pool": "standard"},
-    "deconvnet_stride_fix": {"relu": "deconvnet", "conv": "stride_fix", "pool": "standard"},
-    "guided_stride_fix": {"relu": "guided", "conv": "stride_fix", "pool": "standard"},
-}
-DEFAULT_PRESET = "guided_stride_fix"
-
-RuleChoice = str | Rule
-
-
 @dataclass(frozen=True)
 class Composite:
     """Which rule each module gets: the first of ``rules`` that applies to it, else its own
@@ -800,23 +789,205 @@ def _explained_functionally(module: nn.Module) -> bool:
 
 
 def _choose(slot: str, choice: RuleChoice | Mapping[str, Any] | None) -> Rule | None:
+    """The rule of one slot from a :class:`Rule`, a rule's Hydra config or a registered name
+    (None: the layer's own gradient)."""
     if isinstance(choice, Rule) or choice is None:
         return choice
     if isinstance(choice, Mapping):  # a rule's Hydra config: {_target_: ..., ...}
         from vebi.utils.instantiate import instantiate_checked
 
         return instantiate_checked(choice, Rule, f"rules.{slot}")
-    named = NAMED_RULES[slot]
-    if choice not in named:
-        raise VebiError(f"unknown {slot} rule {choice!r}; choose from {tuple(named)}")
-    rule_type = named[choice]
-    return rule_type() if rule_type is not None else None
+    # extra rules: a name of any slot (the extra slot's first)
+    searched = [slot] if slot != "extra" else list(SLOTS[::-1])
+    found = next((NAMED_RULES[s] for s in searched if choice in NAMED_RULES[s]), None)
+    if not isinstance(choice, str) or found is None:
+        registered = sorted({n for s in searched for n in NAMED_RULES[s]})
+        raise VebiError(
+            f"unknown {slot} rule {choice!r}; the registered {slot} rules are "
+            f"{', '.join(registered) or 'none'} (or give a rule's config with _target_); "
+            + _HOW_TO_REGISTER.format(what="register_rule")
+        )
+    factory = found[choice]
+    if factory is None:
+        return None
+    rule = factory()
+    if not isinstance(rule, Rule):
+        raise VebiError(
+            f"the {slot} rule {choice!r} registered {factory!r}, which made {rule!r}, not a Rule"
+        )
+    return rule
+
+
+#: The rule slots of :class:`Rules`: the ReLU, strided-convolution and max-pooling choices, and
+#: the ``extra`` rules tried first (any registered name may go there).
+SLOTS = ("relu", "conv", "pool", "extra")
+#: A registered rule: a :class:`Rule` class or a callable that returns a rule (called without
+#: arguments each time rules are built); ``None`` is the layer's own gradient.
+RuleFactory = Callable[[], Rule] | None
+#: The registry of named rules, per slot (:func:`register_rule`): name -> factory.
+NAMED_RULES: dict[str, dict[str, RuleFactory]] = {slot: {} for slot in SLOTS}
+#: The registry of named presets (:func:`register_preset`): name -> its relu/conv/pool choices
+#: (rule names of those slots) and ``family``, what every other activation does.
+PRESETS: dict[str, dict[str, Any]] = {}
+DEFAULT_PRESET = "guided_stride_fix"
+
+RuleChoice = str | Rule
+
+#: The module type whose rule each slot chooses (a rule registered without a slot goes to the
+#: first whose type it covers, else to ``extra``).
+_SLOT_TYPES: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "conv": nn.Conv2d,
+    "pool": nn.MaxPool2d,
+}
+_HOW_TO_REGISTER = (
+    "register your own with vebi.explain.rules.{what} in a module of yours and import it with "
+    "rules.imports=[<that module>]"
+)
+
+
+def _check_name(name: Any, what: str) -> str:
+    if not isinstance(name, str) or not name or any(c.isspace() or c in "=,[]{}" for c in name):
+        raise VebiError(
+            f"a {what} name must be a non-empty word (no spaces, = , [ ] {{ }}): {name!r}"
+        )
+    return name
+
+
+def _same_factory(old: Any, new: Any) -> bool:
+    """The same rule registered again (also a module imported twice: the same qualified name)."""
+    if old is new:
+        return True
+    named = getattr(old, "__qualname__", None), getattr(old, "__module__", None)
+    if None in named or "<" in named[0]:  # lambdas and local classes share their names
+        return False
+    return named == (
+        getattr(new, "__qualname__", None),
+        getattr(new, "__module__", None),
+    )
+
+
+def _slot_of(factory: Any) -> str:
+    if isinstance(factory, type) and issubclass(factory, Rule):
+        for slot, module_type in _SLOT_TYPES.items():
+            if issubclass(module_type, factory.module_types):
+                return slot
+        return "extra"
+    raise VebiError(
+        f"register_rule: give the slot ({', '.join(SLOTS)}) of {factory!r}: only a Rule class "
+        "tells it by its module_types"
+    )
+
+
+def register_rule(
+    name: str, slot: str | None = None, *, replace: bool = False
+) -> Callable[[Any], Any]:
+    """Register a rule under ``name``, selectable by that name in configs and ``Rules``
+    (``rules.conv=<name>``), like the shipped ones; a decorator (Zennit's
+    ``register_composite`` is the pattern)::
+
+        @register_rule("my_conv")            # slot "conv": the class's module_types has Conv2d
+        class MyConv(Rule): ...
+
+        register_rule("zplus_eps", "conv")(lambda: ZPlusConv(epsilon=1e-6))  # a factory
+
+    ``slot`` is ``relu``, ``conv``, ``pool`` or ``extra``; without it a :class:`Rule` class goes
+    to the slot of the module type it covers (ReLU, Conv2d, MaxPool2d), else to ``extra``
+    (names of any slot can be listed in ``rules.extra``). The factory is called without
+    arguments whenever rules are built. Registering another rule under a taken name is an
+    error unless ``replace``; the same class again (its module imported twice) is accepted.
+    """
+    _check_name(name, "rule")
+    if slot is not None and slot not in SLOTS:
+        raise VebiError(f"register_rule: unknown slot {slot!r}; choose from {SLOTS}")
+
+    def register(factory: Any) -> Any:
+        if factory is not None and not callable(factory):
+            raise VebiError(f"register_rule({name!r}): {factory!r} is not a Rule class or factory")
+        chosen = slot or _slot_of(factory)
+        known = NAMED_RULES[chosen]
+        if name in known and not replace and not _same_factory(known[name], factory):
+            raise VebiError(
+                f"a {chosen} rule named {name!r} is registered already ({known[name]!r}); "
+                "choose another name, or replace=True"
+            )
+        known[name] = factory
+        return factory
+
+    return register
+
+
+def register_preset(
+    name: str,
+    relu: RuleChoice,
+    conv: RuleChoice = "standard",
+    pool: RuleChoice = "standard",
+    family: str | None = None,
+    *,
+    replace: bool = False,
+) -> None:
+    """Register a preset under ``name`` (``Rules(preset=name)``, ``rules.preset=<name>``): its
+    relu/conv/pool choices (registered names of those slots, or rule objects) and the
+    ``family`` (guided, deconvnet or gradient) every other activation takes, by default the
+    ReLU choice when it is one of them. The choices must be registered first."""
+    _check_name(name, "preset")
+    for slot, choice in (("relu", relu), ("conv", conv), ("pool", pool)):
+        _choose(slot, choice)  # registered names only
+    family = family if family is not None else (relu if relu in FAMILIES else None)
+    if family not in FAMILIES:
+        raise VebiError(
+            f"register_preset({name!r}): give family= (one of {FAMILIES}), what every "
+            "activation other than ReLU does under it"
+        )
+    entry = {"relu": relu, "conv": conv, "pool": pool, "family": family}
+    if name in PRESETS and not replace and PRESETS[name] != entry:
+        raise VebiError(
+            f"a preset named {name!r} is registered already ({PRESETS[name]}); choose another "
+            "name, or replace=True"
+        )
+    PRESETS[name] = entry
+
+
+def import_rule_modules(modules: Sequence[str]) -> None:
+    """Import the modules of ``rules.imports`` (dotted names), whose import registers the
+    user's rules and presets."""
+    import importlib
+
+    if isinstance(modules, str):
+        modules = [modules]
+    for module in modules:
+        try:
+            importlib.import_module(str(module))
+        except ImportError as error:
+            raise VebiError(
+                f"rules.imports: cannot import {module!r} ({error}); give a module importable "
+                "here (its package installed or on PYTHONPATH), e.g. mypackage.rules"
+            ) from None
+
+
+# the shipped rules and presets, registered as a user's would be
+register_rule("guided", "relu")(GuidedReLU)
+register_rule("deconvnet", "relu")(DeconvnetReLU)
+register_rule("gradient", "relu")(GradientReLU)
+register_rule("stride_fix", "conv")(StrideFixConv)
+register_rule("standard", "conv")(None)
+register_rule("z_plus", "conv")(ZPlusConv)
+register_rule("standard", "pool")(None)
+register_rule("switch_unpool", "pool")(SwitchUnpool)
+register_preset("gradient", "gradient")
+register_preset("deconvnet", "deconvnet")
+register_preset("guided", "guided")
+register_preset("deconvnet_stride_fix", "deconvnet", conv="stride_fix")
+register_preset("guided_stride_fix", "guided", conv="stride_fix")
 
 
 @dataclass(frozen=True)
 class Rules:
     """A choice of backward rules: a preset, optionally with its relu/conv/pool rules replaced
-    (by name or by a :class:`Rule`), plus ``extra`` rules for other module types.
+    (by registered name, :func:`register_rule`, or by a :class:`Rule`), plus ``extra`` rules
+    for other module types (rules or registered names). The one way rules are chosen: every
+    function that propagates signals takes a ``Rules`` (None: ``Rules()``), the entry points
+    build it from the ``rules`` config group (:meth:`from_config`).
 
     ``Rules()`` is the project default (``guided_stride_fix``); ``Rules(conv="standard")``
     keeps the preset's other choices. After construction ``relu``/``conv``/``pool`` hold the
@@ -835,7 +1006,10 @@ class Rules:
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
-            raise VebiError(f"unknown rules preset {self.preset!r}; choose from {tuple(PRESETS)}")
+            raise VebiError(
+                f"unknown rules preset {self.preset!r}; the registered presets are "
+                f"{', '.join(PRESETS)}; " + _HOW_TO_REGISTER.format(what="register_preset")
+            )
         for slot in ("relu", "conv", "pool"):
             value = getattr(self, slot)
             if value is None:
@@ -851,10 +1025,23 @@ class Rules:
             object.__setattr__(self, declared, types)
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any] | None) -> Rules:
-        """From a config node (``preset``, ``relu``/``conv``/``pool`` as names or rule configs
-        with ``_target_``, ``extra`` as a list of rule configs); null entries are left out."""
+    def from_config(cls, config: Mapping[str, Any] | Rules | None) -> Rules:
+        """From a config node: the ``rules`` group (``configs/rules/``) or one like it, with
+        ``preset``, ``relu``/``conv``/``pool`` as registered names or rule configs with
+        ``_target_``, ``extra`` as a list of those, ``gradient_modules``/``activations`` and
+        ``imports``, the modules to import first (they register the user's rules and presets
+        by name); null entries are left out. A :class:`Rules` is returned as it is."""
+        if isinstance(config, Rules):
+            return config
         values = {k: v for k, v in dict(config or {}).items() if v is not None}
+        import_rule_modules(values.pop("imports", ()))
+        accepted = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - accepted)
+        if unknown:
+            raise VebiError(
+                f"unknown rules key(s) {unknown}; a rules config has "
+                f"{', '.join(sorted(accepted | {'imports'}))}"
+            )
         for listed in ("extra", "gradient_modules", "activations"):
             if listed in values:
                 values[listed] = tuple(values[listed])
@@ -866,8 +1053,8 @@ class Rules:
     @property
     def family(self) -> str:
         """What every activation does: the ReLU choice when it is a family's name, else the
-        preset's."""
-        return self.relu if self.relu in FAMILIES else PRESETS[self.preset]["relu"]
+        preset's family."""
+        return self.relu if self.relu in FAMILIES else PRESETS[self.preset]["family"]
 
     def composite(self) -> Composite:
         relu, conv, pool = (_choose(s, getattr(self, s)) for s in ("relu", "conv", "pool"))
@@ -1214,6 +1401,8 @@ __all__: Sequence[str] = [
     "AffineByGradient",
     "NotAffineError",
     "PRESETS",
+    "NAMED_RULES",
+    "SLOTS",
     "Composite",
     "DeconvnetReLU",
     "GradientReLU",
@@ -1227,5 +1416,8 @@ __all__: Sequence[str] = [
     "ZPlusConv",
     "backward_rules",
     "check_rule_coverage",
+    "import_rule_modules",
+    "register_preset",
+    "register_rule",
     "rules_by_module_type",
 ]

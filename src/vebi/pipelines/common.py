@@ -29,6 +29,7 @@ from vebi.errors import CheckpointError, VebiError
 from vebi.evaluation.data import EvaluationSet
 from vebi.evaluation.dissection import FeatureDissection, part_masks
 from vebi.explain.interpretation import interpret_and_log
+from vebi.explain.rules import Rules
 from vebi.mining.miner import MiningReport
 from vebi.mining.relevant import RelevantFeatures
 from vebi.mining.reporting import ARTEFACT_NAME
@@ -404,11 +405,13 @@ def make_galleries(
     folder: Path,
     loggers: list[Logger],
     datamodule: Any = None,
+    rules: Rules | None = None,
 ) -> list[Path]:
     """The interpretation galleries of a mining run when ``interpretation.galleries`` is on
     (and the activation cache that ranks the images was kept); their paths. With part masks
     of the training images (``datamodule.part_labels("train")``, an8Flower) each tile is
-    labelled with the part its feature detects (``interpretation.part_labels``)."""
+    labelled with the part its feature detects (``interpretation.part_labels``). ``rules``:
+    the run's backward rules (None: those of ``cfg.rules``)."""
     settings = cfg.get("interpretation") or {}
     if not settings.get("galleries", True) or report.cache_path is None:
         return []
@@ -425,6 +428,7 @@ def make_galleries(
         int(settings.get("top_n", 20)),
         int(settings.get("thumbnails", 8)),
         labels,
+        rules if rules is not None else Rules.from_config(cfg.get("rules")),
     )
     log.info("Interpretation galleries: %s", folder)
     return paths

@@ -7,7 +7,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from vebi.explain.rules import check_rule_coverage
+from vebi.explain.rules import Rules, check_rule_coverage
 from vebi.mining.callback import mining_datasets
 from vebi.mining.miner import FeatureMiner
 from vebi.mining.reporting import console_summary, save_and_log
@@ -39,9 +39,10 @@ def mine(cfg: DictConfig) -> dict[str, Any]:
     planned = ["mining", "saving the relevant features", *(["galleries"] if galleries else [])]
     with task(cfg, "mine.py", planned, model=model.source) as run:
         dataset, val_dataset = mining_datasets(datamodule)
-        if galleries:  # the galleries need backward rules
+        rules = Rules.from_config(cfg.get("rules"))  # the galleries' backward rules
+        if galleries:
             check_rule_coverage(
-                module.net, hint=NO_GALLERIES, images=rule_probe(module.net, datamodule)
+                module.net, rules, hint=NO_GALLERIES, images=rule_probe(module.net, datamodule)
             )
         if miner.cache_dir is not None:
             run.progress.keep(
@@ -60,6 +61,7 @@ def mine(cfg: DictConfig) -> dict[str, Any]:
             Path(cfg.paths.output_dir) / "galleries",
             run.loggers,
             datamodule,
+            rules,
         )
         run.progress.done("galleries")
         miner.release(report)

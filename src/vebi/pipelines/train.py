@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from vebi.checkpoint import read_checkpoint
 from vebi.errors import VebiError
-from vebi.explain.rules import check_rule_coverage
+from vebi.explain.rules import Rules, check_rule_coverage
 from vebi.mining.callback import FeatureMiningCallback, mining_datasets
 from vebi.modules.classifier import ClassifierModule
 from vebi.pipelines.common import (
@@ -66,9 +66,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     callbacks.append(interrupt)  # a signal during the training loop saves a resumable one
     galleries = (cfg.get("interpretation") or {}).get("galleries", True)
     mining = next((c for c in callbacks if isinstance(c, FeatureMiningCallback)), None)
+    rules = Rules.from_config(cfg.get("rules"))  # the galleries' backward rules
     if galleries and mining:
-        probe = rule_probe(model.net, datamodule)  # the galleries need backward rules
-        check_rule_coverage(model.net, hint=NO_GALLERIES, images=probe)
+        probe = rule_probe(model.net, datamodule)
+        check_rule_coverage(model.net, rules, hint=NO_GALLERIES, images=probe)
     planned = ["training", *(["mining"] if mining else []), *(["test"] if cfg.get("test") else [])]
     planned += ["galleries"] if mining and galleries else []
     with task(cfg, "train.py", planned) as run:
@@ -98,6 +99,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 mining.output_dir / "galleries",
                 run.loggers,
                 datamodule,
+                rules,
             )
             mining.miner.release(mining.report)
             run.progress.done("galleries")
