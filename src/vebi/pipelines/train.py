@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from vebi.checkpoint import read_checkpoint
@@ -24,7 +25,6 @@ from vebi.pipelines.common import (
 from vebi.pipelines.report import report_run
 from vebi.utils.instantiate import (
     instantiate_callbacks,
-    instantiate_checked,
     instantiate_trainer,
 )
 from vebi.utils.io import atomic_path, strict_json
@@ -54,7 +54,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate_data(cfg.data)
-    model = instantiate_checked(cfg.model, ClassifierModule, "model")
+    model = instantiate(cfg.model)  # its optimiser and scheduler are torch classes
+    if not isinstance(model, ClassifierModule):
+        raise VebiError(
+            f"model: _target_ {cfg.model.get('_target_')!r} made a {type(model).__name__}, not "
+            "a vebi.modules.ClassifierModule: wrap the network as model.net of one"
+        )
     if datamodule.num_classes != model.hparams.num_classes:
         raise VebiError(
             f"the data has {datamodule.num_classes} classes but model.num_classes is "
