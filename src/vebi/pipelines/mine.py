@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 from omegaconf import DictConfig
 
 from vebi.explain.rules import Rules, check_rule_coverage
@@ -29,6 +30,8 @@ log = get_logger(__name__)
 def mine(cfg: DictConfig) -> dict[str, Any]:
     """Load the network (checkpoint or config), mine on the data's training split, save and log
     the artefact."""
+    if cfg.get("seed") is not None:
+        L.seed_everything(int(cfg.seed), workers=True)
     datamodule = instantiate_data(cfg.data)
     model = load_model(cfg, datamodule)
     module = model.module.to(device_for(cfg.trainer))
