@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset
 
 from vebi.errors import VebiError
 
@@ -108,45 +109,53 @@ def _conversion_note(image: Image.Image) -> str | None:
     return "; ".join(notes) or None
 
 
-def load_images(
-    source: str | Path, shape: tuple[int, int, int], notes: dict[str, str] | None = None
-) -> tuple[torch.Tensor, list[str], list[str]]:
-    """Images from a file or a folder (sorted, not recursive).
-
-    Returns (images (N, C, H, W), names, skipped) where ``skipped`` lists the entries of the
-    folder that were not read as images, with the reason (unreadable files, folders, FIFOs,
-    link loops). ``notes`` (when given) receives, by name, what reading an image left out:
-    the frames of an animated image after the first, an alpha channel.
-    """
+def list_image_files(source: str | Path) -> tuple[list[Path], list[str]]:
+    """(the regular files of a folder, sorted, not recursive, or the one file ``source``;
+    the folder entries that are not files, with the reason). Nothing is opened."""
     source = Path(source)
-    tensors, names, skipped = [], [], []
-    if source.is_dir():
-        try:
-            entries = sorted(source.iterdir())
-        except OSError as error:
-            raise VebiError(
-                f"cannot read the input folder {source}: {error.strerror or error} (check that "
-                "it may be listed by this user)"
-            ) from None
-        files = []
-        for path in entries:
-            reason = _not_a_file(path)
-            if reason is None:
-                files.append(path)
-            else:
-                skipped.append(f"{path.name}: {reason}")
-    elif source.is_file():
-        files = [source]
-    else:
+    if source.is_file():
+        return [source], []
+    if not source.is_dir():
         raise VebiError(f"input {source} is neither an image file nor a folder")
-    for path in files:
+    try:
+        entries = sorted(source.iterdir())
+    except OSError as error:
+        raise VebiError(
+            f"cannot read the input folder {source}: {error.strerror or error} (check that "
+            "it may be listed by this user)"
+        ) from None
+    files, skipped = [], []
+    for path in entries:
+        reason = _not_a_file(path)
+        if reason is None:
+            files.append(path)
+        else:
+            skipped.append(f"{path.name}: {reason}")
+    return files, skipped
+
+
+class ImageFiles(Dataset):
+    """The images of a file or a folder (:func:`list_image_files`), each read when it is asked
+    for, so a folder of any size is explained in flat memory. An item is (image (C, H, W),
+    index, note, problem): ``note`` says what reading it left out (animation frames,
+    transparency; "" if nothing); an unreadable file gives a blank image and the reason as
+    ``problem`` ("" for a readable one), so a loop can skip it and say why."""
+
+    def __init__(self, source: str | Path, shape: tuple[int, int, int]) -> None:
+        self.source = Path(source)
+        self.shape = (int(shape[0]), int(shape[1]), int(shape[2]))
+        self.files, self.skipped = list_image_files(self.source)
+        self.names = [path.name for path in self.files]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def read(self, index: int) -> tuple[torch.Tensor, str]:
+        """(image, note) of file ``index``; a VebiError naming the file if it cannot be read."""
+        path = self.files[index]
         try:
             with Image.open(path) as image:
-                tensors.append(image_to_tensor(image, shape))
-                note = _conversion_note(image)
-            names.append(path.name)
-            if note and notes is not None:
-                notes[path.name] = note
+                return image_to_tensor(image, self.shape), _conversion_note(image) or ""
         except (
             UnidentifiedImageError,
             Image.DecompressionBombError,
@@ -160,9 +169,50 @@ def load_images(
                     f"{error} (PIL refuses images this large as a possible decompression bomb; "
                     "shrink it, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file)"
                 )
-            if not source.is_dir():
-                raise VebiError(f"cannot read {path} as an image: {reason}") from error
-            skipped.append(f"{path.name}: {type(error).__name__}")
+            raise UnreadableImage(path, reason, type(error).__name__) from error
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, str, str]:
+        try:
+            image, note = self.read(index)
+        except UnreadableImage as error:
+            return torch.zeros(self.shape), index, "", error.kind
+        return image, index, note, ""
+
+
+class UnreadableImage(VebiError):
+    """An image file that cannot be read (``kind``: the reader's exception type)."""
+
+    def __init__(self, path: Path, reason: str, kind: str) -> None:
+        super().__init__(f"cannot read {path} as an image: {reason}")
+        self.path, self.reason, self.kind = path, reason, kind
+
+
+def load_images(
+    source: str | Path, shape: tuple[int, int, int], notes: dict[str, str] | None = None
+) -> tuple[torch.Tensor, list[str], list[str]]:
+    """All images of a file or a folder in memory (:class:`ImageFiles` reads them one at a
+    time instead).
+
+    Returns (images (N, C, H, W), names, skipped) where ``skipped`` lists the entries of the
+    folder that were not read as images, with the reason (unreadable files, folders, FIFOs,
+    link loops). ``notes`` (when given) receives, by name, what reading an image left out:
+    the frames of an animated image after the first, an alpha channel. A single file that
+    cannot be read is an error.
+    """
+    files = ImageFiles(source, shape)
+    tensors, names, skipped = [], [], list(files.skipped)
+    for index, name in enumerate(files.names):
+        try:
+            image, note = files.read(index)
+        except UnreadableImage as error:
+            if not files.source.is_dir():
+                raise
+            skipped.append(f"{name}: {error.kind}")
+            continue
+        tensors.append(image)
+        names.append(name)
+        if note and notes is not None:
+            notes[name] = note
     if not tensors:
         raise VebiError(f"no readable image in {source} (skipped: {', '.join(skipped) or 'none'})")
     return torch.stack(tensors), names, skipped

@@ -9,12 +9,13 @@ from typing import Any
 import lightning as L
 import torch
 from omegaconf import DictConfig
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 
-from vebi.errors import require_int_in_range
+from vebi.data.base import ClassificationData
+from vebi.errors import VebiError, require_int_in_range
 from vebi.explain.explainer import Explainer
 from vebi.explain.figures import explanation_figure, save_figure
-from vebi.explain.inputs import load_images
+from vebi.explain.inputs import ImageFiles
 from vebi.explain.rules import Rules
 from vebi.mining.miner import model_fingerprint
 from vebi.mining.relevant import RelevantFeatures
@@ -30,24 +31,50 @@ from vebi.utils.wandb_media import log_figures
 log = get_logger(__name__)
 
 
+class _TestImages(Dataset):
+    """The first ``count`` test images as :class:`~vebi.explain.inputs.ImageFiles` items."""
+
+    def __init__(self, dataset: Dataset, count: int) -> None:
+        self.dataset, self.count = dataset, count
+        self.names = [f"test_{i:05d}" for i in range(count)]
+        self.skipped: list[str] = []
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, str, str]:
+        return torch.as_tensor(self.dataset[index][0]), index, "", ""
+
+
 def _inputs(
-    cfg: DictConfig, datamodule: Any, notes: dict[str, str], labels: dict[str, int]
-) -> tuple[torch.Tensor, list[str], list[str]]:
-    """(images, names, skipped) of ``cfg.input``; ``notes`` receives what reading an image
-    left out, ``labels`` the true class of test images (image files have none)."""
+    cfg: DictConfig, datamodule: ClassificationData, labels: dict[str, int]
+) -> ImageFiles | _TestImages:
+    """The images of ``cfg.input``, read as the loop asks for them; ``labels`` receives the
+    true class of test images (image files have none)."""
     if str(cfg.input) == "test":
         datamodule.prepare_data()
         datamodule.setup("test")
         dataset = datamodule.data_test
+        if dataset is None:
+            raise VebiError("the data module has no test split after setup('test')")
         count = min(require_int_in_range("num_images", cfg.num_images, 1), len(dataset))
-        items = [dataset[i] for i in range(count)]
-        names = [f"test_{i:05d}" for i in range(count)]
-        labels.update({name: int(item[1]) for name, item in zip(names, items, strict=True)})
-        return torch.stack([torch.as_tensor(item[0]) for item in items]), names, []
-    images = load_images(cfg.input, tuple(datamodule.image_shape), notes)
-    for name, note in notes.items():
-        log.warning("%s: %s", name, note)
-    return images
+        test = _TestImages(dataset, count)
+        labels.update({name: int(dataset[i][1]) for i, name in enumerate(test.names)})
+        return test
+    return ImageFiles(cfg.input, tuple(datamodule.image_shape))
+
+
+def _first_image(images: ImageFiles | _TestImages) -> torch.Tensor:
+    """The first readable image, (1, C, H, W), to check the network against; an error when no
+    file can be read."""
+    skipped = list(images.skipped)
+    for index in range(len(images)):
+        image, _, _, problem = images[index]
+        if not problem:
+            return image[None]
+        skipped.append(f"{images.names[index]}: {problem}")
+    source = getattr(images, "source", "the test split")
+    raise VebiError(f"no readable image in {source} (skipped: {', '.join(skipped) or 'none'})")
 
 
 class ExplanationStep(L.LightningModule):
@@ -70,15 +97,28 @@ class ExplanationStep(L.LightningModule):
         # fewer images than processes: some shards are empty, and the gather still completes
         self.allow_zero_length_dataloader_with_multiple_devices = True
 
-    def predict_step(self, batch: list[torch.Tensor], batch_idx: int) -> list[tuple[int, dict]]:
-        images, positions = batch
+    def predict_step(self, batch: list[Any], batch_idx: int) -> list[tuple[int, dict]]:
+        """(position, record) per image of the batch; an unreadable file gives a record
+        ``{"image", "skipped"}`` with the reason."""
+        images, positions, notes, problems = batch
+        readable = [n for n, problem in enumerate(problems) if not problem]
+        entries: list[tuple[int, dict]] = [
+            (int(positions[n]), {"image": self.names[int(positions[n])], "skipped": problem})
+            for n, problem in enumerate(problems)
+            if problem
+        ]
+        if not readable:
+            return entries
+        images, positions = images[readable], positions[readable]
+        notes = [notes[n] for n in readable]
         targets = None if self.target is None else torch.full((len(images),), self.target)
         explanation = self.explainer(images, targets)
         probabilities = explanation.logits.softmax(1)
         class_names = self.explainer.relevant.class_names
-        entries = []
         for n, position in enumerate(positions.tolist()):
             name, class_id = self.names[position], int(explanation.classes[n])
+            if notes[n]:
+                log.warning("%s: %s", name, notes[n])
             chosen = explanation.features[n]
             titles = [f"{f.layer}/{f.channel} s={f.score:.3f}" for f in chosen]
             probability = float(probabilities[n, class_id])
@@ -104,6 +144,7 @@ class ExplanationStep(L.LightningModule):
                         "fallback": bool(explanation.fallback[n]),
                         "features": [vars(f) for f in chosen],
                         "figure": str(path),
+                        **({"note": notes[n]} if notes[n] else {}),
                     },
                 )
             )
@@ -131,19 +172,15 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
     relevant = RelevantFeatures.load(relevant_features_for(model, cfg.get("relevant_features")))
     if relevant.fingerprint.get("model") not in (None, model_fingerprint(module.net)):
         log.warning("the relevant features were mined from other weights than %s", model.source)
-    notes: dict[str, str] = {}
     labels: dict[str, int] = {}
-    images, names, skipped = _inputs(cfg, datamodule, notes, labels)
-    relevant.check_model(module.net, images[:1])
+    images = _inputs(cfg, datamodule, labels)
+    names = images.names
+    relevant.check_model(module.net, _first_image(images))
     rules = Rules.from_config(cfg.rules)
     explainer = Explainer(module.net, relevant, k=int(cfg.k), rules=rules)
     output_dir = Path(cfg.paths.output_dir) / "explanations"
     step = ExplanationStep(explainer, names, unique_file_names(names), output_dir, target)
-    loader = DataLoader(
-        TensorDataset(images, torch.arange(len(images))),
-        batch_size=batch_size,
-        sampler=ShardSampler(len(images)),
-    )
+    loader = DataLoader(images, batch_size=batch_size, sampler=ShardSampler(len(images)))
     trainer: L.Trainer = instantiate_trainer(
         cfg.trainer,
         logger=False,
@@ -158,12 +195,14 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
         batches = trainer.predict(step, dataloaders=loader) or []
         run.progress.done("explaining", f"{len(images)} image(s)")
         mine = [entry for batch in batches for entry in batch]
-        entries = sorted(entry for part in gather_objects(mine) for entry in part)
-        records = [record for _, record in entries]
+        entries = sorted(
+            (entry for part in gather_objects(mine) for entry in part), key=lambda e: e[0]
+        )
+        records = [record for _, record in entries if "skipped" not in record]
+        skipped = [*images.skipped]
+        skipped += [f"{r['image']}: {r['skipped']}" for _, r in entries if "skipped" in r]
         class_names = relevant.class_names
-        for record in records:  # what reading the image left out (frames, transparency)
-            if record["image"] in notes:
-                record["note"] = notes[record["image"]]
+        for record in records:
             if record["image"] in labels:  # a test image: its true class
                 record["label"] = class_names[labels[record["image"]]]
                 record["correct"] = record["class_id"] == labels[record["image"]]
