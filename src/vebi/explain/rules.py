@@ -79,6 +79,7 @@ from vebi.errors import VebiError
 from vebi.explain.canonizers import Canonizer, GateAsScale, MergeBatchNorm
 from vebi.models.hooks import class_names, leaf_modules, refuse_attention
 from vebi.models.normalize import Normalize
+from vebi.utils.torch_api import current_function_mode
 
 #: Leaf modules whose gradient is the rule: linear maps (an eval-mode normalisation is one),
 #: shape-only modules, identities in eval mode (dropout, stochastic depth), padding, and the
@@ -1290,7 +1291,7 @@ def _functional_rules(
         try:
             yield
         finally:
-            if torch.overrides._get_current_function_mode() is mode:  # a forward that raised
+            if current_function_mode() is mode:  # a forward that raised
                 mode.__exit__(None, None, None)
 
 

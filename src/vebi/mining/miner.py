@@ -42,6 +42,7 @@ from vebi.mining.solver import (
 from vebi.mining.statistics import GramStatistics, StreamedGram
 from vebi.models.hooks import eval_mode, network_of
 from vebi.utils.log import get_logger
+from vebi.utils.torch_api import dataset_size
 
 log = get_logger(__name__)
 GRAM_MODES = ("auto", "dense", "streamed")
@@ -75,9 +76,9 @@ def dataset_fingerprint(dataset: Dataset) -> str:
       augmentation) gets a key of its own every time, so its cache is never reused (said);
     * anything else: every item, read once (a pass over the data without the network).
     """
-    digest = hashlib.sha256(f"{type(dataset).__qualname__}|{len(dataset)}".encode())
+    digest = hashlib.sha256(f"{type(dataset).__qualname__}|{dataset_size(dataset)}".encode())
     _fingerprint_into(digest, dataset)
-    positions = np.unique(np.linspace(0, len(dataset) - 1, SAMPLED_ITEMS).astype(int))
+    positions = np.unique(np.linspace(0, dataset_size(dataset) - 1, SAMPLED_ITEMS).astype(int))
     sampled = [_item_bytes(dataset, position) for position in positions.tolist()]
     for item in sampled:
         digest.update(item)
@@ -145,9 +146,11 @@ def _fingerprint_into(digest: Any, dataset: Dataset) -> None:
     digest.update(f"transform|{transform}".encode())
     if not described:
         log.info(
-            "Fingerprinting the %d items of %s one by one", len(dataset), type(dataset).__name__
+            "Fingerprinting the %d items of %s one by one",
+            dataset_size(dataset),
+            type(dataset).__name__,
         )
-        for position in range(len(dataset)):
+        for position in range(dataset_size(dataset)):
             for part in dataset[position][:2]:
                 digest.update(torch.as_tensor(part).contiguous().numpy().tobytes())
 
@@ -528,7 +531,7 @@ class FeatureMiner:
     def _features_in_memory(self, run: _Run, dataset: Dataset) -> dict[str, np.ndarray]:
         xs, labels, predictions = [], [], []
         with self._extractor(run.model, run.layers) as extractor:
-            loader = self._loader(dataset, range(len(dataset)))
+            loader = self._loader(dataset, range(dataset_size(dataset)))
             for number, batch in enumerate(
                 tqdm(loader, desc="validation features", disable=not self.progress)
             ):
@@ -694,7 +697,7 @@ class FeatureMiner:
         cache_dir: Path,
     ) -> MiningReport:
         model = network_of(model)
-        if len(dataset) == 0:
+        if dataset_size(dataset) == 0:
             raise VebiError("the mining data set is empty")
         world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         timings: dict[str, float] = {}
@@ -712,7 +715,7 @@ class FeatureMiner:
                     log.info("Reusing activation cache %s", run.cache.path)
                     stats = self._statistics_from_cache(run)
                 else:
-                    rows = np.arange(world[0], len(dataset), world[1])
+                    rows = np.arange(world[0], dataset_size(dataset), world[1])
                     stats = self._extract(run, dataset, rows)
             statistics = {name: value.cpu().numpy() for name, value in stats.compute().items()}
             timings["extract_seconds"] = time.perf_counter() - started

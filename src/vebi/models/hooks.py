@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from vebi.errors import VebiError
+from vebi.utils.torch_api import tensor_version
 
 
 def network_of(model: nn.Module) -> nn.Module:
@@ -118,12 +119,14 @@ class CapturedOutputs(dict):
         self._watched: dict[str, tuple[torch.Tensor, int]] = {}
 
     def watch(self, name: str, passed_on: torch.Tensor) -> None:
-        self._watched[name] = (passed_on, passed_on._version)
+        self._watched[name] = (passed_on, tensor_version(passed_on))
 
     def modified_in_place(self) -> set[str]:
         """Layers whose output (the recorded tensor, or the copy the model went on with) was
         modified in place after it was recorded."""
-        return {name for name, (t, version) in self._watched.items() if t._version != version}
+        return {
+            name for name, (t, version) in self._watched.items() if tensor_version(t) != version
+        }
 
 
 @contextlib.contextmanager
