@@ -82,6 +82,14 @@ def check_data_contract(datamodule: object, where: str = "data") -> Classificati
     return cast(ClassificationData, datamodule)
 
 
+def lightning_data(data: ClassificationData) -> LightningDataModule:
+    """``data`` as the LightningDataModule it is (:func:`check_data_contract` refuses anything
+    else), for Lightning's ``Trainer``."""
+    if not isinstance(data, LightningDataModule):
+        raise VebiError(f"data must be a LightningDataModule, got {type(data).__name__}")
+    return data
+
+
 def _offers(instance: object, name: str) -> bool:
     try:
         inspect.getattr_static(instance, name)

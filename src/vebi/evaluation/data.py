@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -169,7 +170,11 @@ class EvaluationSet:
         parts = list(subset.batches())
         if not parts:
             raise VebiError("no images to load")
-        masks = None if parts[0].masks is None else torch.cat([p.masks for p in parts])
+        masks = (
+            None
+            if parts[0].masks is None
+            else torch.cat([cast(torch.Tensor, p.masks) for p in parts])
+        )
         return EvaluationImages(
             torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]), masks
         )

@@ -236,11 +236,13 @@ class Explainer:
         weights = self.weights[ids, classes.cpu()[:, None]]
         scores = (x.cpu().gather(1, ids) * weights).tolist()
         layers, channels = self._layer_id[ids].tolist(), self._channel[ids].tolist()
-        present, weights = (chosen >= 0).tolist(), weights.tolist()
+        present, weight_values = (chosen >= 0).tolist(), weights.tolist()
         names = self.relevant.index.layers
         return [
             [
-                ChosenFeature(names[layers[n][i]], channels[n][i], scores[n][i], weights[n][i])
+                ChosenFeature(
+                    names[layers[n][i]], channels[n][i], scores[n][i], weight_values[n][i]
+                )
                 for i in range(chosen.shape[1])
                 if present[n][i]
             ]

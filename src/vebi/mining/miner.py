@@ -389,7 +389,7 @@ class FeatureMiner:
             "normalize_global": self.normalize_global,
         }
 
-    def _loader(self, dataset: Dataset, indices: Sequence[int]) -> DataLoader:
+    def _loader(self, dataset: Dataset, indices: Sequence[int] | np.ndarray) -> DataLoader:
         return DataLoader(Subset(dataset, list(indices)), batch_size=self.batch_size, shuffle=False)
 
     def _label_range(self, num_classes: int) -> int | None:
@@ -426,6 +426,7 @@ class FeatureMiner:
         with self._extractor(model, layers) as extractor:
             num_classes = int(extractor(probe, " in the first image")[1].shape[1])
             index = extractor.index
+            assert index is not None  # set by the first call
         _images_labels(first, self._label_range(num_classes), " in item 0")  # before a long pass
         log.info(
             "Mining %d features of %d layers for %d classes (G %s):\n%s",
@@ -459,11 +460,13 @@ class FeatureMiner:
         with self._extractor(run.model, run.layers) as extractor, ThreadPoolExecutor(1) as writer:
             probe = _images(next(iter(self._loader(dataset, indices[:1]))))
             extractor(probe.to(run.device), " in the first image")
-            size = extractor.index.size
+            index = extractor.index
+            assert index is not None  # set by the first call
+            size = index.size
             chunk_rows = self._chunk_rows(size)
             stats = GramStatistics(size, run.num_classes, with_gram=self._dense(size))
             stats = stats.to(run.device)
-            done = cache.resume_or_create(len(indices), extractor.index, chunk_rows)
+            done = cache.resume_or_create(len(indices), index, chunk_rows)
             if done:  # replay the complete rows batch by batch: the same sums, bit for bit
                 for block in cache.iter_chunks(self.batch_size, partial=True):
                     self._accumulate(stats, block)
@@ -508,10 +511,10 @@ class FeatureMiner:
                 if pending:
                     cache.write_rows(position, pending)
         cache.finish()
-        size = cache.path.stat().st_size / 2**20
+        megabytes = cache.path.stat().st_size / 2**20
         log.info(
             "Activation cache: %.0f MB in %s (%s)",
-            size,
+            megabytes,
             cache.path,
             "reused by later runs on the same weights and data; delete it freely, or set "
             "mining.keep_cache=false"
@@ -704,7 +707,12 @@ class FeatureMiner:
         with eval_mode(model):
             run = self._prepare(model, dataset, world, cache_dir)
             given = class_names is not None and len(class_names) > 0
-            names = [str(n) for n in (class_names if given else range(run.num_classes))]
+            names = [
+                str(n)
+                for n in (
+                    class_names if given and class_names is not None else range(run.num_classes)
+                )
+            ]
             if len(names) != run.num_classes:
                 raise VebiError(
                     f"{len(names)} class names for a model with {run.num_classes} outputs"
@@ -742,8 +750,8 @@ class FeatureMiner:
         timings["solve_seconds"] = time.perf_counter() - started
 
         split = "val" if val is not None else "train"
-        rows = self._chunk_rows(solution.weights.shape[0])
-        blocks = [val] if val is not None else run.cache.iter_chunks(rows)
+        chunk_rows = self._chunk_rows(solution.weights.shape[0])
+        blocks = [val] if val is not None else run.cache.iter_chunks(chunk_rows)
         sparse, network = self._accuracies(blocks, solution.weights)
         metrics = {
             "mu": mu,

@@ -107,7 +107,7 @@ def run_evaluators(
     test: EvaluationSet,
     methods: dict[str, HeatmapMethod],
     progress: JobProgress | None = None,
-    datamodule: L.LightningDataModule | None = None,
+    datamodule: ClassificationData | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
     """(results, panel figures, notes) of the evaluators listed in ``evaluation.evaluators``
     (settings checked by :func:`_check_settings`; ``sanity`` mines again on the training
@@ -189,7 +189,7 @@ def run_sanity(
     net: torch.nn.Module,
     relevant: RelevantFeatures,
     test: EvaluationSet,
-    datamodule: L.LightningDataModule | None,
+    datamodule: ClassificationData | None,
 ) -> dict[str, Any]:
     """The cascading randomisation test of ``evaluation.sanity`` on a seeded, class-balanced
     subset of the test images, W mined again at every step on a seeded subset of the training
@@ -412,7 +412,7 @@ def _relevant_features(
     cfg: DictConfig,
     model: LoadedModel,
     module: ClassifierModule,
-    datamodule: L.LightningDataModule,
+    datamodule: ClassificationData,
     test: EvaluationSet,
     run: Task,
 ) -> tuple[RelevantFeatures, Path]:
