@@ -76,7 +76,7 @@ def build_network(
         ) from error
 
 
-def _check_shapes(net: nn.Module, state_dict: Mapping[str, Any], path: Path) -> None:
+def _check_shapes(net: nn.Module, state_dict: Mapping[str, Any], path: str | Path) -> None:
     """Compare the network's parameter shapes (``net`` may live on the meta device) with the
     checkpoint's tensors before anything real is allocated."""
     expected = {f"net.{name}": tuple(t.shape) for name, t in net.state_dict().items()}
@@ -284,7 +284,7 @@ def check_settings(settings: Any, path: str | Path) -> dict[str, Any] | None:
     return {key: settings.get(key) for key in SETTINGS_KEYS} | {"data_overrides": list(overrides)}
 
 
-def _settings(meta: Mapping[str, Any], path: Path) -> dict[str, Any] | None:
+def _settings(meta: Mapping[str, Any], path: str | Path) -> dict[str, Any] | None:
     return check_settings(meta.get("settings"), path)
 
 

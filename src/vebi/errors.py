@@ -2,6 +2,7 @@
 
 import math
 import numbers
+from typing import Literal, overload
 
 
 class VebiError(Exception):
@@ -14,6 +15,18 @@ class DataUnavailableError(VebiError):
 
 class CheckpointError(VebiError):
     """A checkpoint is missing, unreadable, or refers to code vebi does not trust."""
+
+
+@overload
+def require_int_in_range(
+    name: str, value: object, low: int, high: int | None = None, allow_none: Literal[False] = False
+) -> int: ...
+
+
+@overload
+def require_int_in_range(
+    name: str, value: object, low: int, high: int | None = None, allow_none: bool = False
+) -> int | None: ...
 
 
 def require_int_in_range(

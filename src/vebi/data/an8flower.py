@@ -427,9 +427,11 @@ def read_an8flower_folder(
             )
         if image_size and image.shape[:2] != (image_size, image_size):
             image = np.asarray(
-                Image.fromarray(image).resize((image_size, image_size), Image.BILINEAR)
+                Image.fromarray(image).resize((image_size, image_size), Image.Resampling.BILINEAR)
             )
-            mask = np.asarray(Image.fromarray(mask).resize((image_size, image_size), Image.NEAREST))
+            mask = np.asarray(
+                Image.fromarray(mask).resize((image_size, image_size), Image.Resampling.NEAREST)
+            )
         images.append(image)
         masks.append(mask < 128)  # dark = relevant
     if len({i.shape for i in images}) > 1:
@@ -488,7 +490,7 @@ def read_part_labels(
             )
         if image_size and label.shape != (image_size, image_size):
             label = np.asarray(
-                Image.fromarray(label).resize((image_size, image_size), Image.NEAREST)
+                Image.fromarray(label).resize((image_size, image_size), Image.Resampling.NEAREST)
             )
         labels.append(label)
     if not labels:

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, cast, runtime_checkable
 
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from vebi.errors import VebiError
+
+if TYPE_CHECKING:
+    from lightning.fabric.utilities.data import AttributeDict
 
 
 @runtime_checkable
@@ -75,7 +78,16 @@ def check_data_contract(datamodule: object, where: str = "data") -> Classificati
             "which provides them from data_train/data_val/data_test and its hyper-parameters "
             "batch_size, num_workers (and image_size), or add them"
         )
-    return datamodule  # type: ignore[return-value]
+    # checked member by member above (isinstance against the Protocol would evaluate them)
+    return cast(ClassificationData, datamodule)
+
+
+def lightning_data(data: ClassificationData) -> LightningDataModule:
+    """``data`` as the LightningDataModule it is (:func:`check_data_contract` refuses anything
+    else), for Lightning's ``Trainer``."""
+    if not isinstance(data, LightningDataModule):
+        raise VebiError(f"data must be a LightningDataModule, got {type(data).__name__}")
+    return data
 
 
 def _offers(instance: object, name: str) -> bool:
@@ -111,6 +123,15 @@ class SplitDataModule(LightningDataModule):
         self.data_val: Dataset | None = None
         self.data_test: Dataset | None = None
         self.data_mining: Dataset | None = None
+
+    if TYPE_CHECKING:  # Lightning annotates hparams ``AttributeDict | MutableMapping``; it is
+        # the AttributeDict that ``save_hyperparameters`` fills (attribute access)
+
+        @property
+        def hparams(self) -> AttributeDict: ...
+
+        @property
+        def class_names(self) -> Sequence[str]: ...  # each subclass's (attribute or property)
 
     @property
     def num_classes(self) -> int:

@@ -139,7 +139,7 @@ class Fashion144kDataModule(SplitDataModule):
         classes = [str(c) for c in classes]
         self.save_hyperparameters(logger=False)
         self.root = Path(root)
-        self.class_names = list(classes)
+        self.class_names: list[str] = list(classes)
         self.skipped: dict[str, int] = {}
 
     def _transforms(self, train: bool) -> transforms.Compose:

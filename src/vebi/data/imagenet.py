@@ -40,6 +40,8 @@ class ILSVRCFolder(datasets.ImageFolder):
     """An ImageFolder over the chosen wnid folders with given labels (``class_to_idx``), each
     class capped at ``per_class`` images (file-name order)."""
 
+    samples: list[tuple[str, int]]  # (path, label), as torchvision's DatasetFolder sets it
+
     def __init__(
         self,
         root: str | Path,
@@ -51,12 +53,13 @@ class ILSVRCFolder(datasets.ImageFolder):
         super().__init__(str(root), transform=transform, loader=read_rgb)
         if per_class is not None:
             kept: dict[int, int] = {}
-            samples = []
+            samples: list[tuple[str, int]] = []
             for path, label in self.samples:  # sorted by class, then by file name
                 if kept.get(label, 0) < per_class:
                     kept[label] = kept.get(label, 0) + 1
                     samples.append((path, label))
-            self.samples = self.imgs = samples
+            self.samples = samples
+            self.imgs = samples
             self.targets = [label for _, label in samples]
 
     def find_classes(self, directory: str | Path) -> tuple[list[str], dict[str, int]]:

@@ -258,7 +258,10 @@ class AblationRelevance:
             others = sample[labels[sample] != c]
             own, others = own[rank::size], others[rank::size]
             rows = torch.cat([own, others])
-            sets = [chosen] + [self.random_set(relevant, layers, rng) for _ in range(self.draws)]
+            sets: list[Mapping[str, Sequence[int]]] = [
+                chosen,
+                *(self.random_set(relevant, layers, rng) for _ in range(self.draws)),
+            ]
             counts = self._lost(model, sets, data.select(rows), base[rows], len(own))
             counts = all_reduce_sum(counts)
             drops = [

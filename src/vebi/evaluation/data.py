@@ -12,12 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from vebi.errors import VebiError
+from vebi.utils.torch_api import dataset_size
 
 #: Input values per forward pass of the evaluators, by device. On the CPU small batches keep
 #: every layer's output in the processor's caches (SmallVGG at 112 px, channels-last, 2 cores:
@@ -56,7 +58,9 @@ def dataset_labels(dataset: Dataset) -> torch.Tensor | None:
         return dataset.tensors[1].long()
     for name in ("labels", "targets"):
         values = getattr(dataset, name, None)
-        if isinstance(values, torch.Tensor | np.ndarray | list) and len(values) == len(dataset):
+        if isinstance(values, torch.Tensor | np.ndarray | list) and len(values) == dataset_size(
+            dataset
+        ):
             return torch.as_tensor(np.asarray(values), dtype=torch.long)
     return None
 
@@ -101,14 +105,14 @@ class EvaluationSet:
     ) -> EvaluationSet:
         """The whole test split, or a seeded random ``limit`` of its images (in data order).
         Labels come without reading images where the data set keeps them, else from one pass."""
-        if len(dataset) == 0:
+        if dataset_size(dataset) == 0:
             raise VebiError("the test split is empty: nothing to evaluate (check the data set)")
-        rows = torch.arange(len(dataset))
-        if limit is not None and limit < len(dataset):
+        rows = torch.arange(dataset_size(dataset))
+        if limit is not None and limit < dataset_size(dataset):
             if limit < 1:
                 raise VebiError(f"the number of evaluation images must be >= 1, got {limit}")
             generator = torch.Generator().manual_seed(seed)
-            rows = torch.randperm(len(dataset), generator=generator)[:limit].sort().values
+            rows = torch.randperm(dataset_size(dataset), generator=generator)[:limit].sort().values
         labels = dataset_labels(dataset)
         if labels is not None:
             return cls(dataset, rows, labels[rows], batch_size, num_workers)
@@ -166,7 +170,11 @@ class EvaluationSet:
         parts = list(subset.batches())
         if not parts:
             raise VebiError("no images to load")
-        masks = None if parts[0].masks is None else torch.cat([p.masks for p in parts])
+        masks = (
+            None
+            if parts[0].masks is None
+            else torch.cat([cast(torch.Tensor, p.masks) for p in parts])
+        )
         return EvaluationImages(
             torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]), masks
         )

@@ -277,7 +277,8 @@ class FeatureDissection:
                 return float("nan"), float("nan"), 0
             return hits / total, weight_hit / weight_total if weight_total else float("nan"), total
 
-        rows, labelled = [], []
+        rows: list[dict[str, Any]] = []
+        labelled: list[dict[str, Any]] = []
         for c, name in enumerate(relevant.class_names):
             for fid, weight in sets[c]:
                 part, value, values, why = label(fid, c)

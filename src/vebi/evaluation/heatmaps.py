@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -121,7 +121,10 @@ class HeatmapEvaluation:
         rank, size = world()
         shard = data.shard(rank, size)
         metrics = {
-            name: {key: metric.clone().to(device) for key, metric in prototypes.items()}
+            name: {
+                key: cast(HeatmapMetric, metric.clone()).to(device)
+                for key, metric in prototypes.items()
+            }
             for name in methods
         }
         seconds = dict.fromkeys(methods, 0.0)

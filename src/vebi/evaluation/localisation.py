@@ -87,6 +87,7 @@ class _LocalisationMetric(MeanOverImages):
     group = "localisation"
     needs_masks = True
     higher_is_better = True
+    without_mask: torch.Tensor  # a state (add_state)
 
     def __init__(self, score_shape: tuple[int, ...] = (), **kwargs: Any) -> None:
         super().__init__(score_shape, **kwargs)
@@ -121,6 +122,7 @@ class ThresholdIoU(_LocalisationMetric):
     c selects the whole image for t <= c and nothing above (module doc)."""
 
     name = "iou_mean"
+    thresholds: torch.Tensor  # a buffer
 
     def __init__(self, thresholds: torch.Tensor | None = None, **kwargs: object) -> None:
         values = (
@@ -179,7 +181,7 @@ class PointingGame(_LocalisationMetric):
 
     name = "pointing_game"
 
-    def __init__(self, tolerance: int = 15, **kwargs: object) -> None:
+    def __init__(self, tolerance: int = 15, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if int(tolerance) != tolerance or tolerance < 0:
             raise VebiError(f"tolerance must be an integer >= 0, got {tolerance!r}")

@@ -54,7 +54,7 @@ class HeatmapMetric(Metric):
     (torchmetrics' ``Metric`` is an ``abc.ABC``)."""
 
     name: ClassVar[str]
-    higher_is_better: ClassVar[bool]
+    higher_is_better: bool  # set by each metric class (torchmetrics: Optional[bool])
     group: ClassVar[str]
     needs_masks: ClassVar[bool] = False
     needs_model: ClassVar[bool] = False
@@ -103,6 +103,8 @@ class MeanOverImages(HeatmapMetric):
 
     #: NaN with no image scored; False: 0 (the sum, 0, over max(count, 1)).
     nan_when_empty: ClassVar[bool] = True
+    total: torch.Tensor  # states (add_state)
+    count: torch.Tensor
 
     def __init__(self, score_shape: tuple[int, ...] = (), **kwargs: Any) -> None:
         super().__init__(**kwargs)

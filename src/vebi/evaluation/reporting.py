@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import matplotlib
 import numpy as np
 import torch
 from lightning.pytorch.loggers import Logger, WandbLogger
+from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 
 from vebi.evaluation.data import EvaluationImages
@@ -145,7 +146,7 @@ def sanity_figure(sanity: Mapping[str, Any]) -> Figure:
     steps = [step["name"] for step in sanity["steps"]]
     figure = Figure(figsize=(4.2 * len(similarities), 4.2), layout="constrained")
     axes = figure.subplots(1, len(similarities), sharey=True, squeeze=False)[0]
-    colours = matplotlib.colormaps["tab20"].colors
+    colours = cast(Sequence[Any], cast(ListedColormap, matplotlib.colormaps["tab20"]).colors)
     xs = list(range(len(steps) + 1))
     for axis, similarity in zip(axes, similarities, strict=True):
         for i, (name, curves) in enumerate(sanity["methods"].items()):
@@ -336,7 +337,7 @@ def curves_figure(
     """One line per method of ``results[method][key + '_curve']`` at ``xs``."""
     figure = Figure(figsize=(5.5, 3.6))
     axis = figure.subplots()
-    colours = matplotlib.colormaps["tab20"].colors
+    colours = cast(Sequence[Any], cast(ListedColormap, matplotlib.colormaps["tab20"]).colors)
     for i, (name, row) in enumerate(results.items()):
         curve = row[f"{key}_curve"]
         axis.plot(
@@ -414,7 +415,7 @@ def save_figures(
     paths: dict[str, Path] = {}
     heatmaps = result.get("heatmaps") or {}
     methods = heatmaps.get("methods", {})
-    first = next(iter(methods.values()), {})
+    first: dict[str, Any] = next(iter(methods.values()), {})
     for key, curve in (heatmaps.get("metrics") or {}).get("curves", {}).items():
         if f"{key}_curve" in first:
             figure = curves_figure(methods, key, curve["x"], curve["x_label"], curve["title"])
@@ -447,7 +448,7 @@ def log_to_wandb(
         if "ablation" in result:
             summary |= {f"ablation/{k}": v for k, v in result["ablation"]["average"].items()}
             rows = result["ablation"]["per_class"]
-            columns = ["class", "features", *ABLATION_COLUMNS]
+            columns: list[str | int] = ["class", "features", *ABLATION_COLUMNS]
             run.log(
                 {
                     "ablation/per_class": wandb.Table(
@@ -465,16 +466,16 @@ def log_to_wandb(
                 summary |= {f"heatmaps/{name}/{m}": row[m] for m in metrics}
             present = set(metrics)
             for group, names in info["groups"].items():
-                columns = [m for m in names if m in present]
-                if not columns:
+                shown = [m for m in names if m in present]
+                if not shown:
                     continue
-                columns.append("seconds_per_image")
+                shown.append("seconds_per_image")
                 table = wandb.Table(
                     columns=[
                         "method",
-                        *[m + (_arrow(directions[m]) if m in directions else "") for m in columns],
+                        *[m + (_arrow(directions[m]) if m in directions else "") for m in shown],
                     ],
-                    data=[[name, *[row[m] for m in columns]] for name, row in methods.items()],
+                    data=[[name, *[row[m] for m in shown]] for name, row in methods.items()],
                 )
                 run.log({f"heatmaps/{group}": table})
             for key, curve in info["curves"].items():
@@ -514,7 +515,7 @@ def _log_sanity(run: Any, sanity: Mapping[str, Any], figure: Path | None) -> dic
 
     steps = [step["name"] for step in sanity["steps"]]
     similarities = list(sanity["similarities"])
-    columns = ["method", "step", "randomised down to"]
+    columns: list[str | int] = ["method", "step", "randomised down to"]
     columns += [f"{s}_{stat}" for s in similarities for stat in ("mean", "std")]
     rows = [
         [name, i + 1, step, *(curves[key][i] for key in columns[3:])]
@@ -560,7 +561,7 @@ def _log_dissection(
     import wandb
 
     rows = dissection["per_class"]
-    columns = list(rows[0])
+    columns: list[str | int] = list(rows[0])
     run.log(
         {
             "dissection/per_class": wandb.Table(
@@ -568,7 +569,15 @@ def _log_dissection(
             )
         }
     )
-    feature_columns = ["class", "layer", "channel", "weight", "part", "iou", "note"]
+    feature_columns: list[str | int] = [
+        "class",
+        "layer",
+        "channel",
+        "weight",
+        "part",
+        "iou",
+        "note",
+    ]
     run.log(
         {
             "dissection/features": wandb.Table(

@@ -52,6 +52,7 @@ from vebi.evaluation.methods import HeatmapMethod
 from vebi.mining.features import is_feature_block
 from vebi.mining.relevant import RelevantFeatures
 from vebi.utils.log import get_logger
+from vebi.utils.torch_api import dataset_size
 
 log = get_logger(__name__)
 
@@ -216,7 +217,7 @@ Remine = Callable[[nn.Module], RelevantFeatures]
 
 def seeded_subset(dataset: Dataset, count: int | None, seed: int) -> tuple[Dataset, str | None]:
     """(``count`` seeded random items of ``dataset``, a note when ``count`` was clamped)."""
-    size = len(dataset)  # type: ignore[arg-type]
+    size = dataset_size(dataset)
     if count is None or count >= size:
         note = None
         if count is not None and count > size:

@@ -16,6 +16,7 @@ call (see :mod:`vebi.explain.rules`).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -114,20 +115,21 @@ class MergeBatchNorm(Canonizer):
         leaves = [m for m in model.modules() if not any(m.children())]
         undos = []
         for conv, norm in zip(leaves, leaves[1:], strict=False):
-            merges = (
+            if (
                 type(conv) is nn.Conv2d
                 and type(norm) is nn.BatchNorm2d
                 and norm.track_running_stats
                 and not norm.training
                 and conv.out_channels == norm.num_features
-            )
-            if merges:
+            ):
                 undos.append(self._merge(conv, norm))
         return undos
 
     @staticmethod
     def _merge(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> Callable[[], None]:
-        saved = {
+        running_mean, running_var = norm.running_mean, norm.running_var
+        assert running_mean is not None and running_var is not None  # track_running_stats
+        saved: dict[str, Any] = {
             "weight": conv.weight.data,
             "bias": None if conv.bias is None else conv.bias.data,
             "norm": {
@@ -136,11 +138,11 @@ class MergeBatchNorm(Canonizer):
             "running": (norm.running_mean, norm.running_var, norm.eps),
         }
         with torch.no_grad():
-            scale = torch.rsqrt(norm.running_var + norm.eps)
+            scale = torch.rsqrt(running_var + norm.eps)
             if norm.weight is not None:
                 scale = scale * norm.weight
-            bias = conv.bias if conv.bias is not None else torch.zeros_like(norm.running_mean)
-            shift = (bias - norm.running_mean) * scale
+            bias = conv.bias if conv.bias is not None else torch.zeros_like(running_mean)
+            shift = (bias - running_mean) * scale
             if norm.bias is not None:
                 shift = shift + norm.bias
             conv.weight.data = conv.weight.data * scale.view(-1, 1, 1, 1).to(conv.weight.dtype)
@@ -151,8 +153,8 @@ class MergeBatchNorm(Canonizer):
             if norm.weight is not None:
                 norm.weight.data = torch.ones_like(norm.weight)
                 norm.bias.data = torch.zeros_like(norm.bias)
-            norm.running_mean = torch.zeros_like(norm.running_mean)
-            norm.running_var = torch.ones_like(norm.running_var)
+            norm.running_mean = torch.zeros_like(running_mean)
+            norm.running_var = torch.ones_like(running_var)
             norm.eps = 0.0
 
         def undo() -> None:
@@ -161,6 +163,7 @@ class MergeBatchNorm(Canonizer):
                 del conv.bias
                 conv.register_parameter("bias", None)
             else:
+                assert conv.bias is not None  # the merge kept it
                 conv.bias.data = saved["bias"]
             for key, value in saved["norm"].items():
                 getattr(norm, key).data = value

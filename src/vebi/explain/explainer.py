@@ -68,22 +68,24 @@ class Explainer:
                 f"({type(k).__name__}): e.g. k=3"
             )
         model = network_of(model)
-        self.model = model
-        self.relevant = relevant
+        self.model: nn.Module = model
+        self.relevant: RelevantFeatures = relevant
         mask = relevant.relevant_mask()
         # no class can show more features than it has relevant ones: k above that would only
         # allocate empty map slots (N x k x H x W)
         most = int(mask.sum(axis=0).max()) if mask.size else 0
-        self.k = max(1, min(int(k), most))
-        self.rules = rules or Rules()
+        self.k: int = max(1, min(int(k), most))
+        self.rules: Rules = rules or Rules()
         check_rule_coverage(model, self.rules)  # every unsupported module named, up front
         used = mask.any(axis=1).nonzero()[0]
-        self.layers = list(dict.fromkeys(relevant.index.locate(int(f))[0] for f in used))
+        self.layers: list[str] = list(dict.fromkeys(relevant.index.locate(int(f))[0] for f in used))
         # only relevant features take part (weights at or below the tolerance count as zero)
-        self.weights = torch.as_tensor(relevant.weights * mask, dtype=torch.float32)
+        self.weights: torch.Tensor = torch.as_tensor(relevant.weights * mask, dtype=torch.float32)
         layer_names = relevant.index.layer_of_each_feature()
-        self._layer_id = torch.tensor([relevant.index.layers.index(n) for n in layer_names])
-        self._channel = torch.tensor(
+        self._layer_id: torch.Tensor = torch.tensor(
+            [relevant.index.layers.index(n) for n in layer_names]
+        )
+        self._channel: torch.Tensor = torch.tensor(
             [f - relevant.index.offsets[i] for f, i in enumerate(self._layer_id.tolist())]
         )
         # captured outputs the model changes in place downstream (out += identity) need a
@@ -234,11 +236,13 @@ class Explainer:
         weights = self.weights[ids, classes.cpu()[:, None]]
         scores = (x.cpu().gather(1, ids) * weights).tolist()
         layers, channels = self._layer_id[ids].tolist(), self._channel[ids].tolist()
-        present, weights = (chosen >= 0).tolist(), weights.tolist()
+        present, weight_values = (chosen >= 0).tolist(), weights.tolist()
         names = self.relevant.index.layers
         return [
             [
-                ChosenFeature(names[layers[n][i]], channels[n][i], scores[n][i], weights[n][i])
+                ChosenFeature(
+                    names[layers[n][i]], channels[n][i], scores[n][i], weight_values[n][i]
+                )
                 for i in range(chosen.shape[1])
                 if present[n][i]
             ]

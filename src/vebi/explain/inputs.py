@@ -62,12 +62,12 @@ def image_to_tensor(image: Image.Image, shape: tuple[int, int, int]) -> torch.Te
         raise VebiError(f"models with {channels} input channels are not supported for image files")
     grey = _high_depth_grey(image)
     if grey is not None:
-        resized = Image.fromarray(grey).resize((width, height), Image.BILINEAR)
+        resized = Image.fromarray(grey).resize((width, height), Image.Resampling.BILINEAR)
         array = np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)[None]
         array = np.repeat(array, channels, axis=0)
         return torch.from_numpy(np.ascontiguousarray(array))
     converted = image.convert("L" if channels == 1 else "RGB").resize(
-        (width, height), Image.BILINEAR
+        (width, height), Image.Resampling.BILINEAR
     )
     array = np.asarray(converted, dtype=np.float32) / 255.0
     array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)

@@ -60,7 +60,7 @@ def top_images_per_feature(
             rows = np.flatnonzero(chunk["labels"] == class_id)
             if not ids or len(rows) == 0:
                 continue
-            new_values = values[np.ix_(rows, [position[f] for f in ids])]
+            new_values = values[np.ix_(rows, np.array([position[f] for f in ids]))]
             new_indices = np.broadcast_to(chunk["indices"][rows][:, None], new_values.shape)
             best[class_id] = _best(best.get(class_id), (new_values, new_indices), top_n)
     if world()[1] > 1:  # merge the shards' rankings
@@ -139,7 +139,7 @@ def average_visualisations(
 PartLabels = Mapping[tuple[int, str, int], tuple[str | None, float | None]]
 
 
-def _part_caption(label: tuple[str | None, float] | None) -> str:
+def _part_caption(label: tuple[str | None, float | None] | None) -> str:
     if label is None:
         return "part: n/a"
     part, iou = label

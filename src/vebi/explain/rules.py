@@ -68,10 +68,11 @@ import functools
 import inspect
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
+import torch.nn.grad  # conv2d_input (a submodule torch.nn does not declare)
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
@@ -79,11 +80,14 @@ from vebi.errors import VebiError
 from vebi.explain.canonizers import Canonizer, GateAsScale, MergeBatchNorm
 from vebi.models.hooks import class_names, leaf_modules, refuse_attention
 from vebi.models.normalize import Normalize
+from vebi.utils.torch_api import current_function_mode
 
 #: Leaf modules whose gradient is the rule: linear maps (an eval-mode normalisation is one),
 #: shape-only modules, identities in eval mode (dropout, stochastic depth), padding, and the
 #: default rules of max-pooling and convolutions.
-GRADIENT_MODULES: tuple[type[nn.Module], ...] = (
+ModuleTypes = tuple[type[nn.Module], ...]
+
+GRADIENT_MODULES: ModuleTypes = (
     nn.Conv2d,
     nn.MaxPool2d,
     nn.Linear,
@@ -432,11 +436,14 @@ class StrideFixConv(Rule):
         return isinstance(module, nn.Conv2d) and _pair(module.stride) != (1, 1)
 
     def check(self, module: nn.Module) -> None:
+        module = cast(nn.Conv2d, module)  # module_types
         if module.padding_mode != "zeros" or isinstance(module.padding, str):
             raise VebiError(f"stride_fix needs numeric zero padding ({module})")
 
     def backward(self, module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        kernel, padding, dilation = module.weight.shape[-2:], module.padding, module.dilation
+        module = cast(nn.Conv2d, module)  # module_types; numeric padding (check)
+        padding = cast(tuple[int, int], module.padding)
+        kernel, dilation = module.weight.shape[-2:], module.dilation
         size = [
             x.shape[-2 + axis] + 2 * padding[axis] - dilation[axis] * (kernel[axis] - 1)
             for axis in range(2)
@@ -481,9 +488,10 @@ class SwitchUnpool(Rule):
             raise VebiError(f"switch_unpool needs max-pooling without dilation ({module})")
 
     def backward(self, module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        module = cast(nn.MaxPool2d, module)  # module_types
         args = (module.kernel_size, module.stride, module.padding)
         _, indices = F.max_pool2d(x, *args, 1, module.ceil_mode, return_indices=True)
-        return F.max_unpool2d(grad, indices, *args, output_size=x.shape[-2:])
+        return F.max_unpool2d(grad, indices, *args, output_size=x.shape[-2:])  # type: ignore[arg-type]  # ints allowed
 
 
 def _stabilize(z: torch.Tensor, epsilon: float) -> torch.Tensor:
@@ -493,6 +501,7 @@ def _stabilize(z: torch.Tensor, epsilon: float) -> torch.Tensor:
 
 
 def _conv_options(module: nn.Module) -> tuple[Any, Any, Any, int]:
+    module = cast(nn.Conv2d, module)  # the convolution rules' modules
     return module.stride, module.padding, module.dilation, module.groups
 
 
@@ -532,6 +541,7 @@ class ZPlusConv(Rule):
 
     def backward(self, module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         options = _conv_options(module)
+        module = cast(nn.Conv2d, module)  # module_types
         weight = module.weight.detach()
         positive, x_positive = weight.clamp_min(0), x.clamp_min(0)
         bias = module.bias.detach().clamp_min(0) if self.bias and module.bias is not None else None
@@ -670,6 +680,7 @@ class ZBoxConv(Rule):
 
     def check(self, module: nn.Module) -> None:
         _check_zero_padding(module, "z^B")
+        module = cast(nn.Conv2d, module)  # module_types
         channels = module.weight.shape[1] * module.groups
         for what, bound in (("low", self.low), ("high", self.high)):
             if len(_per_channel(bound)) not in (1, channels):
@@ -684,6 +695,7 @@ class ZBoxConv(Rule):
 
     def backward(self, module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         options = _conv_options(module)
+        module = cast(nn.Conv2d, module)  # module_types
         weight = module.weight.detach()
         positive, negative = weight.clamp_min(0), weight.clamp_max(0)
         low, high = self._bound(self.low, x), self._bound(self.high, x)
@@ -859,7 +871,7 @@ def _same_factory(old: Any, new: Any) -> bool:
     if old is new:
         return True
     named = getattr(old, "__qualname__", None), getattr(old, "__module__", None)
-    if None in named or "<" in named[0]:  # lambdas and local classes share their names
+    if named[0] is None or named[1] is None or "<" in named[0]:  # lambdas, local classes
         return False
     return named == (
         getattr(new, "__qualname__", None),
@@ -933,7 +945,8 @@ def register_preset(
     _check_name(name, "preset")
     for slot, choice in (("relu", relu), ("conv", conv), ("pool", pool)):
         _choose(slot, choice)  # registered names only
-    family = family if family is not None else (relu if relu in FAMILIES else None)
+    if family is None and isinstance(relu, str) and relu in FAMILIES:
+        family = relu
     if family not in FAMILIES:
         raise VebiError(
             f"register_preset({name!r}): give family= (one of {FAMILIES}), what every "
@@ -1054,7 +1067,10 @@ class Rules:
     def family(self) -> str:
         """What every activation does: the ReLU choice when it is a family's name, else the
         preset's family."""
-        return self.relu if self.relu in FAMILIES else PRESETS[self.preset]["family"]
+        relu = self.relu
+        return (
+            relu if isinstance(relu, str) and relu in FAMILIES else PRESETS[self.preset]["family"]
+        )
 
     def composite(self) -> Composite:
         relu, conv, pool = (_choose(s, getattr(self, s)) for s in ("relu", "conv", "pool"))
@@ -1070,7 +1086,8 @@ class Rules:
             functional["pool"] = pool
         return Composite(
             tuple(rule for rule in chosen if rule is not None),
-            gradient_modules=(*GRADIENT_MODULES, *self.gradient_modules),
+            # types by now (__post_init__ resolves the names)
+            gradient_modules=(*GRADIENT_MODULES, *cast(ModuleTypes, self.gradient_modules)),
             family=family,
             functional=functional,
             canonizers=(
@@ -1081,14 +1098,18 @@ class Rules:
 
     def choices(self) -> dict[str, Any]:
         """The relu/conv/pool choices as names (rule objects as ``Class()``) and the extras."""
-        chosen = {slot: str(getattr(self, slot)) for slot in ("relu", "conv", "pool")}
+        chosen: dict[str, Any] = {
+            slot: str(getattr(self, slot)) for slot in ("relu", "conv", "pool")
+        }
         chosen["activation"] = self.family
         if self.extra:
             chosen["extra"] = [repr(rule) for rule in self.extra]
         if self.gradient_modules:
-            chosen["gradient_modules"] = [qualified_name(t) for t in self.gradient_modules]
+            types = cast(ModuleTypes, self.gradient_modules)  # resolved by __post_init__
+            chosen["gradient_modules"] = [qualified_name(t) for t in types]
         if self.activations:
-            chosen["activation_modules"] = [qualified_name(t) for t in self.activations]
+            types = cast(ModuleTypes, self.activations)
+            chosen["activation_modules"] = [qualified_name(t) for t in types]
         return chosen
 
     def describe(self) -> str:
@@ -1222,7 +1243,7 @@ class _FunctionalRules(TorchFunctionMode):
             rest, options, flagged = _bound(out_of_place, args, kwargs)
             return self.rules["activation"], _Call(out_of_place, rest, options), in_place or flagged
         if func is F.conv2d and "conv" in self.rules:
-            module = _ConvCall(*args[1:], **kwargs)
+            module: nn.Module = _ConvCall(*args[1:], **kwargs)
             rule = self.rules["conv"]
             if rule.applies_to(module):
                 rule.check(module)
@@ -1290,7 +1311,7 @@ def _functional_rules(
         try:
             yield
         finally:
-            if torch.overrides._get_current_function_mode() is mode:  # a forward that raised
+            if current_function_mode() is mode:  # a forward that raised
                 mode.__exit__(None, None, None)
 
 

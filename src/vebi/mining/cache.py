@@ -32,7 +32,7 @@ log = get_logger(__name__)
 try:  # POSIX file locks; elsewhere caches are not shared between concurrent jobs
     import fcntl
 except ImportError:  # pragma: no cover - Windows
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]  # the module is absent here
 
 
 class ActivationCache:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -17,7 +18,7 @@ from vebi.utils.log import get_logger
 log = get_logger(__name__)
 
 
-def mining_datasets(datamodule: L.LightningDataModule) -> tuple[torch.utils.data.Dataset, object]:
+def mining_datasets(datamodule: object) -> tuple[torch.utils.data.Dataset, Any]:
     """(training images without augmentation, validation images or None) of a data module.
 
     Data modules provide ``mining_dataset()`` (training split, eval transforms); as a fallback
@@ -25,8 +26,8 @@ def mining_datasets(datamodule: L.LightningDataModule) -> tuple[torch.utils.data
     """
     if hasattr(datamodule, "mining_dataset"):
         dataset = datamodule.mining_dataset()
-    elif getattr(datamodule, "data_train", None) is not None:
-        dataset = datamodule.data_train
+    elif (data_train := getattr(datamodule, "data_train", None)) is not None:
+        dataset = data_train
     else:
         raise VebiError(
             f"{type(datamodule).__name__} offers no mining_dataset() or data_train to mine on"
@@ -53,13 +54,14 @@ class FeatureMiningCallback(Callback):
         self.artefact_path: Path | None = None
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.fast_dev_run:
+        # set on the Trainer by Lightning's connectors, which its annotations do not declare
+        if getattr(trainer, "fast_dev_run", False):
             log.info("fast_dev_run: feature mining skipped")
             return
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        best = getattr(trainer.checkpoint_callback, "best_model_path", "")
         if self.use_best_checkpoint and best:
             pl_module.load_state_dict(read_checkpoint(best, pl_module.device)["state_dict"])
-        dataset, val_dataset = mining_datasets(trainer.datamodule)
+        dataset, val_dataset = mining_datasets(getattr(trainer, "datamodule", None))
         model = getattr(pl_module, "net", pl_module)
         self.report = self.miner.mine(
             model, dataset, val_dataset, getattr(pl_module, "class_names", None)

@@ -42,6 +42,7 @@ from vebi.mining.solver import (
 from vebi.mining.statistics import GramStatistics, StreamedGram
 from vebi.models.hooks import eval_mode, network_of
 from vebi.utils.log import get_logger
+from vebi.utils.torch_api import dataset_size
 
 log = get_logger(__name__)
 GRAM_MODES = ("auto", "dense", "streamed")
@@ -75,9 +76,9 @@ def dataset_fingerprint(dataset: Dataset) -> str:
       augmentation) gets a key of its own every time, so its cache is never reused (said);
     * anything else: every item, read once (a pass over the data without the network).
     """
-    digest = hashlib.sha256(f"{type(dataset).__qualname__}|{len(dataset)}".encode())
+    digest = hashlib.sha256(f"{type(dataset).__qualname__}|{dataset_size(dataset)}".encode())
     _fingerprint_into(digest, dataset)
-    positions = np.unique(np.linspace(0, len(dataset) - 1, SAMPLED_ITEMS).astype(int))
+    positions = np.unique(np.linspace(0, dataset_size(dataset) - 1, SAMPLED_ITEMS).astype(int))
     sampled = [_item_bytes(dataset, position) for position in positions.tolist()]
     for item in sampled:
         digest.update(item)
@@ -145,9 +146,11 @@ def _fingerprint_into(digest: Any, dataset: Dataset) -> None:
     digest.update(f"transform|{transform}".encode())
     if not described:
         log.info(
-            "Fingerprinting the %d items of %s one by one", len(dataset), type(dataset).__name__
+            "Fingerprinting the %d items of %s one by one",
+            dataset_size(dataset),
+            type(dataset).__name__,
         )
-        for position in range(len(dataset)):
+        for position in range(dataset_size(dataset)):
             for part in dataset[position][:2]:
                 digest.update(torch.as_tensor(part).contiguous().numpy().tobytes())
 
@@ -386,7 +389,7 @@ class FeatureMiner:
             "normalize_global": self.normalize_global,
         }
 
-    def _loader(self, dataset: Dataset, indices: Sequence[int]) -> DataLoader:
+    def _loader(self, dataset: Dataset, indices: Sequence[int] | np.ndarray) -> DataLoader:
         return DataLoader(Subset(dataset, list(indices)), batch_size=self.batch_size, shuffle=False)
 
     def _label_range(self, num_classes: int) -> int | None:
@@ -423,6 +426,7 @@ class FeatureMiner:
         with self._extractor(model, layers) as extractor:
             num_classes = int(extractor(probe, " in the first image")[1].shape[1])
             index = extractor.index
+            assert index is not None  # set by the first call
         _images_labels(first, self._label_range(num_classes), " in item 0")  # before a long pass
         log.info(
             "Mining %d features of %d layers for %d classes (G %s):\n%s",
@@ -456,11 +460,13 @@ class FeatureMiner:
         with self._extractor(run.model, run.layers) as extractor, ThreadPoolExecutor(1) as writer:
             probe = _images(next(iter(self._loader(dataset, indices[:1]))))
             extractor(probe.to(run.device), " in the first image")
-            size = extractor.index.size
+            index = extractor.index
+            assert index is not None  # set by the first call
+            size = index.size
             chunk_rows = self._chunk_rows(size)
             stats = GramStatistics(size, run.num_classes, with_gram=self._dense(size))
             stats = stats.to(run.device)
-            done = cache.resume_or_create(len(indices), extractor.index, chunk_rows)
+            done = cache.resume_or_create(len(indices), index, chunk_rows)
             if done:  # replay the complete rows batch by batch: the same sums, bit for bit
                 for block in cache.iter_chunks(self.batch_size, partial=True):
                     self._accumulate(stats, block)
@@ -505,10 +511,10 @@ class FeatureMiner:
                 if pending:
                     cache.write_rows(position, pending)
         cache.finish()
-        size = cache.path.stat().st_size / 2**20
+        megabytes = cache.path.stat().st_size / 2**20
         log.info(
             "Activation cache: %.0f MB in %s (%s)",
-            size,
+            megabytes,
             cache.path,
             "reused by later runs on the same weights and data; delete it freely, or set "
             "mining.keep_cache=false"
@@ -528,7 +534,7 @@ class FeatureMiner:
     def _features_in_memory(self, run: _Run, dataset: Dataset) -> dict[str, np.ndarray]:
         xs, labels, predictions = [], [], []
         with self._extractor(run.model, run.layers) as extractor:
-            loader = self._loader(dataset, range(len(dataset)))
+            loader = self._loader(dataset, range(dataset_size(dataset)))
             for number, batch in enumerate(
                 tqdm(loader, desc="validation features", disable=not self.progress)
             ):
@@ -694,14 +700,19 @@ class FeatureMiner:
         cache_dir: Path,
     ) -> MiningReport:
         model = network_of(model)
-        if len(dataset) == 0:
+        if dataset_size(dataset) == 0:
             raise VebiError("the mining data set is empty")
         world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         timings: dict[str, float] = {}
         with eval_mode(model):
             run = self._prepare(model, dataset, world, cache_dir)
             given = class_names is not None and len(class_names) > 0
-            names = [str(n) for n in (class_names if given else range(run.num_classes))]
+            names = [
+                str(n)
+                for n in (
+                    class_names if given and class_names is not None else range(run.num_classes)
+                )
+            ]
             if len(names) != run.num_classes:
                 raise VebiError(
                     f"{len(names)} class names for a model with {run.num_classes} outputs"
@@ -712,7 +723,7 @@ class FeatureMiner:
                     log.info("Reusing activation cache %s", run.cache.path)
                     stats = self._statistics_from_cache(run)
                 else:
-                    rows = np.arange(world[0], len(dataset), world[1])
+                    rows = np.arange(world[0], dataset_size(dataset), world[1])
                     stats = self._extract(run, dataset, rows)
             statistics = {name: value.cpu().numpy() for name, value in stats.compute().items()}
             timings["extract_seconds"] = time.perf_counter() - started
@@ -739,8 +750,8 @@ class FeatureMiner:
         timings["solve_seconds"] = time.perf_counter() - started
 
         split = "val" if val is not None else "train"
-        rows = self._chunk_rows(solution.weights.shape[0])
-        blocks = [val] if val is not None else run.cache.iter_chunks(rows)
+        chunk_rows = self._chunk_rows(solution.weights.shape[0])
+        blocks = [val] if val is not None else run.cache.iter_chunks(chunk_rows)
         sparse, network = self._accuracies(blocks, solution.weights)
         metrics = {
             "mu": mu,

@@ -41,6 +41,10 @@ class GramStatistics(Metric):
     full_state_update = False
     is_differentiable = False
     higher_is_better = None
+    gram: torch.Tensor  # states (add_state)
+    cross: torch.Tensor
+    class_counts: torch.Tensor
+    num_samples: torch.Tensor
 
     def __init__(
         self,

@@ -10,12 +10,13 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable, Collection, Iterator, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
 from vebi.errors import VebiError
+from vebi.utils.torch_api import tensor_version
 
 
 def network_of(model: nn.Module) -> nn.Module:
@@ -42,7 +43,7 @@ def _names_of(cls: type) -> frozenset[str]:
 def class_names(module: nn.Module) -> frozenset[str]:
     """The qualified names (``package.module.Class``) of the module's class and its bases:
     how types of optional packages (timm, ...) are recognised without importing them."""
-    return _names_of(type(module))
+    return _names_of(type(module))  # type: ignore[arg-type]  # classes hash (mypy: Module)
 
 
 def leaf_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -86,6 +87,8 @@ def check_layer_names(model: nn.Module, layers: Sequence[str]) -> None:
 
 
 #: Names of the layer types of vision transformers (token maps, not channel maps).
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
 ATTENTION_TYPES = (nn.MultiheadAttention,)
 
 
@@ -118,12 +121,14 @@ class CapturedOutputs(dict):
         self._watched: dict[str, tuple[torch.Tensor, int]] = {}
 
     def watch(self, name: str, passed_on: torch.Tensor) -> None:
-        self._watched[name] = (passed_on, passed_on._version)
+        self._watched[name] = (passed_on, tensor_version(passed_on))
 
     def modified_in_place(self) -> set[str]:
         """Layers whose output (the recorded tensor, or the copy the model went on with) was
         modified in place after it was recorded."""
-        return {name for name, (t, version) in self._watched.items() if t._version != version}
+        return {
+            name for name, (t, version) in self._watched.items() if tensor_version(t) != version
+        }
 
 
 @contextlib.contextmanager
@@ -172,7 +177,7 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
         model.train(was_training)
 
 
-def to_device(model: nn.Module, device: torch.device | str) -> nn.Module:
+def to_device(model: ModuleT, device: torch.device | str) -> ModuleT:
     """``model`` on ``device``; on the CPU with its 4-D weights in channels-last (NHWC) order,
     in which oneDNN runs convolutions faster (SmallVGG at 112 px: 0.9 instead of 1.4 ms per
     image on 2 cores). Inputs may keep either layout: the outputs are the same up to float

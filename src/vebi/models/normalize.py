@@ -15,6 +15,9 @@ class Normalize(nn.Module):
     input-space signals for those images, with no separate preprocessing to forget.
     """
 
+    mean: torch.Tensor  # buffers
+    std: torch.Tensor
+
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         if len(mean) != len(std) or any(s <= 0 for s in std):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from typing import BinaryIO, cast
 
 import numpy as np
 import torch
@@ -114,7 +115,8 @@ def _sklearn(name: str) -> Callable[[], np.ndarray]:
 def _grace_hopper() -> np.ndarray:
     from matplotlib import cbook
 
-    with cbook.get_sample_data("grace_hopper.jpg") as file:
+    # a file object (asfileobj=True, the default); typed as a file or an array
+    with cast(BinaryIO, cbook.get_sample_data("grace_hopper.jpg")) as file:
         return np.asarray(Image.open(file).convert("RGB"))
 
 

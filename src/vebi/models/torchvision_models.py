@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections import OrderedDict
+from typing import cast
 from urllib.error import URLError
 
 import torchvision
@@ -25,11 +26,12 @@ ARCHITECTURES = {
 
 
 def _replace_head(model: nn.Module, num_classes: int) -> None:
-    if hasattr(model, "fc"):
-        model.fc = nn.Linear(model.fc.in_features, num_classes)
-    else:
-        last = model.classifier[-1]
-        model.classifier[-1] = nn.Linear(last.in_features, num_classes)
+    if hasattr(model, "fc"):  # ResNet: a Linear head
+        model.fc = nn.Linear(cast(nn.Linear, model.fc).in_features, num_classes)
+    else:  # VGG: a Sequential classifier ending in a Linear
+        classifier = cast(nn.Sequential, model.classifier)
+        last = cast(nn.Linear, classifier[-1])
+        classifier[-1] = nn.Linear(last.in_features, num_classes)
 
 
 class TorchvisionClassifier(nn.Sequential):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from hydra.utils import instantiate
@@ -12,6 +12,9 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
+
+if TYPE_CHECKING:
+    from lightning.fabric.utilities.data import AttributeDict
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
@@ -23,8 +26,10 @@ CHECKPOINT_KEY = "vebi"
 def _plain(config: Mapping[str, Any]) -> dict[str, Any]:
     """A (resolved) plain-dict copy of a config mapping, as checkpoints store it."""
     if isinstance(config, DictConfig):
-        return OmegaConf.to_container(config, resolve=True)
-    return OmegaConf.to_container(OmegaConf.create(dict(config)), resolve=True)
+        return cast(dict[str, Any], OmegaConf.to_container(config, resolve=True))
+    return cast(
+        dict[str, Any], OmegaConf.to_container(OmegaConf.create(dict(config)), resolve=True)
+    )
 
 
 def _factory(spec: Callable[..., Any] | Mapping[str, Any] | None) -> Callable[..., Any] | None:
@@ -92,6 +97,12 @@ class ClassifierModule(LightningModule):
         self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
         self.val_acc_best = MaxMetric()
         self.run_settings: dict[str, Any] | None = None
+
+    if TYPE_CHECKING:  # Lightning annotates hparams ``AttributeDict | MutableMapping``; it is
+        # the AttributeDict that ``save_hyperparameters`` fills (attribute access)
+
+        @property
+        def hparams(self) -> AttributeDict: ...
 
     def setup(self, stage: str) -> None:
         """Take the data module's class names when the config gave none."""

@@ -6,7 +6,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import lightning as L
 import torch
@@ -37,6 +37,7 @@ from vebi.models.hooks import eval_mode
 from vebi.modules.classifier import ClassifierModule
 from vebi.utils.instantiate import instantiate_checked
 from vebi.utils.log import get_logger
+from vebi.utils.torch_api import dataset_size
 
 log = get_logger(__name__)
 
@@ -236,7 +237,8 @@ def _load_state_dict(net: nn.Module, path: Path) -> None:
         state = {k.removeprefix("net."): v for k, v in state["state_dict"].items()}
     if not isinstance(state, Mapping):
         raise CheckpointError(f"{path} holds a {type(state).__name__}, not a state_dict")
-    targets = [net] + ([net.net] if isinstance(getattr(net, "net", None), nn.Module) else [])
+    inner = getattr(net, "net", None)
+    targets = [net] + ([inner] if isinstance(inner, nn.Module) else [])
     errors = []
     for target in targets:
         try:
@@ -322,7 +324,8 @@ def load_model(cfg: DictConfig, datamodule: Any = None) -> LoadedModel:
         return LoadedModel(module, ckpt_path, str(ckpt_path))
     if kind != "config":
         raise VebiError(f"model_source.from must be 'checkpoint' or 'config', got {kind!r}")
-    net_cfg = OmegaConf.to_container(cfg.model.net, resolve=True)
+    # a DictConfig (model.net) becomes a dict with str keys
+    net_cfg = cast(dict[str, Any], OmegaConf.to_container(cfg.model.net, resolve=True))
     state_dict = source.get("state_dict")
     pretrained = bool(net_cfg.get("pretrained"))
     custom = "pretrained" not in net_cfg and not net_cfg["_target_"].startswith("vebi.")
@@ -443,12 +446,12 @@ def gallery_part_labels(
     if masks is None:
         return None
     parts = masks.labels
-    if len(parts) != len(dataset):  # type: ignore[arg-type]
+    if len(parts) != dataset_size(dataset):
         log.warning(
             "part masks of %d images for %d mining images: galleries unlabelled",
             len(parts),
-            len(dataset),
-        )  # type: ignore[arg-type]
+            dataset_size(dataset),
+        )
         return None
     log.info("Labelling the relevant features with the parts they detect (%d images)", len(parts))
     result = FeatureDissection(draws=0)(

@@ -58,6 +58,7 @@ from vebi.utils.io import atomic_path, strict_json
 from vebi.utils.log import get_logger
 from vebi.utils.signals import JobProgress
 from vebi.utils.task import Task, task
+from vebi.utils.torch_api import dataset_size
 
 log = get_logger(__name__)
 
@@ -106,7 +107,7 @@ def run_evaluators(
     test: EvaluationSet,
     methods: dict[str, HeatmapMethod],
     progress: JobProgress | None = None,
-    datamodule: L.LightningDataModule | None = None,
+    datamodule: ClassificationData | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
     """(results, panel figures, notes) of the evaluators listed in ``evaluation.evaluators``
     (settings checked by :func:`_check_settings`; ``sanity`` mines again on the training
@@ -188,7 +189,7 @@ def run_sanity(
     net: torch.nn.Module,
     relevant: RelevantFeatures,
     test: EvaluationSet,
-    datamodule: L.LightningDataModule | None,
+    datamodule: ClassificationData | None,
 ) -> dict[str, Any]:
     """The cascading randomisation test of ``evaluation.sanity`` on a seeded, class-balanced
     subset of the test images, W mined again at every step on a seeded subset of the training
@@ -215,7 +216,7 @@ def run_sanity(
         dataset, _ = mining_datasets(datamodule)
         mining_set, clamped = seeded_subset(dataset, check.mining_images, int(cfg.seed))
         notes += [clamped] if clamped else []
-        check.mining_images = len(mining_set)  # type: ignore[arg-type]
+        check.mining_images = dataset_size(mining_set)
         miner: FeatureMiner = instantiate_checked(
             cfg.mining,
             FeatureMiner,
@@ -342,7 +343,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         result = {
             "checkpoint": str(model.ckpt_path) if model.ckpt_path else None,
             "model": model.source,
-            "num_test_images": len(test.dataset),
+            "num_test_images": dataset_size(test.dataset),
             "relevant_features": str(relevant_path),
             "mu": relevant.mu,
             "k": cfg.get("k"),
@@ -394,12 +395,12 @@ def _test_network(
     loader = DataLoader(
         test_dataset,
         batch_size=datamodule.batch_size,
-        sampler=ShardSampler(len(test_dataset)),
+        sampler=ShardSampler(dataset_size(test_dataset)),
         num_workers=datamodule.num_workers,
     )
-    if len(test_dataset) < trainer.world_size:  # Lightning's test loop needs a batch each
+    if dataset_size(test_dataset) < trainer.world_size:  # Lightning's test loop needs a batch each
         raise VebiError(
-            f"the test split has {len(test_dataset)} image(s), fewer than the "
+            f"the test split has {dataset_size(test_dataset)} image(s), fewer than the "
             f"{trainer.world_size} processes of trainer.devices x trainer.num_nodes: run on "
             "fewer devices (the evaluators after the test pass cope with empty shards)"
         )
@@ -411,7 +412,7 @@ def _relevant_features(
     cfg: DictConfig,
     model: LoadedModel,
     module: ClassifierModule,
-    datamodule: L.LightningDataModule,
+    datamodule: ClassificationData,
     test: EvaluationSet,
     run: Task,
 ) -> tuple[RelevantFeatures, Path]:

@@ -11,6 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from vebi.checkpoint import read_checkpoint
+from vebi.data.base import lightning_data
 from vebi.errors import VebiError
 from vebi.explain.rules import Rules, check_rule_coverage
 from vebi.mining.callback import FeatureMiningCallback, mining_datasets
@@ -82,14 +83,19 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             cfg.trainer, callbacks=callbacks, logger=run.loggers or False
         )
         started = time.perf_counter()
-        _fit(trainer, model, datamodule, resume, interrupt, run.progress)
+        _fit(trainer, model, lightning_data(datamodule), resume, interrupt, run.progress)
         train_seconds = time.perf_counter() - started
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         best = _best_checkpoint(trainer)
         if mining and mining.report:
             run.progress.done("mining", str(mining.artefact_path))
         if cfg.get("test"):
-            trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
+            trainer.test(
+                model,
+                datamodule=lightning_data(datamodule),
+                ckpt_path=best or None,
+                weights_only=True,
+            )
             metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
             run.progress.done("test")
         metrics["train_seconds"] = train_seconds
@@ -108,7 +114,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             )
             mining.miner.release(mining.report)
             run.progress.done("galleries")
-        result = {
+        result: dict[str, Any] = {
             **metrics,
             "relevant_features": str(mining.artefact_path)
             if mining and mining.artefact_path
@@ -159,7 +165,8 @@ def _fit(
 
 
 def _best_checkpoint(trainer: L.Trainer) -> str:
-    return trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    # "" without a checkpoint callback (best_model_path: ModelCheckpoint's, not Checkpoint's)
+    return getattr(trainer.checkpoint_callback, "best_model_path", "")
 
 
 def _overrides_without_ckpt() -> list[str]:

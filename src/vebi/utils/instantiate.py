@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, MutableMapping
+from typing import Any, cast
 
 import torch
 from hydra.utils import instantiate
@@ -76,7 +76,7 @@ def instantiate_group(group: DictConfig | None, kind: type) -> list[Any]:
         return objects
     for name, entry in group.items():
         if isinstance(entry, Mapping) and "_target_" in entry:
-            obj = instantiate_checked(entry, kind, name)
+            obj = instantiate_checked(entry, kind, str(name))
             log.info("Instantiated %s <%s>", name, entry["_target_"])
             objects.append(obj)
     return objects
@@ -118,7 +118,7 @@ def sweep_job_number() -> int | None:
     config = HydraConfig.get()
     if config.mode != RunMode.MULTIRUN:
         return None
-    return config.job.get("num")
+    return cast(DictConfig, config.job).get("num")  # a DictConfig, typed as hydra's JobConf
 
 
 def instantiate_loggers(group: DictConfig | None) -> list[Logger]:
@@ -126,9 +126,9 @@ def instantiate_loggers(group: DictConfig | None) -> list[Logger]:
     number (``mnist-evaluate-3``), so the runs of one sweep can be told apart."""
     number = sweep_job_number()
     if group and number is not None:
-        group = OmegaConf.create(OmegaConf.to_container(group, resolve=True))
+        group = cast(DictConfig, OmegaConf.create(OmegaConf.to_container(group, resolve=True)))
         for entry in group.values():
-            if isinstance(entry, Mapping) and str(entry.get("_target_", "")).endswith(
+            if isinstance(entry, MutableMapping) and str(entry.get("_target_", "")).endswith(
                 "WandbLogger"
             ):
                 entry["name"] = f"{entry.get('name') or 'run'}-{number}"

@@ -184,7 +184,7 @@ class InterruptCheckpoint(OnExceptionCheckpoint):
     (written to a temporary name, then renamed); ``train.py ckpt_path=<it>`` resumes.
     Other exceptions save nothing. Removed when training ends normally (Lightning's teardown)."""
 
-    def __init__(self, dirpath: str | os.PathLike[str], filename: str = "interrupted") -> None:
+    def __init__(self, dirpath: str | Path, filename: str = "interrupted") -> None:
         super().__init__(dirpath, filename)
         self.saved: Path | None = None
         self.training_finished = False

@@ -19,8 +19,8 @@ def padded_to_same_size(paths: Sequence[str | Path]) -> list[Image.Image]:
     """The images at ``paths`` as RGB, each centred on a white canvas of the largest size."""
     images = []
     for path in paths:
-        with Image.open(path) as image:
-            images.append(image.convert("RGB"))
+        with Image.open(path) as opened:
+            images.append(opened.convert("RGB"))
     if not images:
         return []
     width = max(image.width for image in images)
