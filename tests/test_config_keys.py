@@ -41,9 +41,13 @@ def _keys(node: ast.AST) -> set[str]:
     ``cfg["x"]``."""
     keys = set()
     for n in ast.walk(node):
-        if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "cfg":
-            if n.attr != "get":
-                keys.add(n.attr)
+        if (
+            isinstance(n, ast.Attribute)
+            and isinstance(n.value, ast.Name)
+            and n.value.id == "cfg"
+            and n.attr != "get"
+        ):
+            keys.add(n.attr)
         if (
             isinstance(n, ast.Call)
             and isinstance(n.func, ast.Attribute)

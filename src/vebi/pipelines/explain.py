@@ -26,6 +26,7 @@ from vebi.utils.instantiate import instantiate_trainer
 from vebi.utils.io import atomic_path, unique_file_names
 from vebi.utils.log import get_logger
 from vebi.utils.task import task
+from vebi.utils.torch_api import dataset_size
 from vebi.utils.wandb_media import log_figures
 
 log = get_logger(__name__)
@@ -57,11 +58,11 @@ def _inputs(
         dataset = datamodule.data_test
         if dataset is None:
             raise VebiError("the data module has no test split after setup('test')")
-        count = min(require_int_in_range("num_images", cfg.num_images, 1), len(dataset))
+        count = min(require_int_in_range("num_images", cfg.num_images, 1), dataset_size(dataset))
         test = _TestImages(dataset, count)
         labels.update({name: int(dataset[i][1]) for i, name in enumerate(test.names)})
         return test
-    return ImageFiles(cfg.input, tuple(datamodule.image_shape))
+    return ImageFiles(cfg.input, datamodule.image_shape)
 
 
 def _first_image(images: ImageFiles | _TestImages) -> torch.Tensor:
