@@ -188,6 +188,8 @@ def _snapshot(model: nn.Module) -> dict[str, Any]:
             )
             for name, m in model.named_modules()
         ],
+        # torch-function modes (the functional rules install one) left on the stack
+        "function_modes": torch._C._len_torch_function_stack(),
         "global_hooks": [
             len(getattr(global_hooks, name))
             for name in (
@@ -221,6 +223,7 @@ def _assert_restored(before: dict[str, Any], after: dict[str, Any], what: str) -
         f"backward hooks, backward pre-hooks, patched forward): {changed_modules}"
     )
     assert before["global_hooks"] == after["global_hooks"], f"{what}: global hooks left behind"
+    assert before["function_modes"] == after["function_modes"], f"{what}: torch-function mode left"
 
 
 def _assert_unit_maps(maps: torch.Tensor, images: torch.Tensor, what: str) -> None:
@@ -253,12 +256,15 @@ def test_method_restores_the_model_and_gives_unit_maps(
         _assert_restored(before, _snapshot(model), f"building {method}")
         maps = built(setup.images, setup.classes)
         _assert_restored(before, _snapshot(model), f"{method} on a model in {mode} mode")
-        maps_again, _ = built.maps_and_signal(setup.images, setup.classes)
+        maps_again, signal = built.maps_and_signal(setup.images, setup.classes)
         _assert_restored(before, _snapshot(model), f"{method}.maps_and_signal ({mode} mode)")
     finally:
         model.eval()
     _assert_unit_maps(maps, setup.images, method)
     _assert_unit_maps(maps_again, setup.images, f"{method}.maps_and_signal")
+    if signal is not None:  # the signed (N, H, W) input-space signal
+        assert tuple(signal.shape) == tuple(maps.shape), f"{method}: signal {signal.shape}"
+        assert torch.isfinite(signal).all(), f"{method}: signal not finite"
 
 
 # --- rule presets ---------------------------------------------------------------------------
@@ -271,18 +277,24 @@ def test_preset_backprop_restores_the_model_and_gives_finite_signals(
     setup = _setup(setups, net)
     model = setup.model
     rules = Rules(preset=preset)
+    nonzero = 0
     _set_mode(model, mode)
     try:
         before = _snapshot(model)
-        for layer in setup.relevant.layers:
-            # one channel per image: the first relevant feature of its class in this layer
-            signal = backprop_feature(model, setup.images, layer, 0, rules=rules)
+        index = setup.relevant.index
+        for layer, channels in zip(index.layers, index.channels, strict=True):
+            # every mined layer, a different channel per image
+            signal = backprop_feature(
+                model, setup.images, layer, torch.arange(IMAGES) % channels, rules=rules
+            )
             what = f"preset {preset} at {layer} ({mode} mode)"
             _assert_restored(before, _snapshot(model), what)
             assert signal.shape == setup.images.shape, what
             assert torch.isfinite(signal).all(), what
+            nonzero += bool(signal.abs().sum() > 0)
     finally:
         model.eval()
+    assert nonzero, f"preset {preset}: no signal reaches the pixels from any mined layer"
 
 
 # --- metrics --------------------------------------------------------------------------------
@@ -326,8 +338,10 @@ def _merge(into: HeatmapMetric, other: HeatmapMetric) -> None:
         mine, theirs = getattr(into, state), getattr(other, state)
         if fx is dim_zero_sum:
             setattr(into, state, mine + theirs)
+        elif isinstance(mine, list):
+            setattr(into, state, [*mine, *theirs])
         else:
-            setattr(into, state, [*mine, *theirs] if isinstance(mine, list) else [mine, theirs])
+            setattr(into, state, torch.cat([mine, theirs]))
 
 
 def _assert_close(whole: Any, merged: Any, what: str) -> None:
