@@ -32,8 +32,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from vebi import load_classifier
 from vebi.checkpoint import newest_checkpoint
 from vebi.data import MNISTDataModule
-from vebi.mining import FeatureExtractor, FeatureMiner, lasso_homotopy_reference, mu_lasso
+from vebi.mining import FeatureExtractor, FeatureMiner, mu_lasso
 from vebi.mining.solver import lasso_objective
+from vebi.testing import lasso_homotopy_reference
 from vebi.utils.allocator import reuse_freed_memory
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,8 +15,9 @@ from tests.conftest import REPO_ROOT, run_cli
 from vebi.utils.log import ConsoleFormatter, get_logger
 
 PACKAGE = REPO_ROOT / "src" / "vebi"
-#: data/models -> mining -> explain -> evaluation -> pipelines; a module may import its own
-#: layer and the layers before it, never one after it.
+#: data/models -> mining -> explain -> evaluation -> pipelines -> testing (the tests' oracles,
+#: out of the public API); a module may import its own layer and the layers before it, never
+#: one after it.
 LAYERS = {
     "errors": 0,
     "utils": 0,
@@ -28,6 +29,7 @@ LAYERS = {
     "explain": 3,
     "evaluation": 4,
     "pipelines": 5,
+    "testing": 6,
 }
 
 

@@ -8,8 +8,9 @@ import torch
 
 from tests.mining_models import mnist_subset, seeded_lenet
 from vebi.errors import VebiError
-from vebi.mining import FeatureExtractor, lasso_homotopy_reference, mu_lasso
+from vebi.mining import FeatureExtractor, mu_lasso
 from vebi.mining.solver import SolverFailedError, lasso_objective
+from vebi.testing import lasso_homotopy_reference
 
 
 @pytest.fixture(scope="module")

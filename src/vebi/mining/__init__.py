@@ -4,7 +4,7 @@ from vebi.mining.callback import FeatureMiningCallback
 from vebi.mining.features import FeatureExtractor, FeatureIndex, default_feature_layers
 from vebi.mining.miner import FeatureMiner, MiningReport
 from vebi.mining.relevant import RelevantFeature, RelevantFeatures
-from vebi.mining.solver import lasso_homotopy_reference, mu_lasso
+from vebi.mining.solver import mu_lasso
 from vebi.mining.statistics import GramStatistics
 
 __all__ = [
@@ -17,6 +17,5 @@ __all__ = [
     "RelevantFeature",
     "RelevantFeatures",
     "default_feature_layers",
-    "lasso_homotopy_reference",
     "mu_lasso",
 ]
