@@ -73,41 +73,19 @@ METHODS = list(_CFG.evaluation.methods)
 METRICS = list(_CFG.evaluation.metrics)
 PRESET_NAMES = list(PRESETS)
 
-# Known bugs, found by these tests (strict: a fix makes them fail until the mark goes).
-MIXED_MODE_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="vebi.models.hooks.eval_mode restores model.train(was_training) on the whole tree: "
-    "a model with some modules frozen in eval (mixed mode) comes back with every module in "
-    "train mode",
-)
-TRAIN_MODE_FORWARD_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="the layer tracing (trace_leaf_calls: last_spatial_layer for Grad-CAM, "
-    "spatial_layers for the top unit) runs a forward outside eval_mode: on a model in train "
-    "mode it updates the BatchNorm running statistics",
-)
-#: the methods that never run the model (controls): no eval_mode, nothing to restore
-CONTROLS = {"centre_gaussian", "uniform_random"}
-TRACING = {"gradcam", "top_unit_activation"}
-
 
 def _method_cases() -> list[Any]:
     cases = []
     for method in METHODS:
         for net in NETWORKS:
             for mode in MODES:
-                marks = []
-                if mode == "mixed" and method not in CONTROLS:
-                    marks = [MIXED_MODE_BUG]
-                elif mode == "train" and method in TRACING:
-                    marks = [TRAIN_MODE_FORWARD_BUG]
-                cases.append(pytest.param(method, net, mode, marks=marks))
+                cases.append(pytest.param(method, net, mode))
     return cases
 
 
 def _preset_cases() -> list[Any]:
     return [
-        pytest.param(preset, net, mode, marks=[MIXED_MODE_BUG] if mode == "mixed" else [])
+        pytest.param(preset, net, mode)
         for preset in PRESET_NAMES
         for net in NETWORKS
         for mode in MODES

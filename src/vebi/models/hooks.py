@@ -70,7 +70,7 @@ def trace_leaf_calls(
         for name, module in (leaf_modules(model) if modules is None else modules).items():
             if name:
                 stack.callback(module.register_forward_hook(record(name)).remove)
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(model):  # a traced forward changes no statistics
             model(images)
     return list(order.items())
 
@@ -168,13 +168,15 @@ def capture_outputs(
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode and restore its previous mode afterwards."""
-    was_training = model.training
+    """Put ``model`` in eval mode and restore every submodule's own mode afterwards (a model
+    in training with its BatchNorm layers frozen in eval comes back so, not all in training)."""
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
         yield model
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
 
 
 def to_device(model: ModuleT, device: torch.device | str) -> ModuleT:
