@@ -68,7 +68,6 @@ def main() -> None:
         f"paths.log_dir={out / 'logs'}",
         f"paths.data_dir={out / 'data'}",
         "logger=none",
-        "mining.progress=false",
     ]
     timings: dict[str, float] = {}
     run(
@@ -82,14 +81,14 @@ def main() -> None:
     run(
         "mine (GPU)",
         "mine.py",
-        [*with_ckpt, "trainer=gpu", "interpretation.galleries=true"],
+        [*with_ckpt, "trainer=gpu", "mining.progress=false", "interpretation.galleries=true"],
         timings,
     )
     gpu_features = newest(out / "logs" / "mine" / "an8flower_double", "*/relevant_features.h5")
     run(
         "mine (CPU)",
         "mine.py",
-        [*with_ckpt, "trainer=cpu", "interpretation.galleries=false"],
+        [*with_ckpt, "trainer=cpu", "mining.progress=false", "interpretation.galleries=false"],
         timings,
     )
     cpu_features = newest(out / "logs" / "mine" / "an8flower_double", "*/relevant_features.h5")

@@ -100,7 +100,6 @@ def _common(tmp_path: Path, synsets: Path) -> list[str]:
         f"paths.log_dir={tmp_path / 'logs'}",
         "logger=none",
         "trainer.accelerator=cpu",
-        "mining.progress=false",
     ]
 
 
@@ -109,7 +108,7 @@ def test_mine_and_explain_a_model_without_checkpoint(tmp_path: Path) -> None:
     (random weights, offline), on three ILSVRC classes: no training, no checkpoint."""
     synsets = write_ilsvrc(tmp_path / "ilsvrc")
     common = _common(tmp_path, synsets)
-    mined = run_cli("mine.py", *common, "interpretation.top_n=2")
+    mined = run_cli("mine.py", *common, "mining.progress=false", "interpretation.top_n=2")
     assert mined.returncode == 0, mined.stderr[-3000:]
     assert "no checkpoint" in mined.stdout and "random weights" in mined.stdout
     assert "Mining 2688 features of 13 layers for 1000 classes" in mined.stdout

@@ -248,7 +248,7 @@ class _SignalsItselfWhenCollected:
 
 
 def test_a_signal_whose_exception_a_finaliser_ignored_is_delivered_again() -> None:
-    from vebi.utils.signals import JobInterrupted, stop_on_signals
+    from vebi.utils.signals import JobInterrupted, pending_signal, stop_on_signals
 
     ignored: list[BaseException] = []
     outer_hook = sys.unraisablehook
@@ -261,5 +261,6 @@ def test_a_signal_whose_exception_a_finaliser_ignored_is_delivered_again() -> No
     finally:
         sys.unraisablehook = outer_hook
     assert stopped.value.signum == signal.SIGINT
+    assert pending_signal() is None  # a job run in-process later does not see this signal
     assert ignored == []  # the hook of stop_on_signals handled it; no other hook saw it
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -156,6 +156,9 @@ def stop_on_signals() -> Iterator[None]:
         sys.unraisablehook = previous_hook
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        # nothing of this job reaches code run later in the process (a job called in-process)
+        _handler.deferred, _handler.pending, _handler.forwarded = False, None, False
+        _handler.progress = None
 
 
 def _in_main_thread() -> bool:
