@@ -95,6 +95,7 @@ def test_evaluate_runs_every_evaluator_on_mnist(
     assert not [key for key in values if key.startswith("test/test/")]
 
 
+@pytest.mark.slow  # end to end through processes: make acceptance
 def test_multirun_over_mu_and_k_mines_what_is_missing(
     short_run: dict, mnist_root: Path, tmp_path: Path
 ) -> None:
@@ -139,6 +140,7 @@ def test_multirun_over_mu_and_k_mines_what_is_missing(
     assert markdown.startswith("# Sweep: 4 jobs") and markdown.count("\n| ") == 5
 
 
+@pytest.mark.slow  # end to end through processes: make acceptance
 def test_class_mismatch_is_a_clear_error(short_run: dict, mnist_root: Path, tmp_path: Path) -> None:
     index = FeatureIndex(("relu3",), (500,))
     wrong = RelevantFeatures(np.zeros((500, 6)), index, [f"c{i}" for i in range(6)], mu=1.0)
@@ -166,6 +168,7 @@ def test_class_mismatch_is_a_clear_error(short_run: dict, mnist_root: Path, tmp_
     assert result.returncode == 1 and "unknown evaluator(s) ['bogus']" in result.stderr
 
 
+@pytest.mark.slow  # end to end through processes: make acceptance
 def test_localisation_on_generated_an8flower(tmp_path: Path) -> None:
     common = [
         f"paths.data_dir={tmp_path / 'data'}",

@@ -7,6 +7,7 @@ import os
 import socket
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -67,6 +68,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # end to end through processes: make acceptance
 def test_two_processes_match_one(tmp_path: Path) -> None:
     single = _results(slice(0, 9))
     mp.spawn(_worker, args=(_port(), str(tmp_path)), nprocs=2, join=True)

@@ -155,6 +155,7 @@ def test_checkpoints_carry_their_settings(short_run: dict, tmp_path: Path) -> No
     assert "experiment=mnist" in result.stderr
 
 
+@pytest.mark.slow  # end to end through processes: make acceptance
 def test_explain_under_ddp_gives_the_files_of_one_process(
     short_run: dict, mnist_root: Path, tmp_path: Path
 ) -> None:

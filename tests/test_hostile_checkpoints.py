@@ -86,6 +86,7 @@ def test_every_hostile_setting_is_refused_before_anything_is_composed(tmp_path: 
         assert victim.read_text() == "keep me"
 
 
+@pytest.mark.slow  # end to end through processes: make acceptance
 def test_hostile_checkpoint_through_the_cli_touches_nothing(tmp_path: Path) -> None:
     """The issue's attack, as a user would run it: mine.py and evaluate.py given the
     checkpoint exit 1 with one error line; the file is still there and nothing was written

@@ -205,6 +205,7 @@ def _ddp_worker(rank: int, world: int, port: int, images, labels, out_dir: str, 
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # end to end through processes: make acceptance
 @pytest.mark.parametrize("gram", ["dense", "streamed"])
 def test_ddp_two_processes_match_one(mnist_root: Path, tmp_path: Path, gram: str) -> None:
     """Each process extracts its shard; the dense G, or the streamed passes over each shard's

@@ -63,6 +63,7 @@ def test_mining_reaches_wandb(short_run: dict) -> None:
     ]
 
 
+@pytest.mark.slow  # end to end through processes: make acceptance
 def test_mine_cli_on_existing_checkpoint(short_run: dict, mnist_root: Path, tmp_path: Path) -> None:
     result = run_cli(
         "mine.py",
@@ -82,6 +83,7 @@ def test_mine_cli_on_existing_checkpoint(short_run: dict, mnist_root: Path, tmp_
     assert np.isfinite(relevant.weights).all()
 
 
+@pytest.mark.slow  # end to end through processes: make acceptance
 def test_mine_cli_bad_settings_exit_nonzero(short_run: dict, tmp_path: Path) -> None:
     common = [
         f"ckpt_path={short_run['best_checkpoint']}",

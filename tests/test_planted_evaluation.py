@@ -33,6 +33,7 @@ PLANTED_MODEL = [
 ]
 
 
+@pytest.mark.slow  # end to end through processes: make acceptance
 def test_planted_maps_score_exactly_through_the_streaming_loader(tmp_path: Path) -> None:
     result = run_cli(
         "evaluate.py",
@@ -112,6 +113,7 @@ def _save_gallery(folder: Path, name: str) -> None:
     torch.save(rows, folder / f"{name}.pt")
 
 
+@pytest.mark.slow  # end to end through processes: make acceptance
 def test_galleries_under_ddp_are_those_of_one_process(tmp_path: Path) -> None:
     """Two gloo processes, each with its shard of the training images in its cache: the
     ranking is merged over the shards and the features split between the processes; both
@@ -140,6 +142,7 @@ def _numbers(results: dict) -> dict[str, float]:
     return values
 
 
+@pytest.mark.slow  # end to end through processes: make acceptance
 def test_two_processes_give_the_results_of_one(tmp_path: Path) -> None:
     """evaluate.py under DDP (2 gloo processes, trainer.devices=2): each process evaluates
     its shard, the sums are all-reduced, one process writes: the same results.json numbers
@@ -180,6 +183,7 @@ def test_two_processes_give_the_results_of_one(tmp_path: Path) -> None:
     assert files == {p.relative_to(two_dir).as_posix() for p in two_dir.rglob("*.png")} - set()
 
 
+@pytest.mark.slow  # end to end through processes: make acceptance
 def test_empty_shards_do_not_hang(tmp_path: Path) -> None:
     """Three test images, one heatmap image, two processes: the second process's heatmap
     shard and its share of every one-image class in the ablation are empty; every sum and

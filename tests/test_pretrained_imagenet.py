@@ -103,6 +103,7 @@ def _common(tmp_path: Path, synsets: Path) -> list[str]:
     ]
 
 
+@pytest.mark.slow  # end to end through processes: make acceptance
 def test_mine_and_explain_a_model_without_checkpoint(tmp_path: Path) -> None:
     """mine.py and explain.py on a 1000-class torchvision ResNet-18 built from its config
     (random weights, offline), on three ILSVRC classes: no training, no checkpoint."""

@@ -211,6 +211,7 @@ def test_the_same_similarities_as_quantus_mprt(mnist_root: Path, algorithm: str)
             ), (key, step)
 
 
+@pytest.mark.slow  # end to end through processes: make acceptance
 def test_evaluate_py_runs_the_sanity_check_end_to_end(
     short_run: dict, mnist_root: Path, tmp_path: Path
 ) -> None:

@@ -214,6 +214,7 @@ def test_sigterm_during_mining_keeps_the_cache_and_the_next_run_resumes(
     assert len(list((tmp_path / "logs").rglob("relevant_features.h5"))) == 1
 
 
+@pytest.mark.slow  # end to end through processes: make acceptance
 def test_sigterm_during_evaluation_writes_no_results(
     short_run: dict, mnist_root: Path, tmp_path: Path
 ) -> None:

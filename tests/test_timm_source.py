@@ -14,6 +14,7 @@ from vebi.errors import VebiError
 timm = pytest.importorskip("timm")
 
 
+@pytest.mark.slow  # end to end through processes: make acceptance
 def test_a_timm_network_is_mined_with_its_galleries_through_mine_py(tmp_path: Path) -> None:
     result = run_cli(
         "mine.py",
