@@ -38,6 +38,7 @@ print(min(rounds))
 """
 
 
+@pytest.mark.slow  # two processes faulting in gigabytes (about 17 s): make acceptance
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_large_blocks_are_reused_instead_of_faulted_in_again() -> None:
     def page_faults(mode: str) -> int:

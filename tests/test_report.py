@@ -118,6 +118,7 @@ def _visit(page, url: str, screenshot: Path) -> dict:
     return {"errors": errors, "outside": outside, "broken": broken, "images": images}
 
 
+@pytest.mark.slow  # evaluate.py and explain.py runs for report_runs (about 40 s): make acceptance
 def test_report_in_a_real_browser(report_runs: dict, static_server, tmp_path: Path) -> None:
     _chromium_or_skip()
     from playwright.sync_api import sync_playwright
@@ -160,6 +161,7 @@ def test_report_in_a_real_browser(report_runs: dict, static_server, tmp_path: Pa
     assert (tmp_path / "combined.png").stat().st_size > 20_000
 
 
+@pytest.mark.slow  # evaluate.py and explain.py runs for report_runs (about 40 s): make acceptance
 def test_report_of_what_is_not_a_run_or_lacks_parts(report_runs: dict, tmp_path: Path) -> None:
     with pytest.raises(VebiError, match="not a vebi run dir"):
         write_report([tmp_path])
@@ -179,6 +181,7 @@ def test_report_of_what_is_not_a_run_or_lacks_parts(report_runs: dict, tmp_path:
     assert read_run(bare).relevant is None
 
 
+@pytest.mark.slow  # evaluate.py and explain.py runs for report_runs (about 40 s): make acceptance
 def test_report_on_a_read_only_run_dir_is_one_clear_error(
     report_runs: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -129,6 +129,7 @@ def test_sigterm_during_training_saves_a_checkpoint_that_resumes(
     assert "test acc:" in resumed.text
 
 
+@pytest.mark.slow  # an explain.py run (20 s); the lost-signal unit test stays: make acceptance
 def test_sigint_stops_explain_at_once_without_half_written_files(
     short_run: dict, mnist_root: Path, tmp_path: Path
 ) -> None:
