@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from lightning.pytorch.utilities import rank_zero_only
 
-from tests.conftest import REPO_ROOT, run_cli
+from tests.conftest import REPO_ROOT
 from vebi.utils.log import ConsoleFormatter, get_logger
 
 PACKAGE = REPO_ROOT / "src" / "vebi"
@@ -185,15 +185,3 @@ def test_console_format_is_plain_with_level_prefixes() -> None:
     assert formatter.format(record(logging.INFO)) == "cache at /x"
     assert formatter.format(record(logging.WARNING)) == "warning: cache at /x"
     assert formatter.format(record(logging.ERROR)) == "error: cache at /x"
-
-
-def test_a_user_error_is_reported_once_on_stderr_and_logged_to_the_run_log(
-    tmp_path: Path,
-) -> None:
-    missing = tmp_path / "missing.ckpt"
-    result = run_cli("mine.py", f"ckpt_path={missing}", f"paths.log_dir={tmp_path}", "logger=none")
-    assert result.returncode == 1
-    message = f"error: checkpoint not found: {missing}"
-    assert result.stderr.count(message) == 1 and message not in result.stdout
-    (run_log,) = (tmp_path / "mine" / "mnist").glob("*/mine.log")
-    assert "checkpoint not found" in run_log.read_text()

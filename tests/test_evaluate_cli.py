@@ -34,6 +34,7 @@ def _only_run(root: Path) -> Path:
     return results.parent
 
 
+@pytest.mark.slow  # end to end through processes: make acceptance
 def test_evaluate_runs_every_evaluator_on_mnist(
     short_run: dict, mnist_root: Path, tmp_path: Path
 ) -> None:

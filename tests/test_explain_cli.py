@@ -104,17 +104,6 @@ def test_explain_cli_writes_overlays_and_json(
     assert len(list(folder.glob("test_*.png"))) == 4
 
 
-def test_explain_cli_without_mined_features(tmp_path: Path, short_run: dict) -> None:
-    result = run_cli(
-        "explain.py",
-        f"ckpt_path={short_run['best_checkpoint']}",
-        f"relevant_features={tmp_path / 'none.h5'}",
-        f"paths.log_dir={tmp_path}",
-        "logger=none",
-    )
-    assert result.returncode == 1 and "mine them first" in result.stderr
-
-
 def test_checkpoints_carry_their_settings(short_run: dict, tmp_path: Path) -> None:
     """A job on a checkpoint takes the experiment, data choice, data overrides and experiment
     name it was trained with, unless the command line chooses an experiment itself."""

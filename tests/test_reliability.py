@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Subset, TensorDataset
 
-from tests.conftest import compose_config, run_cli
+from tests.conftest import compose_config
 from tests.mining_models import planted_colour_data, planted_colour_model, seeded_lenet
 from tests.payloads import TouchOnLoad
 from vebi import load_classifier, mine_features
@@ -73,6 +73,7 @@ def _mine_in_process(cache_dir: str, out: str, barrier: multiprocessing.Barrier)
     np.save(out, report.relevant.weights)
 
 
+@pytest.mark.slow  # two spawned mining processes on one cache: make acceptance
 def test_two_jobs_on_one_cache_both_finish_with_the_same_weights(tmp_path: Path) -> None:
     context = multiprocessing.get_context("spawn")
     barrier = context.Barrier(2)
@@ -324,15 +325,6 @@ def test_empty_file_and_folder_say_what_they_are(tmp_path: Path) -> None:
 
 
 # ------------------------------------------------------------------ 10. file-system faults
-def test_log_dir_on_a_file_is_one_clear_error(tmp_path: Path) -> None:
-    blocker = tmp_path / "a-file"
-    blocker.write_text("not a folder")
-    result = run_cli("mine.py", f"paths.log_dir={blocker / 'logs'}", "logger=none")
-    assert result.returncode == 1
-    assert "error: cannot write to" in result.stderr and "Not a directory" in result.stderr
-    assert "Traceback" not in result.stderr
-
-
 def test_cache_dir_that_is_a_file_is_named(tmp_path: Path) -> None:
     blocker = tmp_path / "cache"
     blocker.write_text("")
