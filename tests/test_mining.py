@@ -278,7 +278,7 @@ def test_streamed_mining_equals_dense_mining(mnist_root: Path, tmp_path: Path, c
     assert "Mining 1140 features of 6 layers for 10 classes (G streamed" in caplog.text
     assert "relu3" in caplog.text and "   500" in caplog.text
     miner = FeatureMiner()  # chunks of at most 4096 rows and 64 MB
-    assert miner._dense(1140) and not miner._dense(70400)
+    assert miner._dense(1140) and not miner._dense(2**20)  # G of 8 TB
     assert miner._chunk_rows(1140) == 4096 and miner._chunk_rows(70400) == 238
     with pytest.raises(VebiError, match="gram must be one of"):
         FeatureMiner(gram="sparse")

@@ -133,7 +133,7 @@ def test_the_galleries_take_the_runs_rules(compose_cfg, monkeypatch, tmp_path) -
 
     monkeypatch.setattr(common, "interpret_and_log", interpret_and_log)
     cfg = compose_cfg("mine", [*CHOSEN, "interpretation.part_labels=false"])
-    report = SimpleNamespace(relevant=None, cache_path=tmp_path / "cache")
+    report = SimpleNamespace(relevant=None, rows=tmp_path / "cache")
     common.make_galleries(cfg, nn.Identity(), report, None, tmp_path, [])
     given = Rules(preset="gradient")
     common.make_galleries(cfg, nn.Identity(), report, None, tmp_path, [], None, given)

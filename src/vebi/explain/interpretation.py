@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -22,6 +23,14 @@ from vebi.utils.io import safe_file_name
 from vebi.utils.wandb_media import log_figures
 
 
+class FeatureRows(Protocol):
+    """Row blocks of X in the layout of :meth:`ActivationCache.iter_chunks`."""
+
+    def iter_chunks(
+        self, rows: int | None = None, *, fields: Sequence[str] = ...
+    ) -> Iterable[dict[str, np.ndarray]]: ...
+
+
 @dataclass
 class FeatureVisualisation:
     """The average visualisation of one relevant feature of one class."""
@@ -36,12 +45,14 @@ class FeatureVisualisation:
 
 
 def top_images_per_feature(
-    relevant: RelevantFeatures, cache: ActivationCache, top_n: int
+    relevant: RelevantFeatures, cache: FeatureRows, top_n: int
 ) -> dict[tuple[int, int], list[int]]:
     """For each class c and relevant feature f of c: the data-set indices of the ``top_n``
     images of class c with the largest x[f], largest first (ties: the smaller index first).
 
-    One streamed pass over the cache, reading only the relevant features' columns and keeping
+    ``cache``: the activation cache, or any source of its row blocks (a mining run's
+    ``report.rows``: a second forward pass when no cache was written). One streamed pass
+    over it, reading only the relevant features' columns and keeping
     a running top-N per (class, feature): memory O(C k N_top), not N x m. Under
     torch.distributed each process's cache holds its shard of the images: every process ranks
     its shard, the shards' top-N are gathered and merged, and every process gets the ranking
@@ -94,7 +105,7 @@ def average_visualisations(
     model: nn.Module,
     relevant: RelevantFeatures,
     dataset: Dataset,
-    cache: ActivationCache,
+    cache: FeatureRows,
     top_n: int = 20,
     rules: Rules | None = None,
     device: torch.device | str | None = None,
@@ -203,7 +214,7 @@ def interpret_and_log(
     model: nn.Module,
     relevant: RelevantFeatures,
     dataset: Dataset,
-    cache_path: str | Path,
+    cache_path: str | Path | FeatureRows,
     folder: str | Path,
     loggers: list,
     top_n: int = 20,
@@ -215,9 +226,14 @@ def interpret_and_log(
     its features' top ``thumbnails`` training images, logged to W&B as images
     (``interpretation/galleries``, ``interpretation/top_images``). Under torch.distributed
     every process must call it (with its own cache shard); the first writes and logs (the
-    others return []). ``part_labels``: see :func:`save_galleries`; ``rules``: the backward
-    rules of the visualisations (None: the default)."""
-    cache = ActivationCache(cache_path, fingerprint="")
+    others return []). ``cache_path``: the activation cache, or another source of its rows
+    (:func:`top_images_per_feature`). ``part_labels``: see :func:`save_galleries`;
+    ``rules``: the backward rules of the visualisations (None: the default)."""
+    cache = (
+        ActivationCache(cache_path, fingerprint="")
+        if isinstance(cache_path, str | Path)
+        else cache_path
+    )
     visualisations = average_visualisations(model, relevant, dataset, cache, top_n, rules)
     if not is_main_process():  # every process took part; one writes
         return []

@@ -17,13 +17,16 @@ checks and writes the cache, so the second job waits for the first and then reus
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import shutil
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import h5py
 import numpy as np
 
+from vebi.errors import VebiError
 from vebi.mining.features import FeatureIndex
 from vebi.utils.log import get_logger
 
@@ -33,6 +36,20 @@ try:  # POSIX file locks; elsewhere caches are not shared between concurrent job
     import fcntl
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]  # the module is absent here
+
+
+class CacheDiskFullError(VebiError):
+    """No space left on the disk of the activation cache while writing it."""
+
+
+def _disk_full(error: OSError, path: Path) -> bool:
+    """Whether ``error`` (from h5py, which often sets no errno) means the disk is full."""
+    if error.errno == errno.ENOSPC or "No space left" in str(error):
+        return True
+    try:
+        return shutil.disk_usage(path.parent).free < 2**20
+    except OSError:
+        return False
 
 
 class ActivationCache:
@@ -124,11 +141,19 @@ class ActivationCache:
             return handle[name][...]
 
     # ---------------------------------------------------------------- writing
-    def resume_or_create(self, num_rows: int, index: FeatureIndex, chunk_rows: int) -> int:
-        """Open the partial file for writing; return the number of rows already complete."""
+    def resume_or_create(
+        self,
+        num_rows: int,
+        index: FeatureIndex,
+        chunk_rows: int,
+        dtype: type[np.floating] = np.float32,
+    ) -> int:
+        """Open the partial file for writing (features stored as ``dtype``); return the number
+        of rows already complete."""
         if self._matches(self.partial_path, require_complete=False):
             with h5py.File(self.partial_path, "r") as handle:
-                if handle["features"].shape == (num_rows, index.size):
+                features = handle["features"]
+                if features.shape == (num_rows, index.size) and features.dtype == dtype:
                     done = int(handle.attrs["complete_rows"])
                     log.info("Resuming activation extraction at row %d of %d", done, num_rows)
                     return done
@@ -136,7 +161,7 @@ class ActivationCache:
         self.partial_path.unlink(missing_ok=True)
         with h5py.File(self.partial_path, "w") as handle:
             chunk = (min(chunk_rows, max(num_rows, 1)), index.size)
-            handle.create_dataset("features", (num_rows, index.size), np.float32, chunks=chunk)
+            handle.create_dataset("features", (num_rows, index.size), dtype, chunks=chunk)
             for name in ("labels", "predictions", "indices"):
                 handle.create_dataset(name, (num_rows,), np.int64)
             handle.attrs["fingerprint"] = self.fingerprint
@@ -146,14 +171,26 @@ class ActivationCache:
         return 0
 
     def write_rows(self, start: int, blocks: Sequence[dict[str, np.ndarray]]) -> int:
-        """Write consecutive rows from ``start``, flush, then mark them complete."""
+        """Write consecutive rows from ``start``, flush, then mark them complete. A full disk
+        is a :class:`CacheDiskFullError` that leaves the rows before ``start`` complete (the
+        next run resumes there)."""
         rows = {name: np.concatenate([b[name] for b in blocks]) for name in blocks[0]}
         stop = start + len(rows["labels"])
-        with h5py.File(self.partial_path, "r+") as handle:
-            for name, values in rows.items():
-                handle[name][start:stop] = values
-            handle.flush()
-            handle.attrs["complete_rows"] = stop
+        try:
+            with h5py.File(self.partial_path, "r+") as handle:
+                for name, values in rows.items():
+                    handle[name][start:stop] = values
+                handle.flush()
+                handle.attrs["complete_rows"] = stop
+        except OSError as error:
+            if not _disk_full(error, self.partial_path):
+                raise
+            raise CacheDiskFullError(
+                f"the disk of the activation cache {self.partial_path} is full (writing rows "
+                f"{start}..{stop - 1}): the rows before {start} are kept, and a rerun resumes "
+                "there once space is freed; or point mining.cache_dir at a larger disk, set "
+                "mining.cache_dtype=float16 (half the size), or mining.cache=off (G in memory)"
+            ) from None
         return stop
 
     def finish(self) -> None:

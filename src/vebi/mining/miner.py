@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from vebi.errors import VebiError, require_number
 from vebi.mining.cache import ActivationCache
-from vebi.mining.features import FeatureExtractor, select_feature_layers
+from vebi.mining.features import FeatureExtractor, FeatureIndex, select_feature_layers
 from vebi.mining.relevant import LABEL_SOURCES, RelevantFeatures
 from vebi.mining.solver import (
     DEFAULT_SOLVERS,
@@ -46,6 +46,12 @@ from vebi.utils.torch_api import dataset_size
 
 log = get_logger(__name__)
 GRAM_MODES = ("auto", "dense", "streamed")
+CACHE_MODES = ("auto", "on", "off")
+#: Activation-cache dtypes (HDF5 has no bfloat16; float16 halves the disk and the reads).
+CACHE_DTYPES: dict[str, type[np.floating]] = {"float32": np.float32, "float16": np.float16}
+#: With ``cache=auto`` and G dense, the cache is kept when it takes at most this share of the
+#: free disk of ``cache_dir`` (else skipped: the solve does not read it).
+CACHE_DISK_SHARE = 0.25
 #: Bytes of float32 features per activation-cache chunk (what one read or write holds in RAM).
 CHUNK_BYTES = 64 * 2**20
 
@@ -247,15 +253,48 @@ def _warn_user(message: str) -> None:
     log.warning(message)
 
 
+def available_memory(device: torch.device) -> int:
+    """Bytes free for new tensors on ``device``: ``torch.cuda.mem_get_info`` on a GPU (plus
+    what torch's caching allocator holds unused), else the machine's available RAM
+    (``MemAvailable`` of /proc/meminfo; the free physical pages elsewhere)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def _gigabytes(size: float) -> str:
+    return f"{size / 2**30:.2f} GB" if size >= 2**28 else f"{size / 2**20:.0f} MB"
+
+
+def statistics_device(device: torch.device) -> torch.device:
+    """Where G and B are summed: the model's device, unless it has no float64 (MPS)."""
+    return torch.device("cpu") if device.type == "mps" else device
+
+
 @dataclass
 class MiningReport:
-    """What a mining run produced and how long each stage took."""
+    """What a mining run produced and how long each stage took.
+
+    ``rows`` yields the rows of X again (``iter_chunks``, as :class:`ActivationCache`): the
+    cache when one was kept, else a second forward pass (``mining.cache=off``); None once a
+    temporary cache is gone. ``gram``: ``dense`` or ``streamed``, and why.
+    """
 
     relevant: RelevantFeatures
     solution: LassoSolution
     cache_path: Path | None
     timings: dict[str, float] = field(default_factory=dict)
     mu_path: list[dict[str, float]] = field(default_factory=list)
+    rows: Any = None
+    gram: str = ""
+    gram_reason: str = ""
 
 
 @dataclass
@@ -268,6 +307,44 @@ class _Run:
     device: torch.device
     cache: ActivationCache
     fingerprint: dict[str, str]
+    index: FeatureIndex
+    dense: bool = True
+    gram_reason: str = ""
+    write_cache: bool = True
+    dataset: Any = None
+    indices: Any = None
+
+
+class ForwardRows:
+    """The rows of X of a data set's images computed again by a forward pass, block by
+    block, in the layout of :meth:`ActivationCache.iter_chunks` (``mining.cache=off``: the
+    galleries rank the images on them; one pass per call)."""
+
+    def __init__(self, miner: FeatureMiner, run: _Run) -> None:
+        self.miner, self.run = miner, run
+
+    def iter_chunks(
+        self,
+        rows: int | None = None,
+        fields: Sequence[str] = ("features", "labels", "predictions", "indices"),
+    ) -> Iterable[dict[str, np.ndarray]]:
+        run, miner = self.run, self.miner
+        dtype = CACHE_DTYPES[miner.cache_dtype]
+        with eval_mode(run.model), miner._extractor(run.model, run.layers) as extractor:
+            loader = miner._loader(run.dataset, run.indices)
+            for number, batch in enumerate(
+                tqdm(loader, desc="features again", disable=not miner.progress, unit="batch")
+            ):
+                first = number * miner.batch_size
+                images, labels = _images_labels(batch, None, f" in batch {number}")
+                x, logits = extractor(images.to(run.device), f" in batch {number}")
+                block = {
+                    "features": x.cpu().numpy().astype(dtype).astype(np.float32),
+                    "labels": labels.numpy().astype(np.int64),
+                    "predictions": logits.argmax(1).cpu().numpy().astype(np.int64),
+                    "indices": run.indices[first : first + len(images)].astype(np.int64),
+                }
+                yield {name: block[name] for name in fields}
 
 
 class FeatureMiner:
@@ -296,11 +373,22 @@ class FeatureMiner:
             accuracy is within ``mu_tolerance`` of the best one. Accuracy grows with mu (more
             features per class), so the largest would always win; a small tolerance keeps the
             relevant sets small, which is what interpretation wants.
-        gram: how the solver gets G = X^T X (m x m): ``dense`` accumulates it during the
-            forward pass (m^2 memory, fastest for small m); ``streamed`` never forms it and
-            streams its slices from the activation cache (memory O(mC), see
-            :mod:`vebi.mining.statistics`); ``auto`` (default) is dense up to
-            ``dense_max_features`` features (G = 128 MB at 4096), streamed above.
+        gram: how the solver gets G = X^T X (m x m, float64): ``dense`` accumulates it on the
+            model's device during the forward pass (8 m^2 bytes; no second read of
+            anything); ``streamed`` never forms it and streams its slices from the activation
+            cache, two passes per working-set round (memory O(mC), see
+            :mod:`vebi.mining.statistics`); ``auto`` (default) is dense when G takes at most
+            ``memory_share`` of the device's free memory (a GPU's, or the machine's available
+            RAM), streamed otherwise. The choice and why are logged.
+        memory_share: the share of free device memory G may take with ``gram=auto`` (0-1).
+        cache: ``on`` writes the activation cache (N x m; reused by later runs, resumable,
+            read by the streamed passes and the galleries); ``off`` writes none (G must be
+            dense; the galleries take a second forward pass; an interrupted run starts
+            again); ``auto`` (default) is on unless G is dense and the cache would take more
+            than a quarter of the free disk of ``cache_dir``.
+        cache_dtype: ``float32`` (default) or ``float16`` (half the disk and the reads; the
+            features are rounded to it before anything uses them, so dense and streamed
+            solves see the same X).
         batch_size: images per forward pass; chunk_rows: rows per resumable cache chunk (at
             most 64 MB of features: fewer rows for large m).
         cache_dir: folder of the activation caches (named by fingerprint); ``None`` keeps
@@ -326,12 +414,14 @@ class FeatureMiner:
         mu_candidates: Sequence[float] | None = None,
         mu_tolerance: float = 0.01,
         gram: str = "auto",
-        dense_max_features: int = 4096,
+        memory_share: float = 0.5,
         batch_size: int = 500,
         chunk_rows: int = 4096,
         cache_dir: str | Path | None = None,
         progress: bool = True,
         keep_cache: bool = True,
+        cache: str = "auto",
+        cache_dtype: str = "float32",
     ) -> None:
         self.mu = _positive_mu(mu, "")
         if mu_candidates is not None and (
@@ -358,7 +448,29 @@ class FeatureMiner:
         if gram not in GRAM_MODES:
             raise VebiError(f"gram must be one of {GRAM_MODES}, got {gram!r}")
         self.gram = gram
-        self.dense_max_features = int(dense_max_features)
+        self.memory_share = require_number(
+            "memory_share", memory_share, 0, hint="a share of free memory in (0, 1], e.g. 0.5"
+        )
+        if not 0 < self.memory_share <= 1:
+            raise VebiError(f"memory_share must be in (0, 1], got {memory_share}")
+        if cache not in CACHE_MODES:
+            raise VebiError(f"cache must be one of {CACHE_MODES}, got {cache!r}")
+        if cache == "off" and gram == "streamed":
+            raise VebiError(
+                "mining.cache=off with mining.gram=streamed: the streamed solve reads the "
+                "activation cache; use mining.cache=auto (or on), or mining.gram=auto|dense"
+            )
+        if cache_dtype not in CACHE_DTYPES:
+            raise VebiError(
+                f"cache_dtype must be one of {sorted(CACHE_DTYPES)}, got {cache_dtype!r}"
+                + (
+                    " (HDF5 stores no bfloat16; float16 halves the cache as well)"
+                    if str(cache_dtype) == "bfloat16"
+                    else ""
+                )
+            )
+        self.cache = cache
+        self.cache_dtype = cache_dtype
         if batch_size < 1 or chunk_rows < 1:
             raise VebiError("batch_size and chunk_rows must be >= 1")
         self.layers = list(layers) if layers else None
@@ -401,14 +513,77 @@ class FeatureMiner:
     def _targets(self, labels: Any, predictions: Any) -> Any:
         return labels if self.labels == "ground_truth" else predictions
 
-    def _dense(self, num_features: int) -> bool:
-        """Whether G is accumulated in memory for ``num_features`` features."""
-        if self.gram == "auto":
-            return num_features <= self.dense_max_features
-        return self.gram == "dense"
+    def gram_choice(self, num_features: int, device: torch.device) -> tuple[bool, str]:
+        """(dense?, why) for G of ``num_features`` features summed on ``device``: dense when
+        asked, or with ``gram=auto`` when its 8 m^2 bytes take at most ``memory_share`` of
+        the device's free memory. A G that does not fit where ``gram=dense`` asks for it,
+        or with ``cache=off``, is refused with what it needs."""
+        device = statistics_device(device)
+        need = 8 * num_features**2
+        if self.gram == "streamed":
+            return False, "mining.gram=streamed"
+        free = available_memory(device)
+        fits = need <= self.memory_share * free
+        where = f"{_gigabytes(need)} of float64 against {_gigabytes(free)} free on {device}"
+        if fits:
+            return True, f"G = {where} (at most {self.memory_share:.0%} of it)"
+        reduce = (
+            "mining.layers can reduce m (e.g. the last blocks only), or a device with more "
+            "memory takes it"
+        )
+        if self.gram == "dense" or self.cache == "off":
+            asked = "mining.gram=dense" if self.gram == "dense" else "mining.cache=off"
+            raise VebiError(
+                f"{asked} needs G in memory, but G of {num_features} features needs {where}, "
+                f"more than mining.memory_share={self.memory_share:g} of it: use "
+                "mining.gram=auto with mining.cache=auto (G is then streamed from the "
+                f"activation cache); {reduce}"
+            )
+        return False, f"G would need {where}, more than {self.memory_share:.0%} of it ({reduce})"
+
+    def _dense(self, num_features: int, device: torch.device | str = "cpu") -> bool:
+        """Whether G is accumulated in memory for ``num_features`` features on ``device``."""
+        return self.gram_choice(num_features, torch.device(device))[0]
+
+    def cache_choice(self, rows: int, num_features: int, dense: bool, folder: Path) -> bool:
+        """Whether this run writes the activation cache (``cache`` option, logged): ``auto``
+        keeps it unless G is dense and rows x m values would take more than a quarter of the
+        free disk under ``folder``. A cache that cannot fit on that disk is refused when the
+        streamed solve needs it."""
+        size = rows * num_features * np.dtype(CACHE_DTYPES[self.cache_dtype]).itemsize
+        existing = folder
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        free = shutil.disk_usage(existing).free
+        if self.cache == "off":
+            log.info("No activation cache (mining.cache=off): the galleries take a second pass")
+            return False
+        if size > free and not dense:
+            raise VebiError(
+                f"the activation cache needs {_gigabytes(size)} ({rows} images x "
+                f"{num_features} {self.cache_dtype} features), but {folder} has "
+                f"{_gigabytes(free)} free: free space, point mining.cache_dir at a larger "
+                "disk, set mining.cache_dtype=float16 (half the size), or reduce m with "
+                "mining.layers"
+            )
+        if self.cache == "auto" and dense and size > CACHE_DISK_SHARE * free:
+            log.info(
+                "No activation cache (mining.cache=auto): it would take %s of the %s free in "
+                "%s, and the dense solve does not read it; the galleries take a second forward "
+                "pass (mining.cache=on keeps it)",
+                _gigabytes(size),
+                _gigabytes(free),
+                folder,
+            )
+            return False
+        return True
 
     def _chunk_rows(self, num_features: int) -> int:
         return max(1, min(self.chunk_rows, CHUNK_BYTES // (4 * max(num_features, 1))))
+
+    def _rounded(self, x: torch.Tensor) -> torch.Tensor:
+        """The features as the cache stores them (float16 rounding when asked)."""
+        return x if self.cache_dtype == "float32" else x.half().float()
 
     def _accumulate(self, stats: GramStatistics, block: dict[str, np.ndarray]) -> None:
         targets = self._targets(block["labels"], block["predictions"])
@@ -428,12 +603,16 @@ class FeatureMiner:
             index = extractor.index
             assert index is not None  # set by the first call
         _images_labels(first, self._label_range(num_classes), " in item 0")  # before a long pass
+        dense, why = self.gram_choice(index.size, device)
         log.info(
-            "Mining %d features of %d layers for %d classes (G %s):\n%s",
+            "Mining %d features of %d layers for %d classes (G %s: %s):\n%s",
             index.size,
             len(index.layers),
             num_classes,
-            "in memory" if self._dense(index.size) else "streamed from the activation cache",
+            f"in memory on {statistics_device(device)}"
+            if dense
+            else "streamed from the activation cache",
+            why,
             "\n".join(
                 f"  {layer:<32} {count:6d}"
                 for layer, count in zip(index.layers, index.channels, strict=True)
@@ -444,7 +623,10 @@ class FeatureMiner:
             "data": dataset_fingerprint(dataset),
             "settings": json.dumps({"layers": list(layers), **self._settings()}),
         }
-        key = hashlib.sha256(json.dumps([fingerprint, *world]).encode()).hexdigest()
+        keyed: list[Any] = [fingerprint, *world]
+        if self.cache_dtype != "float32":  # (float32 caches keep the keys they had)
+            keyed.append(self.cache_dtype)
+        key = hashlib.sha256(json.dumps(keyed).encode()).hexdigest()
         suffix = f"-rank{world[0]}of{world[1]}" if world[1] > 1 else ""
         if self.cache_dir is not None and self.cache_dir.exists() and not self.cache_dir.is_dir():
             raise VebiError(
@@ -452,7 +634,12 @@ class FeatureMiner:
                 "folder (it is created when missing)"
             )
         cache = ActivationCache(cache_dir / f"activations-{key[:16]}{suffix}.h5", key)
-        return _Run(model, list(layers), num_classes, device, cache, fingerprint)
+        indices = np.arange(world[0], dataset_size(dataset), world[1])
+        write = cache.is_complete() or self.cache_choice(len(indices), index.size, dense, cache_dir)
+        run = _Run(model, list(layers), num_classes, device, cache, fingerprint, index, dense)
+        run.gram_reason, run.write_cache = why, write
+        run.dataset, run.indices = dataset, indices
+        return run
 
     def _extract(self, run: _Run, dataset: Dataset, indices: np.ndarray) -> GramStatistics:
         """Forward the images, write the cache chunk by chunk (resumable), accumulate G, B."""
@@ -464,9 +651,14 @@ class FeatureMiner:
             assert index is not None  # set by the first call
             size = index.size
             chunk_rows = self._chunk_rows(size)
-            stats = GramStatistics(size, run.num_classes, with_gram=self._dense(size))
-            stats = stats.to(run.device)
-            done = cache.resume_or_create(len(indices), index, chunk_rows)
+            stats = GramStatistics(size, run.num_classes, with_gram=run.dense)
+            stats = stats.to(statistics_device(run.device))
+            dtype = CACHE_DTYPES[self.cache_dtype]
+            done = (
+                cache.resume_or_create(len(indices), index, chunk_rows, dtype)
+                if run.write_cache
+                else 0
+            )
             if done:  # replay the complete rows batch by batch: the same sums, bit for bit
                 for block in cache.iter_chunks(self.batch_size, partial=True):
                     self._accumulate(stats, block)
@@ -489,18 +681,21 @@ class FeatureMiner:
                         batch, self._label_range(run.num_classes), f" in batch {number} ({rows})"
                     )
                     x, logits = extractor(images.to(run.device), f" in batch {number} ({rows})")
+                    x = self._rounded(x)
                     predictions = logits.argmax(1)
                     stats.update(x, self._targets(labels.to(run.device), predictions))
+                    bar.update(len(images))
+                    if not run.write_cache:
+                        continue
                     pending.append(
                         {
-                            "features": x.cpu().numpy(),
+                            "features": x.cpu().numpy().astype(dtype),
                             "labels": labels.numpy().astype(np.int64),
                             "predictions": predictions.cpu().numpy().astype(np.int64),
                             "indices": indices[first : first + len(images)].astype(np.int64),
                         }
                     )
                     pending_rows += len(images)
-                    bar.update(len(images))
                     if pending_rows >= chunk_rows:  # write in the background, in order
                         if writing is not None:
                             writing.result()
@@ -510,6 +705,8 @@ class FeatureMiner:
                     writing.result()
                 if pending:
                     cache.write_rows(position, pending)
+        if not run.write_cache:
+            return stats
         cache.finish()
         megabytes = cache.path.stat().st_size / 2**20
         log.info(
@@ -525,8 +722,8 @@ class FeatureMiner:
 
     def _statistics_from_cache(self, run: _Run) -> GramStatistics:
         index = run.cache.feature_index()
-        stats = GramStatistics(index.size, run.num_classes, with_gram=self._dense(index.size))
-        stats = stats.to(run.device)
+        stats = GramStatistics(index.size, run.num_classes, with_gram=run.dense)
+        stats = stats.to(statistics_device(run.device))
         for block in run.cache.iter_chunks(self.batch_size):  # as extracted: the same sums
             self._accumulate(stats, block)
         return stats
@@ -551,15 +748,16 @@ class FeatureMiner:
             "predictions": np.concatenate(predictions),
         }
 
-    def _gram(self, run: _Run, statistics: dict[str, np.ndarray]) -> GramOperator:
-        """G in memory, or streamed from this process's activation cache."""
-        if "gram" in statistics:
-            return DenseGram(statistics["gram"])
-        size = int(statistics["cross"].shape[0])
+    def _gram(self, run: _Run, gram: torch.Tensor | None, size: int) -> GramOperator:
+        """G in memory (where it was summed), or streamed from this process's activation
+        cache with the products on the model's device."""
+        if gram is not None:
+            return DenseGram(gram)
         rows = self._chunk_rows(size)
         return StreamedGram(
             lambda: (b["features"] for b in run.cache.iter_chunks(rows, fields=("features",))),
             size,
+            statistics_device(run.device),
         )
 
     def _solve(
@@ -723,9 +921,10 @@ class FeatureMiner:
                     log.info("Reusing activation cache %s", run.cache.path)
                     stats = self._statistics_from_cache(run)
                 else:
-                    rows = np.arange(world[0], dataset_size(dataset), world[1])
-                    stats = self._extract(run, dataset, rows)
-            statistics = {name: value.cpu().numpy() for name, value in stats.compute().items()}
+                    stats = self._extract(run, dataset, run.indices)
+            computed = stats.compute()
+            gram_matrix = computed.pop("gram", None)  # stays on its device
+            statistics = {name: value.cpu().numpy() for name, value in computed.items()}
             timings["extract_seconds"] = time.perf_counter() - started
             val = self._features_in_memory(run, val_dataset) if val_dataset is not None else None
 
@@ -744,24 +943,25 @@ class FeatureMiner:
                 "mining data to explain them"
             )
         started = time.perf_counter()
-        gram = self._gram(run, statistics)
+        gram = self._gram(run, gram_matrix, int(statistics["cross"].shape[0]))
         mu, solution, mu_path = self._choose_mu(statistics, gram, val)
         self._check_relevant(solution.weights, mu, counts)
         timings["solve_seconds"] = time.perf_counter() - started
+        timings["passes"] = float(getattr(gram, "passes", 0))
+        timings["pass_seconds"] = float(getattr(gram, "seconds", 0.0))
+        del gram, gram_matrix  # G's memory back before the galleries
 
         split = "val" if val is not None else "train"
         chunk_rows = self._chunk_rows(solution.weights.shape[0])
-        blocks = [val] if val is not None else run.cache.iter_chunks(chunk_rows)
-        sparse, network = self._accuracies(blocks, solution.weights)
-        metrics = {
-            "mu": mu,
-            "solve_seconds": timings["solve_seconds"],
-            f"sparse_accuracy_{split}": sparse,
-            f"network_accuracy_{split}": network,
-        }
+        metrics = {"mu": mu, "solve_seconds": timings["solve_seconds"]}
+        if val is not None or run.write_cache:  # (no cache: no second pass for a metric)
+            blocks = [val] if val is not None else run.cache.iter_chunks(chunk_rows)
+            sparse, network = self._accuracies(blocks, solution.weights)
+            metrics[f"sparse_accuracy_{split}"] = sparse
+            metrics[f"network_accuracy_{split}"] = network
         relevant = RelevantFeatures(
             weights=solution.weights,
-            index=run.cache.feature_index(),
+            index=run.index,
             class_names=names,
             mu=mu,
             nonnegative=self.nonnegative,
@@ -772,8 +972,14 @@ class FeatureMiner:
             metrics=metrics,
             **self._settings(),
         )
-        kept = run.cache.path if self.cache_dir else None
-        return MiningReport(relevant, solution, kept, timings, mu_path)
+        kept = run.cache.path if self.cache_dir and run.write_cache else None
+        rows: Any = ActivationCache(kept, "") if kept is not None else None
+        if not run.write_cache:
+            rows = ForwardRows(self, run)
+        gram_mode = "dense" if run.dense else "streamed"
+        return MiningReport(
+            relevant, solution, kept, timings, mu_path, rows, gram_mode, run.gram_reason
+        )
 
 
 def mine_features(

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 import cvxpy as cp
 import numpy as np
 import scipy.sparse as sp
+import torch
 
 from vebi.errors import VebiError
 from vebi.utils.log import get_logger
@@ -154,6 +155,9 @@ class GramOperator(Protocol):
     """What the working-set loop needs of G = X^T X (m x m), without ever forming it whole."""
 
     size: int
+    #: passes over the data made so far, and the seconds spent in submatrices and products
+    passes: int
+    seconds: float
 
     def submatrices(self, index_sets: Sequence[np.ndarray]) -> list[np.ndarray]:
         """G[S, S] for each index set S."""
@@ -165,21 +169,39 @@ class GramOperator(Protocol):
 
 
 class DenseGram:
-    """G held in memory (small m): submatrices and products are slices of it."""
+    """G held in memory (small m, or any m that fits the device): submatrices and products
+    are slices of it, computed where G lives (a GPU's G never comes back to the CPU whole)."""
 
-    def __init__(self, gram: np.ndarray) -> None:
-        self.gram = gram
+    def __init__(self, gram: np.ndarray | torch.Tensor) -> None:
+        self.gram = torch.as_tensor(gram, dtype=torch.float64)
         self.size = len(gram)
+        #: passes over the data: none (G is in memory)
+        self.passes = 0
+        self.seconds = 0.0
+
+    def _columns(self, index_set: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(index_set, dtype=np.int64), device=self.gram.device)
 
     def submatrices(self, index_sets: Sequence[np.ndarray]) -> list[np.ndarray]:
-        return [self.gram[np.ix_(s, s)] for s in index_sets]
+        started = time.perf_counter()
+        blocks = []
+        for s in index_sets:
+            columns = self._columns(s)
+            blocks.append(self.gram[columns][:, columns].cpu().numpy())
+        self.seconds += time.perf_counter() - started
+        return blocks
 
     def products(
         self, index_sets: Sequence[np.ndarray], weights: Sequence[np.ndarray]
     ) -> np.ndarray:
-        return np.stack(
-            [self.gram[:, s] @ w for s, w in zip(index_sets, weights, strict=True)], axis=1
-        )
+        started = time.perf_counter()
+        total = torch.zeros(self.size, len(index_sets), dtype=torch.float64)
+        total = total.to(self.gram.device)
+        for j, (s, w) in enumerate(zip(index_sets, weights, strict=True)):
+            vector = torch.as_tensor(w, dtype=torch.float64, device=self.gram.device)
+            total[:, j] = self.gram[:, self._columns(s)] @ vector
+        self.seconds += time.perf_counter() - started
+        return total.cpu().numpy()
 
 
 class _Working:
@@ -276,7 +298,7 @@ def _working_set_rounds(
 
 
 def mu_lasso(
-    gram: np.ndarray | GramOperator,
+    gram: np.ndarray | torch.Tensor | GramOperator,
     cross: np.ndarray,
     mu: float = 10.0,
     nonnegative: bool = True,
@@ -289,8 +311,9 @@ def mu_lasso(
     """Solve the mu-lasso for every column of ``cross`` (module doc); returns W (m x C).
 
     Args:
-        gram: G = X^T X, (m, m), symmetric positive semi-definite; or a :class:`GramOperator`
-            that computes its slices on demand (e.g. streamed from an activation cache).
+        gram: G = X^T X, (m, m), symmetric positive semi-definite (numpy, or a torch tensor
+            on any device: the products then run there); or a :class:`GramOperator` that
+            computes its slices on demand (e.g. streamed from an activation cache).
         cross: B = X^T Y, (m, C) (or (m,) for one class).
         mu: the L1 bound, > 0.
         nonnegative: constrain w >= 0 (project default).
@@ -302,16 +325,16 @@ def mu_lasso(
     cross = np.asarray(cross, dtype=np.float64)
     if cross.ndim == 1:
         cross = cross[:, None]
-    if isinstance(gram, np.ndarray) or not hasattr(gram, "products"):
-        gram = np.asarray(gram, dtype=np.float64)
-        m = len(gram)
-        if gram.shape != (m, m) or cross.shape[0] != m:
+    if isinstance(gram, np.ndarray | torch.Tensor) or not hasattr(gram, "products"):
+        matrix = torch.as_tensor(np.asarray(gram) if not torch.is_tensor(gram) else gram)
+        m = len(matrix)
+        if tuple(matrix.shape) != (m, m) or cross.shape[0] != m:
             raise VebiError(
-                f"gram must be (m, m) and cross (m, C); got {gram.shape} and {cross.shape}"
+                f"gram must be (m, m) and cross (m, C); got {tuple(matrix.shape)} and {cross.shape}"
             )
-        if not np.isfinite(gram).all():
+        if not bool(torch.isfinite(matrix).all()):
             raise VebiError("the statistics G = X^T X or B = X^T Y contain NaN/Inf")
-        operator: GramOperator = DenseGram(gram)
+        operator: GramOperator = DenseGram(matrix)
     else:
         operator = gram
         m = operator.size

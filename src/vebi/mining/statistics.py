@@ -14,14 +14,22 @@ O(mC) for B and the products, plus one block of cache rows; the price is two pas
 the cache per working-set round (a few rounds), which costs far less than the forward pass
 that wrote the cache. Under DDP each process streams its own shard and the sums are
 all-reduced, so every process still solves the same problem.
+
+Both run on any torch device: G is accumulated where the model runs (a GPU's memory holds
+ResNet-50's 2.4 GB G many times over), and the streamed passes are torch matrix products on
+the model's device, in float64, with the next block of cache rows read by a background
+thread while the current one is multiplied.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torchmetrics import Metric
 
 from vebi.utils.distributed import all_reduce_sum, world
@@ -35,7 +43,10 @@ class GramStatistics(Metric):
 
     G is symmetric, so only its upper block triangle is accumulated (``row_blocks`` GEMMs
     x[:, rows]^T x[:, rows.start:] per batch, about 25% faster than the full product on a CPU)
-    and :meth:`compute` mirrors it.
+    and :meth:`compute` mirrors it in place (no second m x m array). The states live on the
+    device the metric is moved to (the model's). Under torch.distributed, :meth:`compute`
+    all-reduces each state once, in place on its device (torchmetrics' own sync would gather
+    world-size copies of G first); call it once, after the last update.
     """
 
     full_state_update = False
@@ -54,7 +65,9 @@ class GramStatistics(Metric):
         with_gram: bool = True,
         **kwargs: object,
     ) -> None:
+        kwargs.setdefault("sync_on_compute", False)  # reduced once by compute, not gathered
         super().__init__(**kwargs)
+        self._reduced = False
         self.num_features = num_features
         self.num_classes = num_classes
         self.with_gram = with_gram
@@ -86,86 +99,157 @@ class GramStatistics(Metric):
         self.class_counts += torch.bincount(labels, minlength=self.num_classes).to(torch.float64)
         self.num_samples += len(labels)
 
-    def _stored(self) -> torch.Tensor:
-        """True where the upper block triangle holds G's entries."""
-        mask = torch.zeros(self.num_features, self.num_features, dtype=torch.bool)
-        for start, stop in zip(self._edges[:-1], self._edges[1:], strict=True):
-            mask[start:stop, start:] = True
-        return mask.to(self.gram.device)
+    def _mirror(self) -> None:
+        """Copy the upper block triangle into the lower one, block by block, in place."""
+        edges = self._edges  # the diagonal blocks are accumulated whole
+        for i, (start, stop) in enumerate(zip(edges[:-1], edges[1:], strict=True)):
+            for other, end in zip(edges[i + 1 : -1], edges[i + 2 :], strict=True):
+                self.gram[other:end, start:stop] = self.gram[start:stop, other:end].T
 
     def compute(self) -> dict[str, torch.Tensor]:
-        """G (when accumulated), B, class counts and N."""
+        """G (when accumulated), B, class counts and N; summed over the processes of
+        torch.distributed (once: the first call reduces the states in place)."""
+        if world()[1] > 1 and not self._reduced:
+            for name in ("cross", "class_counts", "num_samples") + (
+                ("gram",) if self.with_gram else ()
+            ):
+                setattr(self, name, all_reduce_sum_(getattr(self, name)))
+            self._reduced = True
         result = {
             "cross": self.cross,
             "class_counts": self.class_counts,
             "num_samples": self.num_samples,
         }
         if self.with_gram:
-            result["gram"] = torch.where(self._stored(), self.gram, self.gram.T)
+            self._mirror()
+            result["gram"] = self.gram
         return result
 
 
-def _all_reduce(arrays: list[np.ndarray]) -> list[np.ndarray]:
-    """Sum float64 arrays over the processes of torch.distributed (no-op in one process)."""
+def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` summed over the processes, in place when the process group can reduce on
+    its device (gloo on the CPU, NCCL on this process's GPU), else through a copy."""
+    backend = dist.get_backend()
+    on_gpu = tensor.device.type == "cuda"
+    if (backend == "nccl") == on_gpu:
+        dist.all_reduce(tensor)
+        return tensor
+    return all_reduce_sum(tensor)
+
+
+def _all_reduce(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Sum float64 tensors over the processes of torch.distributed (no-op in one process)."""
     if world()[1] == 1:
-        return arrays
-    flat = all_reduce_sum(torch.from_numpy(np.concatenate([a.reshape(-1) for a in arrays])))
-    out, start = [], 0
-    for array in arrays:
-        out.append(flat[start : start + array.size].numpy().reshape(array.shape))
-        start += array.size
+        return tensors
+    flat = all_reduce_sum_(torch.cat([t.reshape(-1) for t in tensors]))
+    out, begin = [], 0
+    for tensor in tensors:
+        out.append(flat[begin : begin + tensor.numel()].reshape(tensor.shape))
+        begin += tensor.numel()
     return out
+
+
+#: Bytes of float64 gathered columns per batched per-class product (n x classes x |S|).
+GATHER_BYTES = 256 * 2**20
 
 
 class StreamedGram:
     """Slices of G = X^T X computed on demand by one pass over row blocks of X (module doc).
 
+    Each pass reads the blocks in a background thread, one block ahead of the products, and
+    multiplies on ``device`` in float64 (exact sums of the float32 or float16 cache values).
+
     Args:
-        blocks: called once per pass; yields float32 blocks of rows of X, (n_i, m).
+        blocks: called once per pass; yields blocks of rows of X, (n_i, m), as numpy arrays
+            or tensors of any floating dtype.
         size: m.
+        device: where the products run (the model's device; default the CPU).
     """
 
-    def __init__(self, blocks: Callable[[], Iterable[np.ndarray]], size: int) -> None:
+    def __init__(
+        self,
+        blocks: Callable[[], Iterable[np.ndarray | torch.Tensor]],
+        size: int,
+        device: torch.device | str = "cpu",
+    ) -> None:
         self.blocks = blocks
         self.size = size
-        #: passes made over the data so far
+        self.device = torch.device(device)
+        #: passes made over the data so far, and the seconds they took
         self.passes = 0
+        self.seconds = 0.0
 
-    def _rows(self) -> Iterable[np.ndarray]:
+    def _to_device(self, block: np.ndarray | torch.Tensor) -> torch.Tensor:
+        if block.ndim != 2 or block.shape[1] != self.size:
+            raise ValueError(f"blocks must be (n, {self.size}), got {tuple(block.shape)}")
+        tensor = torch.as_tensor(block)
+        if self.device.type == "cuda":  # pinned: the copy overlaps the previous products
+            tensor = tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor.to(self.device, torch.float64)
+
+    def _rows(self) -> Iterator[torch.Tensor]:
+        """The blocks of one pass on the device, the next one read (and copied) meanwhile."""
         self.passes += 1
-        for block in self.blocks():
-            if block.ndim != 2 or block.shape[1] != self.size:
-                raise ValueError(f"blocks must be (n, {self.size}), got {block.shape}")
-            yield block
+        blocks = iter(self.blocks())
+
+        def read() -> torch.Tensor | None:
+            block = next(blocks, None)
+            return None if block is None else self._to_device(block)
+
+        with ThreadPoolExecutor(1, thread_name_prefix="vebi-cache-reader") as reader:
+            ahead = reader.submit(read)
+            while True:
+                block = ahead.result()
+                if block is None:
+                    return
+                ahead = reader.submit(read)
+                yield block
 
     @staticmethod
     def _union(index_sets: Sequence[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         union = np.unique(np.concatenate([np.asarray(s, dtype=np.int64) for s in index_sets]))
         return union, [np.searchsorted(union, s) for s in index_sets]
 
+    def _padded(self, positions: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k, s_max) column positions (padding repeats position 0) and the (k, s_max) mask."""
+        width = max(1, max(len(p) for p in positions))
+        index = torch.zeros(len(positions), width, dtype=torch.long)
+        mask = torch.zeros(len(positions), width, dtype=torch.float64)
+        for j, pos in enumerate(positions):
+            index[j, : len(pos)] = torch.as_tensor(pos)
+            mask[j, : len(pos)] = 1.0
+        return index.to(self.device), mask.to(self.device)
+
     def submatrices(self, index_sets: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """G[S, S] = X_S^T X_S for each index set S, in one pass."""
+        """G[S, S] = X_S^T X_S for each index set S, in one pass: one X_U^T X_U for a small
+        union U, else batched products of each class's gathered columns."""
         if not index_sets:
             return []
+        started = time.perf_counter()
         union, positions = self._union(index_sets)
+        columns = torch.as_tensor(union, device=self.device)
         whole = len(union) <= UNION_GRAM_MAX
-        sums = (
-            [np.zeros((len(union), len(union)))]
-            if whole
-            else [np.zeros((len(p), len(p))) for p in positions]
-        )
-        for block in self._rows():
-            xu = block[:, union].astype(np.float64)
-            if whole:
-                sums[0] += xu.T @ xu
-            else:
-                for total, pos in zip(sums, positions, strict=True):
-                    xs = xu[:, pos]
-                    total += xs.T @ xs
-        sums = _all_reduce(sums)
+        index, mask = self._padded(positions)
+        k, width = index.shape
         if whole:
-            return [sums[0][np.ix_(pos, pos)] for pos in positions]
-        return sums
+            sums = torch.zeros(len(union), len(union), dtype=torch.float64, device=self.device)
+        else:
+            sums = torch.zeros(k, width, width, dtype=torch.float64, device=self.device)
+        for block in self._rows():
+            xu = block[:, columns]
+            if whole:
+                sums.addmm_(xu.T, xu)
+                continue
+            step = max(1, GATHER_BYTES // (8 * width * max(len(block), 1)))
+            for first in range(0, k, step):
+                rows = slice(first, first + step)
+                xs = xu[:, index[rows]] * mask[rows]  # (n, classes, s_max)
+                sums[rows] += torch.einsum("nki,nkj->kij", xs, xs)
+        sums = _all_reduce([sums])[0].cpu()
+        self.seconds += time.perf_counter() - started
+        if whole:
+            return [sums[np.ix_(pos, pos)].numpy() for pos in positions]
+        return [sums[j, : len(pos), : len(pos)].numpy() for j, pos in enumerate(positions)]
 
     def products(
         self, index_sets: Sequence[np.ndarray], weights: Sequence[np.ndarray]
@@ -173,12 +257,16 @@ class StreamedGram:
         """(m, k): column j = G[:, S_j] w_j = X^T (X_{S_j} w_j), in one pass."""
         if not index_sets:
             return np.zeros((self.size, 0))
+        started = time.perf_counter()
         union, positions = self._union(index_sets)
         stacked = np.zeros((len(union), len(index_sets)))
         for j, (pos, w) in enumerate(zip(positions, weights, strict=True)):
             stacked[pos, j] = w
-        total = np.zeros((self.size, len(index_sets)))
+        columns = torch.as_tensor(union, device=self.device)
+        stacked_t = torch.as_tensor(stacked, device=self.device)
+        total = torch.zeros(self.size, len(index_sets), dtype=torch.float64, device=self.device)
         for block in self._rows():
-            x = block.astype(np.float64)
-            total += x.T @ (x[:, union] @ stacked)
-        return _all_reduce([total])[0]
+            total.addmm_(block.T, block[:, columns] @ stacked_t)
+        result = _all_reduce([total])[0].cpu().numpy()
+        self.seconds += time.perf_counter() - started
+        return result

@@ -411,12 +411,13 @@ def make_galleries(
     rules: Rules | None = None,
 ) -> list[Path]:
     """The interpretation galleries of a mining run when ``interpretation.galleries`` is on
-    (and the activation cache that ranks the images was kept); their paths. With part masks
+    (and the activation cache that ranks the images was kept, or ``mining.cache=off``
+    recomputes its rows); their paths. With part masks
     of the training images (``datamodule.part_labels("train")``, an8Flower) each tile is
     labelled with the part its feature detects (``interpretation.part_labels``). ``rules``:
     the run's backward rules (None: those of ``cfg.rules``)."""
     settings = cfg.get("interpretation") or {}
-    if not settings.get("galleries", True) or report.cache_path is None:
+    if not settings.get("galleries", True) or report.rows is None:
         return []
     labels = None
     if settings.get("part_labels", True):
@@ -425,7 +426,7 @@ def make_galleries(
         net,
         report.relevant,
         dataset,
-        report.cache_path,
+        report.rows,
         folder,
         loggers,
         int(settings.get("top_n", 20)),
