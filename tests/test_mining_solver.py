@@ -134,7 +134,10 @@ def test_gram_statistics_equal_the_products() -> None:
         stats.update(x[start : start + 128], labels[start : start + 128])
     result = stats.compute()
     x64 = x.double()
-    torch.testing.assert_close(result["gram"], x64.T @ x64, rtol=1e-12, atol=1e-12)
+    gram = stats.gram_matrix()
+    torch.testing.assert_close(gram, x64.T @ x64, rtol=1e-12, atol=1e-12)
+    assert stats.gram_matrix().data_ptr() == gram.data_ptr()  # the sums themselves, no copy
+    assert "gram" not in stats._defaults  # no second m x m tensor kept for reset()
     torch.testing.assert_close(
         result["cross"], x64.T @ torch.nn.functional.one_hot(labels).double()
     )

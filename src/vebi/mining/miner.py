@@ -922,9 +922,9 @@ class FeatureMiner:
                     stats = self._statistics_from_cache(run)
                 else:
                     stats = self._extract(run, dataset, run.indices)
-            computed = stats.compute()
-            gram_matrix = computed.pop("gram", None)  # stays on its device
-            statistics = {name: value.cpu().numpy() for name, value in computed.items()}
+            statistics = {name: value.cpu().numpy() for name, value in stats.compute().items()}
+            gram_matrix = stats.gram_matrix() if run.dense else None  # stays on its device
+            del stats
             timings["extract_seconds"] = time.perf_counter() - started
             val = self._features_in_memory(run, val_dataset) if val_dataset is not None else None
 

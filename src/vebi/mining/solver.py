@@ -187,21 +187,30 @@ class DenseGram:
         blocks = []
         for s in index_sets:
             columns = self._columns(s)
-            blocks.append(self.gram[columns][:, columns].cpu().numpy())
+            blocks.append(self.gram[columns[:, None], columns].cpu().numpy())
         self.seconds += time.perf_counter() - started
         return blocks
 
     def products(
         self, index_sets: Sequence[np.ndarray], weights: Sequence[np.ndarray]
     ) -> np.ndarray:
+        """G W for the k sparse columns w_j (on S_j) at once: G is symmetric, so G W =
+        (W^T G)^T, one sparse-dense product reading the rows S_j of G (slicing G[:, S_j]
+        per class would copy m |S_j| values each)."""
         started = time.perf_counter()
-        total = torch.zeros(self.size, len(index_sets), dtype=torch.float64)
-        total = total.to(self.gram.device)
-        for j, (s, w) in enumerate(zip(index_sets, weights, strict=True)):
-            vector = torch.as_tensor(w, dtype=torch.float64, device=self.gram.device)
-            total[:, j] = self.gram[:, self._columns(s)] @ vector
+        device = self.gram.device
+        owners = np.repeat(np.arange(len(index_sets)), [len(s) for s in index_sets])
+        columns = np.concatenate([np.zeros(0, np.int64), *map(np.int64, index_sets)])
+        values = np.concatenate([np.zeros(0), *(np.asarray(w, np.float64) for w in weights)])
+        sparse = torch.sparse_coo_tensor(
+            torch.as_tensor(np.stack([owners, columns]), dtype=torch.long),
+            torch.as_tensor(values, dtype=torch.float64),
+            (len(index_sets), self.size),
+            check_invariants=False,
+        ).to(device)
+        result = torch.sparse.mm(sparse, self.gram).T.cpu().numpy()
         self.seconds += time.perf_counter() - started
-        return total.cpu().numpy()
+        return np.ascontiguousarray(result)
 
 
 class _Working:

@@ -52,8 +52,8 @@ class GramStatistics(Metric):
     full_state_update = False
     is_differentiable = False
     higher_is_better = None
-    gram: torch.Tensor  # states (add_state)
-    cross: torch.Tensor
+    gram: torch.Tensor  # not a state: allocated by the first update
+    cross: torch.Tensor  # states (add_state)
     class_counts: torch.Tensor
     num_samples: torch.Tensor
 
@@ -74,8 +74,9 @@ class GramStatistics(Metric):
         blocks = max(1, min(row_blocks, num_features))
         self._edges = [round(i * num_features / blocks) for i in range(blocks + 1)]
         m, c = num_features, num_classes
-        if with_gram:
-            self.add_state("gram", torch.zeros(m, m, dtype=torch.float64), dist_reduce_fx="sum")
+        # G is no torchmetrics state: add_state would keep a second m x m copy (its reset
+        # value); it is allocated on the first update, on the device of the other states
+        self.gram = torch.zeros(0, 0, dtype=torch.float64)
         self.add_state("cross", torch.zeros(m, c, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("class_counts", torch.zeros(c, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("num_samples", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
@@ -93,11 +94,20 @@ class GramStatistics(Metric):
         if len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
             raise ValueError(f"labels outside 0..{self.num_classes - 1}")
         if self.with_gram:
+            if self.gram.shape != (self.num_features, self.num_features):
+                self.gram = torch.zeros(
+                    self.num_features, self.num_features, dtype=torch.float64, device=x.device
+                )
             for start, stop in zip(self._edges[:-1], self._edges[1:], strict=True):
                 self.gram[start:stop, start:].addmm_(x[:, start:stop].T, x[:, start:])
         self.cross.index_add_(1, labels, x.T)
         self.class_counts += torch.bincount(labels, minlength=self.num_classes).to(torch.float64)
         self.num_samples += len(labels)
+
+    def reset(self) -> None:
+        super().reset()
+        self.gram = torch.zeros(0, 0, dtype=torch.float64)
+        self._reduced = False
 
     def _mirror(self) -> None:
         """Copy the upper block triangle into the lower one, block by block, in place."""
@@ -106,24 +116,37 @@ class GramStatistics(Metric):
             for other, end in zip(edges[i + 1 : -1], edges[i + 2 :], strict=True):
                 self.gram[other:end, start:stop] = self.gram[start:stop, other:end].T
 
-    def compute(self) -> dict[str, torch.Tensor]:
-        """G (when accumulated), B, class counts and N; summed over the processes of
-        torch.distributed (once: the first call reduces the states in place)."""
+    def _reduce_once(self) -> None:
+        """Sum the states over the processes of torch.distributed, in place, once."""
+        if self.with_gram and self.gram.shape != (self.num_features, self.num_features):
+            self.gram = torch.zeros(  # no update (an empty shard): zeros, still reduced
+                self.num_features, self.num_features, dtype=torch.float64, device=self.cross.device
+            )
         if world()[1] > 1 and not self._reduced:
             for name in ("cross", "class_counts", "num_samples") + (
                 ("gram",) if self.with_gram else ()
             ):
                 setattr(self, name, all_reduce_sum_(getattr(self, name)))
-            self._reduced = True
-        result = {
+        self._reduced = True
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        """B, class counts and N, summed over the processes of torch.distributed (G: see
+        :meth:`gram_matrix`; torchmetrics returns copies of what compute returns)."""
+        self._reduce_once()
+        return {
             "cross": self.cross,
             "class_counts": self.class_counts,
             "num_samples": self.num_samples,
         }
-        if self.with_gram:
-            self._mirror()
-            result["gram"] = self.gram
-        return result
+
+    def gram_matrix(self) -> torch.Tensor:
+        """G (m x m, float64, on the states' device), summed over the processes and mirrored
+        in place: the accumulated tensor itself, not a copy."""
+        if not self.with_gram:
+            raise ValueError("G was not accumulated (with_gram=False)")
+        self._reduce_once()
+        self._mirror()
+        return self.gram
 
 
 def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
