@@ -3,9 +3,14 @@
 On a CUDA machine: generates an8Flower double (12 classes, 112 px), trains a SmallVGG for a few
 epochs, then mines, explains and evaluates on the GPU, mines and evaluates the same checkpoint
 on the CPU, and prints one table of stage timings and the agreement of W (mined weights) and of
-the evaluation metrics between the two devices. Without CUDA it says so and exits 0.
+the evaluation metrics between the two devices. Then it times mining at ImageNet width on the
+GPU: a torchvision ResNet-50 at 224 px with random weights (m = 17,408), C = 1000, a few
+thousand random images, dense G on the device against streamed G, each against the bare
+inference pass (``benchmarks/scale.py``'s table and its ImageNet-1k projection). Without CUDA
+it says so and exits 0.
 
 Usage: python benchmarks/gpu_check.py [--epochs 3] [--out logs/gpu_check]
+       [--mining-images 3000] [--only pipeline|mining]
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -56,12 +62,36 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--out", default=str(ROOT / "logs" / "gpu_check"))
+    parser.add_argument("--mining-images", type=int, default=3000)
+    parser.add_argument("--only", choices=["pipeline", "mining"])
     args = parser.parse_args()
     import torch
 
     if not torch.cuda.is_available():
         print("gpu-check: no CUDA device here; nothing to check (skipped).")
         return
+    if args.only != "mining":
+        pipeline(args, torch)
+    if args.only != "pipeline":
+        mining_at_scale(args.mining_images)
+
+
+def mining_at_scale(images: int) -> None:
+    """Dense-on-device against streamed mining of a ResNet-50 at 224 px, C = 1000, on the GPU
+    (benchmarks/scale.py), with the bare pass: the printed table."""
+    command = [sys.executable, str(ROOT / "benchmarks" / "scale.py"), "--device", "cuda"]
+    command += ["--sides", "224", "--images", str(images), "--classes", "1000", "--batch", "100"]
+    print(
+        f"... mining a ResNet-50 at 224 px on the GPU ({images} images, 1000 classes)", flush=True
+    )
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        sys.exit(f"mining at scale failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+    print(done.stdout)
+
+
+def pipeline(args: argparse.Namespace, torch: Any) -> None:
+    """The an8Flower pipeline on the GPU against the CPU (module doc)."""
     out = Path(args.out)
     common = [
         "experiment=an8flower_double",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -180,3 +182,33 @@ def test_streamed_gram_refuses_blocks_of_the_wrong_width() -> None:
     streamed = StreamedGram(lambda: iter([np.ones((3, 5), np.float32)]), 4)
     with pytest.raises(ValueError, match=r"blocks must be \(n, 4\)"):
         streamed.products([np.array([0])], [np.array([1.0])])
+
+
+def test_streamed_passes_read_ahead_in_a_thread_and_take_any_float_blocks(
+    mnist_responses, mnist_statistics
+) -> None:
+    """The blocks are read by the reader thread (while the products of the previous one
+    run); float16 and tensor blocks give the optimum of their own values, the homotopy
+    reference's."""
+    from vebi.mining import statistics
+
+    x, _ = mnist_responses
+    readers = set()
+
+    def blocks():
+        for start in range(0, len(x), 500):
+            readers.add(threading.current_thread().name)
+            yield torch.from_numpy(x[start : start + 500].astype(np.float16))
+
+    streamed = statistics.StreamedGram(blocks, x.shape[1], torch.device("cpu"))
+    rounded = x.astype(np.float16).astype(np.float64)
+    gram = rounded.T @ rounded
+    _, cross, n = mnist_statistics
+    cross = cross[:, :3]
+    solution = mu_lasso(streamed, cross, 10.0, initial_size=4)
+    assert readers and all(name.startswith("vebi-cache-reader") for name in readers)
+    assert streamed.passes == 2 * max(solution.iterations) and streamed.seconds > 0
+    dense = mu_lasso(gram, cross, 10.0, initial_size=4)
+    np.testing.assert_allclose(solution.weights, dense.weights, atol=1e-7)
+    reference = lasso_homotopy_reference(gram, cross, 10.0, n)
+    _assert_agrees(gram, cross, solution.weights, reference, 10.0, nonnegative=True)

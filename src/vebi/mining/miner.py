@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -916,7 +917,7 @@ class FeatureMiner:
                     f"{len(names)} class names for a model with {run.num_classes} outputs"
                 )
             started = time.perf_counter()
-            with run.cache.exclusive():
+            with run.cache.exclusive() if run.write_cache else contextlib.nullcontext():
                 if run.cache.is_complete():
                     log.info("Reusing activation cache %s", run.cache.path)
                     stats = self._statistics_from_cache(run)
