@@ -27,6 +27,7 @@ found mean nothing. Labels are i mod C, so every class has images.
 
 Usage: python benchmarks/scale.py [--sides 32 64 224] [--images 2000 20000] [--classes 1000]
        [--grams dense streamed] [--archs resnet50] [--batch 50] [--device cpu|cuda]
+       [--plan 32:2000 32:20000 224:2000] [--json rows.json]
 """
 
 from __future__ import annotations
@@ -243,6 +244,12 @@ def main() -> None:
     parser.add_argument("--gpu-fp64-tflops", type=float, default=50.0)
     parser.add_argument("--disk-gb-per-second", type=float, default=2.0)
     parser.add_argument("--network-gb-per-second", type=float, default=50.0)
+    parser.add_argument(
+        "--plan",
+        nargs="+",
+        metavar="SIDE:N",
+        help="(side, N) pairs to run instead of every side with every N, e.g. 32:20000 224:2000",
+    )
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--worker", nargs=4, metavar="X", help=argparse.SUPPRESS)
     parser.add_argument("--bare-seconds", type=float, help=argparse.SUPPRESS)
@@ -265,29 +272,30 @@ def main() -> None:
     rows: list[dict] = []
     for arch in args.archs:
         for classes in args.classes:
-            for side in args.sides:
-                for images in args.images:
-                    bare: float | None = None
-                    for gram in args.grams:
-                        command = [sys.executable, __file__, "--worker", arch, str(classes)]
-                        command += [str(side), str(images), "--batch", str(args.batch)]
-                        command += ["--device", args.device, "--cache-dtype", args.cache_dtype]
-                        command += ["--grams", gram]
-                        if bare is not None:
-                            command += ["--bare-seconds", str(bare)]
-                        print(f"... {arch}, {side} px, C={classes}, N={images}, {gram}", flush=True)
-                        started = time.perf_counter()
-                        done = subprocess.run(
-                            command, cwd=ROOT, capture_output=True, text=True, check=False
-                        )
-                        if done.returncode != 0:
-                            sys.exit(
-                                f"{arch}/{side}/{images}/{gram} failed:\n{done.stderr[-3000:]}"
-                            )
-                        found = json.loads(done.stdout.strip().splitlines()[-1])
-                        print(f"    {time.perf_counter() - started:.0f} s", flush=True)
-                        bare = found[0]["bare_s"]
-                        rows.extend(found)
+            plan = [(s, n) for s in args.sides for n in args.images]
+            if args.plan:
+                plan = [(int(a), int(b)) for a, b in (pair.split(":") for pair in args.plan)]
+            for side, images in plan:
+                bare: float | None = None
+                for gram in args.grams:
+                    command = [sys.executable, __file__, "--worker", arch, str(classes)]
+                    command += [str(side), str(images), "--batch", str(args.batch)]
+                    command += ["--device", args.device, "--cache-dtype", args.cache_dtype]
+                    command += ["--grams", gram]
+                    if bare is not None:
+                        command += ["--bare-seconds", str(bare)]
+                    print(f"... {arch}, {side} px, C={classes}, N={images}, {gram}", flush=True)
+                    started = time.perf_counter()
+                    done = subprocess.run(
+                        command, cwd=ROOT, capture_output=True, text=True, check=False
+                    )
+                    if done.returncode != 0:
+                        sys.exit(f"{arch}/{side}/{images}/{gram} failed:\n{done.stderr[-3000:]}")
+                    found = json.loads(done.stdout.strip().splitlines()[-1])
+                    print(f"    {time.perf_counter() - started:.0f} s", flush=True)
+                    print("   ", json.dumps(found[0]), flush=True)
+                    bare = found[0]["bare_s"]
+                    rows.extend(found)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     print(table(rows))

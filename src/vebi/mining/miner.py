@@ -42,6 +42,7 @@ from vebi.mining.solver import (
 )
 from vebi.mining.statistics import GramStatistics, StreamedGram
 from vebi.models.hooks import eval_mode, network_of
+from vebi.utils.distributed import all_reduce_sum, world
 from vebi.utils.log import get_logger
 from vebi.utils.torch_api import dataset_size
 
@@ -517,8 +518,9 @@ class FeatureMiner:
     def gram_choice(self, num_features: int, device: torch.device) -> tuple[bool, str]:
         """(dense?, why) for G of ``num_features`` features summed on ``device``: dense when
         asked, or with ``gram=auto`` when its 8 m^2 bytes take at most ``memory_share`` of
-        the device's free memory. A G that does not fit where ``gram=dense`` asks for it,
-        or with ``cache=off``, is refused with what it needs."""
+        the device's free memory (under torch.distributed: on every process's device, so
+        that all choose alike; every process must call it). A G that does not fit where
+        ``gram=dense`` asks for it, or with ``cache=off``, is refused with what it needs."""
         device = statistics_device(device)
         need = 8 * num_features**2
         if self.gram == "streamed":
@@ -526,6 +528,11 @@ class FeatureMiner:
         free = available_memory(device)
         fits = need <= self.memory_share * free
         where = f"{_gigabytes(need)} of float64 against {_gigabytes(free)} free on {device}"
+        if world()[1] > 1:  # every process must choose alike: dense only if it fits on all
+            short = all_reduce_sum(torch.tensor([0.0 if fits else 1.0], device=device))
+            if fits and short.item() > 0:
+                fits = False
+                where += f" here, but too little on {int(short.item())} other process(es)"
         if fits:
             return True, f"G = {where} (at most {self.memory_share:.0%} of it)"
         reduce = (
