@@ -38,11 +38,12 @@ from vebi.mining.solver import (
     GramOperator,
     LassoSolution,
     SolverFailedError,
+    merge_solutions,
     mu_lasso,
 )
 from vebi.mining.statistics import GramStatistics, StreamedGram
 from vebi.models.hooks import eval_mode, network_of
-from vebi.utils.distributed import all_reduce_sum, world
+from vebi.utils.distributed import all_reduce_sum, gather_objects, world
 from vebi.utils.log import get_logger
 from vebi.utils.torch_api import dataset_size
 
@@ -771,23 +772,43 @@ class FeatureMiner:
     def _solve(
         self, statistics: dict[str, np.ndarray], mu: float, gram: GramOperator
     ) -> LassoSolution:
+        """The mu-lasso of every class. With G dense under torch.distributed every process
+        holds the same G and B, so each solves every world-size-th class and the solutions
+        are gathered (the cvxpy work, which does not shrink with more images, is shared);
+        a streamed G's passes are collective, so there every process solves every class."""
+        cross = statistics["cross"]
+        rank, size = world()
+        shared = size > 1 and isinstance(gram, DenseGram)
+        columns = np.arange(rank, cross.shape[1], size) if shared else np.arange(cross.shape[1])
+        part: LassoSolution | None = None
+        failed = ""
         try:
-            solution = mu_lasso(
+            part = mu_lasso(
                 gram,
-                statistics["cross"],
+                cross[:, columns],
                 mu,
                 self.nonnegative,
                 self.solvers,
                 self.solver_options,
             )
         except SolverFailedError as error:
+            failed = str(error)
+        if shared:  # every process learns of a failure anywhere, so none waits forever
+            parts = gather_objects((columns, part, failed))
+            failed = next((f for _, _, f in parts if f), "")
+            if not failed:
+                part = merge_solutions(
+                    [(c, p) for c, p, _ in parts if p is not None], cross.shape[0], cross.shape[1]
+                )
+        if failed or part is None:
             raise VebiError(
-                f"the mu-lasso with mu={mu:g} could not be solved ({error}). The weights of a "
+                f"the mu-lasso with mu={mu:g} could not be solved ({failed}). The weights of a "
                 "class sum to at most mu; a mu far above that scale leaves the bound inactive "
                 "and the problem an ill-conditioned least squares. Try mining.mu between 1 "
                 "and 100 (the default is 10), or let mining.mu_candidates=[1,2,5,10,20] choose "
                 "one (with mining.cache_dir set, the rerun reuses the activation cache)"
-            ) from None
+            )
+        solution = part
         for failure, count in Counter(solution.failures).items():
             log.warning(
                 "mu-lasso solver fallback: %s%s", failure, f" ({count} times)" if count > 1 else ""

@@ -398,3 +398,29 @@ def mu_lasso(
         solution.max_kkt_violation.append(state.violation)
     solution.seconds = time.perf_counter() - started
     return solution
+
+
+def merge_solutions(
+    parts: Sequence[tuple[np.ndarray, LassoSolution]], num_features: int, num_classes: int
+) -> LassoSolution:
+    """One solution of all classes from solutions of disjoint column sets of B (the classes
+    are separate problems: each process of torch.distributed may solve a share of them)."""
+    merged = LassoSolution(
+        weights=np.zeros((num_features, num_classes)),
+        objective=np.zeros(num_classes),
+        solver_used=[""] * num_classes,
+        iterations=[0] * num_classes,
+        working_set_sizes=[0] * num_classes,
+        max_kkt_violation=[0.0] * num_classes,
+        seconds=max((part.seconds for _, part in parts), default=0.0),
+    )
+    for columns, part in parts:
+        merged.weights[:, columns] = part.weights
+        merged.objective[columns] = part.objective
+        merged.failures += part.failures
+        for j, c in enumerate(np.asarray(columns).tolist()):
+            merged.solver_used[c] = part.solver_used[j]
+            merged.iterations[c] = part.iterations[j]
+            merged.working_set_sizes[c] = part.working_set_sizes[j]
+            merged.max_kkt_violation[c] = part.max_kkt_violation[j]
+    return merged
