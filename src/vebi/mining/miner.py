@@ -311,11 +311,11 @@ class _Run:
     cache: ActivationCache
     fingerprint: dict[str, str]
     index: FeatureIndex
-    dense: bool = True
-    gram_reason: str = ""
-    write_cache: bool = True
-    dataset: Any = None
-    indices: Any = None
+    dense: bool  # G summed in memory (else streamed from the cache)
+    gram_reason: str
+    write_cache: bool
+    dataset: Dataset  # the mining images, and this process's share of their positions
+    indices: np.ndarray
 
 
 class ForwardRows:
@@ -331,22 +331,11 @@ class ForwardRows:
         rows: int | None = None,
         fields: Sequence[str] = ("features", "labels", "predictions", "indices"),
     ) -> Iterable[dict[str, np.ndarray]]:
-        run, miner = self.run, self.miner
-        dtype = CACHE_DTYPES[miner.cache_dtype]
-        with eval_mode(run.model), miner._extractor(run.model, run.layers) as extractor:
-            loader = miner._loader(run.dataset, run.indices)
-            for number, batch in enumerate(
-                tqdm(loader, desc="features again", disable=not miner.progress, unit="batch")
-            ):
-                first = number * miner.batch_size
-                images, labels = _images_labels(batch, None, f" in batch {number}")
-                x, logits = extractor(images.to(run.device), f" in batch {number}")
-                block = {
-                    "features": x.cpu().numpy().astype(dtype).astype(np.float32),
-                    "labels": labels.numpy().astype(np.int64),
-                    "predictions": logits.argmax(1).cpu().numpy().astype(np.int64),
-                    "indices": run.indices[first : first + len(images)].astype(np.int64),
-                }
+        run = self.run
+        with eval_mode(run.model):
+            for block in self.miner._forward_blocks(run, run.dataset, run.indices, None, "gallery"):
+                features = self.miner._rounded(torch.from_numpy(block["features"]))
+                block["features"] = features.numpy()
                 yield {name: block[name] for name in fields}
 
 
@@ -559,14 +548,14 @@ class FeatureMiner:
         keeps it unless G is dense and rows x m values would take more than a quarter of the
         free disk under ``folder``. A cache that cannot fit on that disk is refused when the
         streamed solve needs it."""
+        if self.cache == "off":
+            log.info("No activation cache (mining.cache=off): the galleries take a second pass")
+            return False
         size = rows * num_features * np.dtype(CACHE_DTYPES[self.cache_dtype]).itemsize
         existing = folder
         while not existing.exists() and existing != existing.parent:
             existing = existing.parent
         free = shutil.disk_usage(existing).free
-        if self.cache == "off":
-            log.info("No activation cache (mining.cache=off): the galleries take a second pass")
-            return False
         if size > free and not dense:
             raise VebiError(
                 f"the activation cache needs {_gigabytes(size)} ({rows} images x "
@@ -645,14 +634,24 @@ class FeatureMiner:
         cache = ActivationCache(cache_dir / f"activations-{key[:16]}{suffix}.h5", key)
         indices = np.arange(world[0], dataset_size(dataset), world[1])
         write = cache.is_complete() or self.cache_choice(len(indices), index.size, dense, cache_dir)
-        run = _Run(model, list(layers), num_classes, device, cache, fingerprint, index, dense)
-        run.gram_reason, run.write_cache = why, write
-        run.dataset, run.indices = dataset, indices
-        return run
+        return _Run(
+            model,
+            list(layers),
+            num_classes,
+            device,
+            cache,
+            fingerprint,
+            index,
+            dense,
+            why,
+            write,
+            dataset,
+            indices,
+        )
 
-    def _extract(self, run: _Run, dataset: Dataset, indices: np.ndarray) -> GramStatistics:
+    def _extract(self, run: _Run) -> GramStatistics:
         """Forward the images, write the cache chunk by chunk (resumable), accumulate G, B."""
-        cache = run.cache
+        cache, dataset, indices = run.cache, run.dataset, run.indices
         with self._extractor(run.model, run.layers) as extractor, ThreadPoolExecutor(1) as writer:
             probe = _images(next(iter(self._loader(dataset, indices[:1]))))
             extractor(probe.to(run.device), " in the first image")
@@ -737,24 +736,39 @@ class FeatureMiner:
             self._accumulate(stats, block)
         return stats
 
-    def _features_in_memory(self, run: _Run, dataset: Dataset) -> dict[str, np.ndarray]:
-        xs, labels, predictions = [], [], []
+    def _forward_blocks(
+        self,
+        run: _Run,
+        dataset: Dataset,
+        indices: np.ndarray,
+        label_range: int | None,
+        what: str,
+    ) -> Iterable[dict[str, np.ndarray]]:
+        """One forward pass over ``dataset[indices]``: per batch, the features x, labels
+        (checked against ``label_range``), predictions and data-set positions."""
         with self._extractor(run.model, run.layers) as extractor:
-            loader = self._loader(dataset, range(dataset_size(dataset)))
+            loader = self._loader(dataset, indices)
             for number, batch in enumerate(
-                tqdm(loader, desc="validation features", disable=not self.progress)
+                tqdm(loader, desc=f"{what} features", disable=not self.progress, unit="batch")
             ):
-                images, y = _images_labels(
-                    batch, self._label_range(run.num_classes), f" in validation batch {number}"
-                )
-                x, logits = extractor(images.to(run.device), f" in validation batch {number}")
-                xs.append(x.cpu().numpy())
-                labels.append(y.numpy())
-                predictions.append(logits.argmax(1).cpu().numpy())
+                where = f" in {what} batch {number}"
+                images, labels = _images_labels(batch, label_range, where)
+                x, logits = extractor(images.to(run.device), where)
+                first = number * self.batch_size
+                yield {
+                    "features": x.cpu().numpy(),
+                    "labels": labels.numpy().astype(np.int64),
+                    "predictions": logits.argmax(1).cpu().numpy().astype(np.int64),
+                    "indices": indices[first : first + len(images)].astype(np.int64),
+                }
+
+    def _features_in_memory(self, run: _Run, dataset: Dataset) -> dict[str, np.ndarray]:
+        indices = np.arange(dataset_size(dataset))
+        label_range = self._label_range(run.num_classes)
+        blocks = list(self._forward_blocks(run, dataset, indices, label_range, "validation"))
         return {
-            "features": np.concatenate(xs),
-            "labels": np.concatenate(labels),
-            "predictions": np.concatenate(predictions),
+            name: np.concatenate([block[name] for block in blocks])
+            for name in ("features", "labels", "predictions")
         }
 
     def _gram(self, run: _Run, gram: torch.Tensor | None, size: int) -> GramOperator:
@@ -950,7 +964,7 @@ class FeatureMiner:
                     log.info("Reusing activation cache %s", run.cache.path)
                     stats = self._statistics_from_cache(run)
                 else:
-                    stats = self._extract(run, dataset, run.indices)
+                    stats = self._extract(run)
             statistics = {name: value.cpu().numpy() for name, value in stats.compute().items()}
             gram_matrix = stats.gram_matrix() if run.dense else None  # stays on its device
             del stats

@@ -29,10 +29,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torchmetrics import Metric
 
-from vebi.utils.distributed import all_reduce_sum, world
+from vebi.utils.distributed import all_reduce_sum_, world
 
 #: Working-set unions up to this size get one X_U^T X_U per block, sliced per class.
 UNION_GRAM_MAX = 4096
@@ -165,17 +164,6 @@ class GramStatistics(Metric):
         self._reduce_once()
         self._mirror()
         return self.gram
-
-
-def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor`` summed over the processes, in place when the process group can reduce on
-    its device (gloo on the CPU, NCCL on this process's GPU), else through a copy."""
-    backend = dist.get_backend()
-    on_gpu = tensor.device.type == "cuda"
-    if (backend == "nccl") == on_gpu:
-        dist.all_reduce(tensor)
-        return tensor
-    return all_reduce_sum(tensor)
 
 
 def _all_reduce(tensors: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -31,6 +31,18 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return reduced.to(device)
 
 
+def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
+    """:func:`all_reduce_sum` in place when the process group can reduce on the tensor's
+    device (gloo on the CPU, NCCL on this process's GPU; no copy of a large G), else through
+    a copy; returns the summed tensor."""
+    if world()[1] == 1:
+        return tensor
+    if (dist.get_backend() == "nccl") == (tensor.device.type == "cuda"):
+        dist.all_reduce(tensor)
+        return tensor
+    return all_reduce_sum(tensor)
+
+
 def is_main_process() -> bool:
     """True on global rank 0 (the process that writes files and logs)."""
     return world()[0] == 0
