@@ -9,10 +9,11 @@ STAMP := $(VENV)/.installed-stamp
 
 .PHONY: setup run test acceptance lint clean gpu-check
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements/peers-no-deps.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --no-deps -r requirements/peers-no-deps.txt
 	touch $(STAMP)
 
 setup: $(STAMP)

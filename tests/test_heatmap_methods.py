@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.data import TensorDataset
 
 from tests.explain_models import randomised
 from tests.mining_models import planted_colour_data, planted_colour_model
@@ -18,7 +19,7 @@ from vebi.evaluation import (
     PointingGame,
     StrictPointingGame,
 )
-from vebi.evaluation.data import EvaluationSet
+from vebi.evaluation.data import ClassImages, EvaluationSet
 from vebi.evaluation.heatmaps import HeatmapEvaluation
 from vebi.evaluation.methods import (
     CaptumAttribution,
@@ -39,6 +40,7 @@ from vebi.pipelines.evaluate import build_methods
 
 
 def _small_vgg() -> SmallVGG:
+    torch.manual_seed(0)  # the convolutions' initial weights, whatever ran before
     return randomised(SmallVGG(num_classes=4, in_channels=3, widths=(8, 12, 16)), seed=1).eval()
 
 
@@ -61,8 +63,15 @@ def test_configured_methods_all_give_maps_in_unit_range(compose_cfg) -> None:
     model = _small_vgg()
     images = torch.rand(5, 3, 32, 32)
     relevant = _random_relevant(model, images, 4)
-    methods = build_methods(cfg, model, relevant)
-    assert list(methods) == list(cfg.evaluation.methods)  # every registered method, in order
+    training = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    labels = torch.arange(16) % 4
+    notes: list[str] = []
+    methods = build_methods(
+        cfg, model, relevant, notes, training=ClassImages(TensorDataset(training, labels))
+    )
+    # every registered method, in order (the peers are installed by make setup)
+    assert list(methods) == list(cfg.evaluation.methods), notes
+    assert not notes
     classes = torch.tensor([0, 1, 2, 3, 0])
     for name, method in methods.items():
         maps = method(images, classes)

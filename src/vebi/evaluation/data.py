@@ -178,3 +178,30 @@ class EvaluationSet:
         return EvaluationImages(
             torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]), masks
         )
+
+
+class ClassImages:
+    """Training images of one class at a time: ``images(class_id, count)`` -> (n, C, H, W),
+    a seeded random pick of at most ``count`` of the class's images (fewer when the class has
+    fewer; none when it has none). Labels are read once, without the images where the data
+    set keeps them; the images are read only when asked for."""
+
+    def __init__(self, dataset: Dataset, seed: int = 0) -> None:
+        self.dataset = dataset
+        self.seed = seed
+        self._images: EvaluationSet | None = None
+
+    @property
+    def images(self) -> EvaluationSet:
+        """The whole data set, its labels read on first use."""
+        if self._images is None:
+            self._images = EvaluationSet.from_dataset(self.dataset)
+        return self._images
+
+    def __call__(self, class_id: int, count: int) -> torch.Tensor:
+        positions = (self.images.labels == int(class_id)).nonzero()[:, 0]
+        if len(positions) == 0 or count < 1:
+            return self.images.load(torch.arange(1)).images[:0]
+        generator = torch.Generator().manual_seed(self.seed + int(class_id))
+        picked = positions[torch.randperm(len(positions), generator=generator)[:count]]
+        return self.images.load(picked.sort().values).images

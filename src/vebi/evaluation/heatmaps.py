@@ -81,6 +81,8 @@ class HeatmapEvaluation:
             for name, metric in metrics.items()
         }
         self.batch_size = batch_size
+        #: the peers that failed in the last call, name -> reason (their rows are left out)
+        self.failed: dict[str, str] = {}
 
     def applicable(
         self, model: nn.Module, has_masks: bool
@@ -129,6 +131,7 @@ class HeatmapEvaluation:
         }
         seconds = dict.fromkeys(methods, 0.0)
         endpoints = EndpointCache()
+        self.failed = {}
         bar = tqdm(total=len(shard) * len(methods), desc="heatmaps", disable=not progress)
         for batch in shard.batches(self.batch_size):
             endpoints.clear()  # other images
@@ -136,8 +139,17 @@ class HeatmapEvaluation:
             masks = None if batch.masks is None else batch.masks.to(device)
             targets = explained_classes(model, images, batch.labels.to(device), target)
             for name, method in methods.items():
+                if name in self.failed:
+                    continue
                 began = time.perf_counter()
-                maps = method(images, targets)
+                try:
+                    maps = method(images, targets)
+                except Exception as error:
+                    # a peer that refuses this model is a noted row; ours fail loudly
+                    if not getattr(method, "is_peer", False):
+                        raise
+                    self.failed[name] = f"{type(error).__name__}: {error}"
+                    continue
                 seconds[name] += time.perf_counter() - began
                 self._check(name, maps, images)
                 for metric in metrics[name].values():
@@ -150,6 +162,8 @@ class HeatmapEvaluation:
         bar.close()
         results = {}
         for name in methods:
+            if name in self.failed:
+                continue
             row: dict[str, Any] = {}
             for metric in metrics[name].values():
                 row |= metric.result()

@@ -21,7 +21,7 @@ from torch import nn
 from vebi.errors import VebiError
 from vebi.explain.explainer import Explainer
 from vebi.explain.heatmaps import min_max_scale, signal_to_heatmap
-from vebi.explain.rules import Rules
+from vebi.explain.rules import Rules, backward_rules
 from vebi.mining.relevant import RelevantFeatures
 from vebi.models.hooks import capture_outputs, eval_mode, trace_leaf_calls
 
@@ -119,6 +119,16 @@ class CaptumAttribution(HeatmapMethod):
             )
         self.algorithm = algorithm
         self.attribution = algorithms[algorithm](model)
+        #: what a reader of this row must know: Captum's deconvnet and guided backprop
+        #: override nn.ReLU only, the plain gradient flows through every other activation
+        self.notes: list[str] = []
+        uncovered = captum_uncovered_activations(model)
+        if algorithm != "gradient" and uncovered:
+            self.notes.append(
+                f"Captum's {algorithms[algorithm].__name__} overrides nn.ReLU only; this "
+                f"network's {', '.join(uncovered)} pass the plain gradient (the rules rows "
+                "deconvnet / guided_backprop cover them)"
+            )
 
     def _signal(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         """The signed (N, C, H, W) attribution (the gradient itself, not its magnitude)."""
@@ -141,6 +151,67 @@ class CaptumAttribution(HeatmapMethod):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         signal = self._signal(images, classes)
         return self._heatmap(signal), signal.sum(dim=1)
+
+
+class RulesAttribution(HeatmapMethod):
+    """Guided backpropagation or deconvnet that are what they say on every network: vebi's
+    own backward rules (``rules``: ``guided`` or ``deconvnet``, no stride fix) installed in
+    every activation (ReLU, ReLU6, SiLU, GELU, Hardswish, functional calls; see
+    :mod:`vebi.explain.rules`), the signal started at the class logit (one-hot), not at a
+    mined feature. Mapped as the other signed signals (positive part, L2 over colours)."""
+
+    def __init__(self, model: nn.Module, relevant: RelevantFeatures, rules: str = "guided") -> None:
+        super().__init__(model, relevant)
+        self.rules = Rules(preset=rules)
+
+    def _signal(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        inputs = images.detach().clone().requires_grad_(True)
+        with eval_mode(self.model), backward_rules(self.model, self.rules), torch.enable_grad():
+            logits = self.model(inputs)
+            chosen = logits.gather(1, classes.view(-1, 1).to(logits.device)).sum()
+            (grad,) = torch.autograd.grad(chosen, inputs)
+        return grad.detach()
+
+    def __call__(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        return signal_to_heatmap(self._signal(images, classes))
+
+    def maps_and_signal(
+        self, images: torch.Tensor, classes: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        signal = self._signal(images, classes)
+        return signal_to_heatmap(signal), signal.sum(dim=1)
+
+
+def captum_uncovered_activations(model: nn.Module) -> list[str]:
+    """The activation module types of ``model`` that Captum's ``GuidedBackprop`` and
+    ``Deconvolution`` do not override (they hook ``nn.ReLU`` only, and compute the plain
+    gradient through everything else), sorted."""
+    activation_types = (
+        nn.ReLU6,
+        nn.SiLU,
+        nn.GELU,
+        nn.Hardswish,
+        nn.Hardsigmoid,
+        nn.LeakyReLU,
+        nn.ELU,
+        nn.SELU,
+        nn.CELU,
+        nn.Mish,
+        nn.Softplus,
+        nn.Hardtanh,
+        nn.PReLU,
+        nn.Tanh,
+        nn.Sigmoid,
+    )
+    found = {type(m).__name__ for m in model.modules() if isinstance(m, activation_types)}
+    # activations of a module type outside torch.nn (timm's, lukemelas' Swish, ...)
+    for m in model.modules():
+        name = type(m).__name__.lower()
+        if not type(m).__module__.startswith("torch.nn") and any(
+            word in name for word in ("swish", "silu", "gelu", "relu6", "mish")
+        ):
+            found.add(type(m).__name__)
+    return sorted(found)
 
 
 class GradCAM(HeatmapMethod):

@@ -119,6 +119,26 @@ class Explainer:
             if result is not None:
                 return result
 
+    def choose(
+        self, images: torch.Tensor, targets: torch.Tensor | Sequence[int] | None = None
+    ) -> list[list[ChosenFeature]]:
+        """The features :meth:`__call__` would explain each image by (up to k per image), from
+        one forward pass and no backward pass: what other methods conditioned on the same
+        features need (CRP's conditional maps of vebi's pick)."""
+        images = self._check_images(images)
+        with (
+            eval_mode(self.model),
+            torch.no_grad(),
+            self.relevant.extractor(self.model) as extractor,
+        ):
+            x, logits = extractor.forward(images)
+        if targets is None:
+            classes = logits.argmax(1)
+        else:
+            classes = self._check_targets(targets, len(images)).to(images.device)
+        chosen, _ = self._choose(x, classes)
+        return self._describe(chosen, x, classes)
+
     def _check_images(self, images: object) -> torch.Tensor:
         """``images`` as an (N, C, H, W) float tensor of the model's dtype on its device (NaN
         and Inf are refused by the feature extractor's forward pass, which checks every input)."""

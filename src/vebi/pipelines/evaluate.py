@@ -25,7 +25,7 @@ from vebi.evaluation.ablation import (
     sparse_classifier_accuracy,
     summarise_ablation,
 )
-from vebi.evaluation.data import EvaluationSet
+from vebi.evaluation.data import ClassImages, EvaluationSet
 from vebi.evaluation.dissection import FeatureDissection, part_masks
 from vebi.evaluation.heatmaps import (
     HeatmapEvaluation,
@@ -34,6 +34,7 @@ from vebi.evaluation.heatmaps import (
     metric_info,
 )
 from vebi.evaluation.methods import HeatmapMethod
+from vebi.evaluation.peers import PeerUnavailable
 from vebi.evaluation.metric_base import GROUPS, HeatmapMetric, check_metric
 from vebi.evaluation.reporting import (
     class_panels,
@@ -81,23 +82,54 @@ def build_metrics(settings: DictConfig, groups: list[str]) -> dict[str, HeatmapM
 
 
 def build_methods(
-    cfg: DictConfig, net: torch.nn.Module, relevant: RelevantFeatures
+    cfg: DictConfig,
+    net: torch.nn.Module,
+    relevant: RelevantFeatures,
+    notes: list[str] | None = None,
+    training: ClassImages | None = None,
 ) -> dict[str, HeatmapMethod]:
     """Instantiate the methods of ``evaluation.methods`` named in ``evaluation.select`` for
-    the network ``net`` and its relevant features."""
+    the network ``net`` and its relevant features. A peer whose library is not installed is
+    left out with a note in ``notes`` (once per library); methods that learn from training
+    images (CRAFT) are fitted on ``training`` (left out with a note without it)."""
     available = cfg.evaluation.get("methods") or {}
     chosen = list(cfg.evaluation.get("select") or available)
     unknown = [name for name in chosen if name not in available]
     if unknown:
         raise VebiError(f"unknown heatmap method(s) {unknown}; available: {list(available)}")
+    notes = [] if notes is None else notes
     methods = {}
     for name in chosen:
         # partial first: Hydra would turn the RelevantFeatures dataclass into a config
-        method = instantiate_checked(
+        factory = instantiate_checked(
             available[name], HeatmapMethod, f"evaluation.methods.{name}", _partial_=True
-        )(model=net, relevant=relevant)
+        )
+        try:
+            method = factory(model=net, relevant=relevant)
+        except PeerUnavailable as error:
+            notes.append(f"{name} skipped: {error}")
+            continue
+        if getattr(method, "needs_training_images", False):
+            if training is None:
+                notes.append(f"{name} skipped: it learns from training images, none given")
+                continue
+            try:
+                method.fit(training)
+            except Exception as error:  # a peer refusing the model: a noted row
+                notes.append(f"{name} failed while fitting: {type(error).__name__}: {error}")
+                continue
         methods[name] = method
     return methods
+
+
+def training_images(cfg: DictConfig, datamodule: ClassificationData | None) -> ClassImages | None:
+    """The training images of each class, for the methods that learn from them (a seeded
+    pick of the mining split); None without a data module."""
+    if datamodule is None:
+        return None
+    datamodule.setup("fit")
+    dataset, _ = mining_datasets(datamodule)
+    return ClassImages(dataset, seed=int(cfg.seed))
 
 
 def run_evaluators(
@@ -154,14 +186,23 @@ def run_evaluators(
         limit = settings.get("heatmap_images")
         subset = test.select(balanced_subset(test.labels, limit, int(cfg.seed)))
         scores = scorer(net, methods, subset, settings.target)
+        failed = scorer.failed
+        notes += [f"{name} failed: {reason}" for name, reason in failed.items()]
+        working = {name: method for name, method in methods.items() if name not in failed}
         rows = panel_rows(subset.labels, int(settings.panel_images_per_class))
         if rows and is_main_process():
-            panels = _panels(net, methods, subset, rows, settings.target, relevant.class_names)
+            panels = _panels(net, working, subset, rows, settings.target, relevant.class_names)
+        method_notes = {
+            name: list(getattr(method, "notes", None) or []) for name, method in methods.items()
+        }
+        notes += [f"{name}: {note}" for name, items in method_notes.items() for note in items]
         results["heatmaps"] = {
             "num_images": len(subset),
             "target": settings.target,
             "metrics": metric_info(applicable),
             "methods": scores,
+            "failed": failed,
+            "method_notes": {name: items for name, items in method_notes.items() if items},
         }
         for evaluator in heatmap_evaluators:
             progress.done(evaluator)
@@ -240,7 +281,9 @@ def run_sanity(
         relevant,
         subset,
         classes,
-        lambda network, features: build_methods(cfg, network, features),
+        lambda network, features: build_methods(
+            cfg, network, features, training=training_images(cfg, datamodule)
+        ),
         remine,
         data_randomised=data_randomised,
     )
@@ -336,10 +379,18 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         # the heatmap methods are built before any evaluator runs: a model they cannot explain
         # (a module without backward rule) is refused now, not after the ablation
         heatmaps = set(cfg.evaluation.evaluators) & set(METHOD_EVALUATORS)
-        methods = build_methods(cfg, module.net, relevant) if heatmaps else {}
+        built: list[str] = []
+        methods = (
+            build_methods(
+                cfg, module.net, relevant, built, training=training_images(cfg, datamodule)
+            )
+            if heatmaps
+            else {}
+        )
         evaluations, panels, notes = run_evaluators(
             cfg, module, relevant, test, methods, run.progress, datamodule
         )
+        notes = built + notes
         result = {
             "checkpoint": str(model.ckpt_path) if model.ckpt_path else None,
             "model": model.source,
