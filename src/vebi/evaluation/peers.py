@@ -25,9 +25,9 @@ time (CRAFT on negative activations, say) becomes a noted row; the other methods
 from __future__ import annotations
 
 import contextlib
-import io
 import importlib
 import importlib.util
+import io
 import sys
 import types
 import warnings

@@ -34,8 +34,8 @@ from vebi.evaluation.heatmaps import (
     metric_info,
 )
 from vebi.evaluation.methods import HeatmapMethod
-from vebi.evaluation.peers import PeerUnavailable
 from vebi.evaluation.metric_base import GROUPS, HeatmapMetric, check_metric
+from vebi.evaluation.peers import PeerUnavailable
 from vebi.evaluation.reporting import (
     class_panels,
     log_to_wandb,
