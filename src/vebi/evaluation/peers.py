@@ -535,6 +535,11 @@ class CRAFTConcepts(PeerMethod, HeatmapMethod):
             self.fitted[c] = self._fit_class(images, c)
 
     def _fit_class(self, images: torch.Tensor, c: int) -> tuple[Any, np.ndarray]:
+        if images.shape[1] != 3:
+            raise VebiError(
+                f"CRAFT (craft-xai 0.0.3) crops colour images only (its patches are shaped "
+                f"(-1, 3, p, p)); this network takes {images.shape[1]}-channel images"
+            )
         size = images.shape[-1]
         if images.shape[-2] != size:  # CRAFT crops square images
             images = F.interpolate(images, size=(size, size), mode="bilinear")

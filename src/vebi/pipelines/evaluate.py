@@ -190,6 +190,7 @@ def run_evaluators(
         notes += [f"{name} failed: {reason}" for name, reason in failed.items()]
         working = {name: method for name, method in methods.items() if name not in failed}
         rows = panel_rows(subset.labels, int(settings.panel_images_per_class))
+        rows = {c: members for c, members in rows.items() if len(members)}  # 0 per class: none
         if rows and is_main_process():
             panels = _panels(net, working, subset, rows, settings.target, relevant.class_names)
         method_notes = {
