@@ -328,7 +328,7 @@ def markdown(board: dict[str, Any]) -> str:
                 text += f" ± {cell['std']:.{digits}f}"
             cells.append(f"**{text}**" if best[key] == name else text)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    for name, whys in board["noted"].items():
+    for name in board["noted"]:
         lines.append(f"| {name} | " + " | ".join(["–"] * len(keys)) + " |")
     notes = [f"- {name}: {why}" for name, whys in board["noted"].items() for why in whys]
     notes += [f"- {name}: {n}" for name, items in board["method_notes"].items() for n in items]

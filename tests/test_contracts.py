@@ -32,6 +32,7 @@ from torchmetrics.utilities.data import dim_zero_cat, dim_zero_sum
 from tests.explain_models import TinyResNet, randomised
 from tests.planted_data import CLASSES, planted_images
 from vebi import mine_features
+from vebi.evaluation.data import ClassImages
 from vebi.evaluation.faithfulness import EndpointCache
 from vebi.evaluation.metric_base import GROUPS, HeatmapMetric
 from vebi.explain.backprop import backprop_feature
@@ -230,7 +231,8 @@ def test_method_restores_the_model_and_gives_unit_maps(
     _set_mode(model, mode)
     try:
         before = _snapshot(model)
-        built = build_methods(cfg, model, setup.relevant)[method]
+        training = ClassImages(TensorDataset(setup.images, setup.classes))
+        built = build_methods(cfg, model, setup.relevant, training=training)[method]
         _assert_restored(before, _snapshot(model), f"building {method}")
         maps = built(setup.images, setup.classes)
         _assert_restored(before, _snapshot(model), f"{method} on a model in {mode} mode")

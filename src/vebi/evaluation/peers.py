@@ -171,6 +171,20 @@ def lrp_composite(name: str, model: nn.Module, images: torch.Tensor) -> Any:
     )
 
 
+@contextlib.contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` with no parameter requiring gradients, restored on exit: the peers that call
+    ``backward`` (CRP, pytorch-grad-cam) then leave every parameter's ``.grad`` as it was."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for parameter, _ in flags:
+            parameter.requires_grad_(False)
+        yield model
+    finally:
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
+
+
 class PeerMethod:
     """Mixin of the peers: ``is_peer`` (a failure at run time is a noted row, not the end of
     the evaluation) and ``notes`` (what a reader of the table must know about this row)."""
@@ -322,7 +336,7 @@ class CRPConditional(PeerMethod, HeatmapMethod):
         attribute = self.attribution.CondAttribution(self.model, no_param_grad=False)
         inputs = images.detach().clone().requires_grad_(True)
         conditions = [{"y": [int(c)]} for c in classes]
-        with eval_mode(self.model), torch.enable_grad():
+        with eval_mode(self.model), frozen_parameters(self.model), torch.enable_grad():
             result = attribute(
                 inputs, conditions, self._composite(images), record_layer=[self.layer]
             )
@@ -349,7 +363,7 @@ class CRPConditional(PeerMethod, HeatmapMethod):
         conditions = [
             {chosen[n][slot][0]: [chosen[n][slot][1]], "y": [int(classes[n])]} for n, slot in rows
         ]
-        with eval_mode(self.model), torch.enable_grad():
+        with eval_mode(self.model), frozen_parameters(self.model), torch.enable_grad():
             # exclude_parallel=False: one pass for conditions on different layers (CRP runs
             # conditions of one set of layers per pass otherwise, and orders its output so)
             result = attribute(data, conditions, self._composite(images), exclude_parallel=False)
@@ -404,6 +418,7 @@ class PytorchGradCAM(PeerMethod, HeatmapMethod):
         targets = [self.targets.ClassifierOutputTarget(int(c)) for c in classes]
         with (
             eval_mode(self.model),
+            frozen_parameters(self.model),
             torch.enable_grad(),
             cam_class(model=self.model, target_layers=[module]) as cam,
         ):
@@ -411,7 +426,9 @@ class PytorchGradCAM(PeerMethod, HeatmapMethod):
                 cam.batch_size = 64
             # ScoreCAM draws a progress bar per image batch: kept off the evaluation's own
             with contextlib.redirect_stderr(io.StringIO()):
-                maps = cam(input_tensor=images.detach().clone(), targets=targets)
+                # the graph runs through the input (the parameters are frozen)
+                inputs = images.detach().clone().requires_grad_(True)
+                maps = cam(input_tensor=inputs, targets=targets)
         maps = torch.as_tensor(np.asarray(maps), dtype=torch.float32, device=images.device)
         return maps.nan_to_num(0.0).clamp(0, 1)
 
@@ -582,7 +599,9 @@ class CRAFTConcepts(PeerMethod, HeatmapMethod):
                 extractor, importance = self.fitted[c]
                 rows = (classes == c).nonzero()[:, 0]
                 # (n, h, w, R) concept coefficients of each position
-                u = extractor.transform(None, activations=activations[rows].cpu())
+                with warnings.catch_warnings():  # NMF's convergence notes
+                    warnings.simplefilter("ignore")
+                    u = extractor.transform(None, activations=activations[rows].cpu())
                 weighted = torch.as_tensor(np.asarray(u) @ importance, dtype=torch.float32)
                 upsampled = F.interpolate(
                     weighted[:, None].to(images.device),
