@@ -91,6 +91,11 @@ def _run(command: list[str], log: Path) -> None:
         raise SystemExit(f"failed ({code}): {' '.join(command)}\n  log: {log}\n{tail}")
 
 
+def for_training(overrides: list[str]) -> list[str]:
+    """The overrides that train.py takes too (all but the evaluation's)."""
+    return [o for o in overrides if not o.lstrip("+~").startswith("evaluation.")]
+
+
 def training_run(table: str, seed: int, runs: Path, extra: list[str]) -> Path:
     """The checkpoint of ``table``'s network trained with ``seed`` (trained now if missing)."""
     folder = runs / table / f"seed_{seed}" / "train"
@@ -109,7 +114,9 @@ def training_run(table: str, seed: int, runs: Path, extra: list[str]) -> Path:
 
 def evaluation_run(table: str, seed: int, runs: Path, extra: list[str], tiny: bool) -> Path:
     """``results.json`` of the evaluation of ``table``'s seed-``seed`` network (run if missing)."""
-    checkpoint = training_run(table, seed, runs, TINY_TRAIN if tiny else [])
+    checkpoint = training_run(
+        table, seed, runs, [*(TINY_TRAIN if tiny else []), *for_training(extra)]
+    )
     folder = runs / table / f"seed_{seed}" / "evaluate"
     results = folder / "results.json"
     if results.is_file():
@@ -376,7 +383,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where the tables go")
     parser.add_argument("--runs", type=Path, default=DEFAULT_RUNS, help="where the runs go")
     parser.add_argument("--tiny", action="store_true", help="tiny settings (the test)")
-    parser.add_argument("overrides", nargs="*", help="extra evaluate.py overrides")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="extra Hydra overrides: evaluation.* ones for evaluate.py, others for both jobs",
+    )
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error("--seeds must be >= 1")
