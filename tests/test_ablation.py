@@ -120,3 +120,41 @@ def test_ablation_costs_linear_in_the_images_and_agrees_with_the_exact_count() -
         assert a.random_drop_own == b.random_drop_own  # the same random sets, same own images
     with pytest.raises(VebiError, match="other_images must be"):
         AblationRelevance(other_images=0)
+
+
+def test_crp_class_level_pick_is_ablated_next_to_the_relevant_features() -> None:
+    """On the planted colour task, CRP ranks channel c of ``relu`` first for class c (its
+    relevance is the only one reaching logit c), so its pick of one channel is vebi's, and
+    ablating it costs class c what ablating the relevant feature costs."""
+    from vebi.evaluation.peers import CRPClassPick
+
+    model = planted_colour_model()
+    data = planted_colour_data(per_class=20)
+    images, labels = data.tensors
+
+    def training(c: int, count: int) -> torch.Tensor:
+        return images[labels == c][:count]
+
+    pick = CRPClassPick(model, training, images_per_class=8)
+    for c in range(3):
+        assert pick(c, {"relu": 1}) == {"relu": [c]}
+        relevance = pick.mean_relevance(c, ["relu"])["relu"]
+        assert int(relevance.argmax()) == c and float(relevance[c]) > 0.9
+    records = AblationRelevance(draws=2, seed=0, other_images=None)(
+        model,
+        _planted_relevant(),
+        EvaluationSet.from_tensors(images, labels),
+        progress=False,
+        compare={"crp": pick},
+    )
+    for record in records:
+        row = record.row()
+        assert row["crp_drop_own"] == pytest.approx(row["drop_own"])
+        assert row["crp_drop_others"] == pytest.approx(row["drop_others"])
+    average = summarise_ablation(records)
+    assert "crp_drop_own" in average
+    from vebi.evaluation.reporting import ablation_table
+
+    table = ablation_table([r.row() for r in records], average)
+    assert "drop on class, crp's pick" in table and "drop on others, crp's pick" in table
+    assert {line.count("|") for line in table.splitlines()} == {9}  # 8 columns on every line

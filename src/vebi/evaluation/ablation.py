@@ -9,7 +9,10 @@ layer l for each (l, k) in S. For class c with relevant set R_c:
 compared with random sets of the same size and layer distribution: for each layer, as many
 channels of that layer as R_c has there, drawn uniformly without replacement (``draws`` sets,
 mean and standard deviation). Relevant features matter when drop_own(R_c) is well above the
-random sets' drop while drop_others(R_c) stays small.
+random sets' drop while drop_others(R_c) stays small. Other pickers of per-class sets of the
+same size and layers (``compare``: CRP's class-level relevance ranking,
+:class:`vebi.evaluation.peers.CRPClassPick`) are ablated alongside, so the table says whose
+pick matters more to the network.
 
 Cost. drop_own needs the N_c images of class c; drop_others is measured on a fixed, seeded,
 stratified sample of K test images (``other_images``; those of class c left out), not on all
@@ -24,7 +27,7 @@ every other image (the exact, C x N cost).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,9 +91,14 @@ class ClassAblation:
     drop_others: float
     random_drop_own: list[float] = field(default_factory=list)
     random_drop_others: list[float] = field(default_factory=list)
+    #: name of another picker -> (drop_own, drop_others) of its set of the same size and layers
+    compared: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     def row(self) -> dict[str, Any]:
-        return {
+        compared = {}
+        for name, (own, others) in self.compared.items():
+            compared[f"{name}_drop_own"], compared[f"{name}_drop_others"] = own, others
+        return compared | {
             "class": self.class_name,
             "features": self.num_features,
             "drop_own": self.drop_own,
@@ -152,6 +160,7 @@ class AblationRelevance:
         seed: int = 0,
         batch_size: int = 500,
         other_images: int | None = 1000,
+        crp_images: int | None = None,
     ) -> None:
         if draws < 1:
             raise VebiError(
@@ -167,6 +176,9 @@ class AblationRelevance:
         self.seed = seed
         self.batch_size = batch_size
         self.other_images = other_images
+        #: training images per class CRP's class-level pick is ranked on (None or 0: no
+        #: comparison; evaluate.py builds the picker, :class:`vebi.evaluation.peers.CRPClassPick`)
+        self.crp_images = crp_images
 
     def random_set(
         self, relevant: RelevantFeatures, layers: Mapping[str, int], rng: np.random.Generator
@@ -200,7 +212,9 @@ class AblationRelevance:
             start += len(batch)
         return counts
 
-    def planned_forwards(self, labels: torch.Tensor, relevant: RelevantFeatures) -> int:
+    def planned_forwards(
+        self, labels: torch.Tensor, relevant: RelevantFeatures, compared: int = 0
+    ) -> int:
         """Image forwards of :meth:`__call__` (the formula of the module doc; classes without
         relevant features cost nothing)."""
         labels = labels.cpu()
@@ -210,7 +224,7 @@ class AblationRelevance:
             if not relevant.relevant(c):
                 continue
             own = int((labels == c).sum())
-            total += (1 + self.draws) * (own + int((labels[sample] != c).sum()))
+            total += (1 + self.draws + compared) * (own + int((labels[sample] != c).sum()))
         return total
 
     def _sample(self, labels: torch.Tensor) -> torch.Tensor:
@@ -224,13 +238,17 @@ class AblationRelevance:
         relevant: RelevantFeatures,
         data: EvaluationSet,
         progress: bool = True,
+        compare: Mapping[str, Callable[[int, Mapping[str, int]], FeatureSet]] | None = None,
     ) -> list[ClassAblation]:
         """Per class, the images of the class and the other-class sample are read batch by
         batch, each batch once, and forwarded under the relevant and every random set.
 
         Under torch.distributed each process takes every world-size-th of those images and the
         counts of lost images are all-reduced: every process returns the records of one
-        process (the random sets are drawn alike from the same seed)."""
+        process (the random sets are drawn alike from the same seed). ``compare``: name ->
+        ``pick(class_id, {layer: count})``, another set of the same size and layers per class,
+        ablated alongside (each costs one more set's forwards)."""
+        compare = dict(compare or {})
         rank, size = world()
         labels = data.labels
         mine = torch.arange(rank, len(data), size)
@@ -241,7 +259,7 @@ class AblationRelevance:
         rng = np.random.default_rng(self.seed)
         records = []
         bar = tqdm(
-            total=self.planned_forwards(labels, relevant) - len(labels),
+            total=self.planned_forwards(labels, relevant, len(compare)) - len(labels),
             desc="ablation",
             unit="img",
             disable=not progress,
@@ -252,7 +270,8 @@ class AblationRelevance:
                 chosen.setdefault(feature.layer, []).append(feature.channel)
             layers = {layer: len(channels) for layer, channels in chosen.items()}
             if not chosen:  # nothing to ablate (left out of the averages)
-                records.append(ClassAblation(name, 0, {}, 0.0, 0.0, [0.0], [0.0]))
+                nothing = dict.fromkeys(compare, (0.0, 0.0))
+                records.append(ClassAblation(name, 0, {}, 0.0, 0.0, [0.0], [0.0], nothing))
                 continue
             own = torch.nonzero(labels == c).flatten()
             others = sample[labels[sample] != c]
@@ -261,6 +280,7 @@ class AblationRelevance:
             sets: list[Mapping[str, Sequence[int]]] = [
                 chosen,
                 *(self.random_set(relevant, layers, rng) for _ in range(self.draws)),
+                *(pick(c, layers) for pick in compare.values()),
             ]
             counts = self._lost(model, sets, data.select(rows), base[rows], len(own))
             counts = all_reduce_sum(counts)
@@ -273,8 +293,10 @@ class AblationRelevance:
             ]
             bar.update(len(rows) * size * len(sets))
             record = ClassAblation(name, sum(layers.values()), layers, *drops[0])
-            record.random_drop_own = [own_drop for own_drop, _ in drops[1:]]
-            record.random_drop_others = [other_drop for _, other_drop in drops[1:]]
+            randoms = drops[1 : 1 + self.draws]
+            record.random_drop_own = [own_drop for own_drop, _ in randoms]
+            record.random_drop_others = [other_drop for _, other_drop in randoms]
+            record.compared = dict(zip(compare, drops[1 + self.draws :], strict=True))
             records.append(record)
         bar.close()
         return records

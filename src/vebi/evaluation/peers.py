@@ -31,7 +31,7 @@ import io
 import sys
 import types
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar
 
 import numpy as np
@@ -611,3 +611,58 @@ class CRAFTConcepts(PeerMethod, HeatmapMethod):
                 )
                 maps[rows] = upsampled[:, 0]
         return min_max_scale(maps.clamp_min(0))
+
+
+class CRPClassPick:
+    """CRP's class-level pick of channels, to ablate next to vebi's relevant features:
+    ``pick(c, {layer: n})`` -> the n channels of each layer with the most mean relevance for
+    class c over ``images_per_class`` of its training images (zennit-crp's
+    ``CondAttribution`` with ``EpsilonPlusFlat`` and :func:`zennit_canonizers`, relevance at
+    the layers recorded, ``ChannelConcept.attribute`` with ``abs_norm``: each image's channel
+    relevances sum to 1 in absolute value before the mean). The relevances of a class are
+    computed once, for every layer at once."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        training: Callable[[int, int], torch.Tensor],
+        images_per_class: int = 32,
+        batch_size: int = 32,
+    ) -> None:
+        self.attribution = import_peer("crp.attribution", "zennit-crp")
+        self.concepts = import_peer("crp.concepts", "zennit-crp")
+        self.model, self.training = model, training
+        self.images_per_class, self.batch_size = int(images_per_class), int(batch_size)
+        self._relevance: dict[int, dict[str, torch.Tensor]] = {}
+
+    def mean_relevance(self, c: int, layers: list[str]) -> dict[str, torch.Tensor]:
+        """Per layer, the (K,) mean normalised channel relevance for class c."""
+        cached = self._relevance.get(c, {})
+        missing = [layer for layer in layers if layer not in cached]
+        if missing:
+            images = self.training(c, self.images_per_class)
+            device = next(self.model.parameters()).device
+            sums: dict[str, torch.Tensor] = {}
+            attribute = self.attribution.CondAttribution(self.model, no_param_grad=False)
+            concept = self.concepts.ChannelConcept()
+            for start in range(0, len(images), self.batch_size):
+                batch = images[start : start + self.batch_size].to(device)
+                data = batch.clone().requires_grad_(True)
+                conditions = [{"y": [int(c)]} for _ in range(len(batch))]
+                composite = lrp_composite("epsilon_plus_flat", self.model, batch)
+                with eval_mode(self.model), frozen_parameters(self.model), torch.enable_grad():
+                    result = attribute(data, conditions, composite, record_layer=missing)
+                for layer in missing:
+                    per_channel = concept.attribute(result.relevances[layer], abs_norm=True)
+                    sums[layer] = sums.get(layer, 0) + per_channel.detach().sum(dim=0).cpu()
+            for layer in missing:
+                cached[layer] = sums[layer] / max(len(images), 1)
+            self._relevance[c] = cached
+        return {layer: cached[layer] for layer in layers}
+
+    def __call__(self, c: int, layers: Mapping[str, int]) -> dict[str, list[int]]:
+        relevance = self.mean_relevance(c, list(layers))
+        return {
+            layer: sorted(relevance[layer].topk(min(n, len(relevance[layer]))).indices.tolist())
+            for layer, n in layers.items()
+        }

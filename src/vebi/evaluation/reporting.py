@@ -63,22 +63,30 @@ def heatmap_table(results: Mapping[str, Mapping[str, Any]], info: Mapping[str, A
 
 
 def ablation_table(rows: Sequence[Mapping[str, Any]], average: Mapping[str, float]) -> str:
-    """Markdown: accuracy drops (percentage points) of the relevant vs random feature sets."""
+    """Markdown: accuracy drops (percentage points) of the relevant vs random feature sets,
+    and of the sets other pickers chose at the same size and layers (CRP's), where compared."""
+    compared = [k.removesuffix("_drop_own") for k in average if k.endswith("_drop_own")]
+    compared = [name for name in compared if name != "random"]
     lines = [
         "| class | # features | drop on class, relevant | drop on class, random (mean ± std) "
-        "| drop on others, relevant | drop on others, random (mean ± std) |",
-        "|---|---|---|---|---|---|",
+        + "".join(f"| drop on class, {name}'s pick " for name in compared)
+        + "| drop on others, relevant | drop on others, random (mean ± std) "
+        + "".join(f"| drop on others, {name}'s pick " for name in compared)
+        + "|",
+        "|---|---|---|---|---|---|" + "---|" * (2 * len(compared)),
     ]
 
     def pct(value: float) -> str:
         return f"{100 * value:.2f}"
 
     for row in [*rows, {"class": "**mean**", "features": "", **average}]:
+        own = "".join(f"{pct(row[f'{name}_drop_own'])} | " for name in compared)
+        others = "".join(f" | {pct(row[f'{name}_drop_others'])}" for name in compared)
         lines.append(
             f"| {row['class']} | {row['features']} | {pct(row['drop_own'])} | "
-            f"{pct(row['random_drop_own_mean'])} ± {pct(row['random_drop_own_std'])} | "
+            f"{pct(row['random_drop_own_mean'])} ± {pct(row['random_drop_own_std'])} | {own}"
             f"{pct(row['drop_others'])} | {pct(row['random_drop_others_mean'])} ± "
-            f"{pct(row['random_drop_others_std'])} |"
+            f"{pct(row['random_drop_others_std'])}{others} |"
         )
     return "\n".join(lines)
 

@@ -35,7 +35,7 @@ from vebi.evaluation.heatmaps import (
 )
 from vebi.evaluation.methods import HeatmapMethod
 from vebi.evaluation.metric_base import GROUPS, HeatmapMetric, check_metric
-from vebi.evaluation.peers import PeerUnavailable
+from vebi.evaluation.peers import CRPClassPick, PeerUnavailable
 from vebi.evaluation.reporting import (
     class_panels,
     log_to_wandb,
@@ -159,14 +159,23 @@ def run_evaluators(
         ablation: AblationRelevance = instantiate_checked(
             settings.ablation, AblationRelevance, "evaluation.ablation"
         )
-        forwards = ablation.planned_forwards(test.labels, relevant)
+        forwards = ablation.planned_forwards(test.labels, relevant, int(bool(ablation.crp_images)))
         log.info(
             "Ablation: %d image forwards (%d draws, drop on other classes from %s test images)",
             forwards,
             ablation.draws,
             ablation.other_images or "all",
         )
-        records = ablation(net, relevant, test)
+        compare = {}
+        if ablation.crp_images:
+            try:
+                training = training_images(cfg, datamodule)
+                if training is None:
+                    raise PeerUnavailable("no training images to rank CRP's channels on")
+                compare["crp"] = CRPClassPick(net, training, ablation.crp_images)
+            except PeerUnavailable as error:
+                notes.append(f"ablation of CRP's class-level pick skipped: {error}")
+        records = ablation(net, relevant, test, compare=compare)
         results["ablation"] = {
             "draws": ablation.draws,
             "num_images": len(test),
