@@ -58,7 +58,13 @@ COLUMNS: tuple[tuple[str, str, bool], ...] = (
     ("sanity_ssim", "SSIM rand.", False),
     ("seconds_per_image", "s / image", False),
 )
-EVALUATORS = "[localisation,faithfulness,artefacts,sanity]"
+EVALUATORS = "[ablation,localisation,faithfulness,artefacts,sanity]"
+#: the ablation summary: (row, key of the drop on the class, key of the drop on the others)
+ABLATION_ROWS = (
+    ("vebi's relevant features (lasso)", "drop_own", "drop_others"),
+    ("CRP's class-level pick", "crp_drop_own", "crp_drop_others"),
+    ("random sets, same size and layers", "random_drop_own_mean", "random_drop_others_mean"),
+)
 #: small settings of the same command (the test runs them)
 TINY_TRAIN = [
     "trainer.max_epochs=1",
@@ -69,6 +75,8 @@ TINY_TRAIN = [
 ]
 TINY_EVALUATE = [
     "evaluation.max_images=40",
+    "evaluation.ablation.draws=1",
+    "evaluation.ablation.crp_images=2",
     "evaluation.heatmap_images=6",
     "evaluation.steps=4",
     "evaluation.sanity.images=4",
@@ -276,6 +284,17 @@ def aggregate(table: str, results: dict[int, dict[str, Any]]) -> dict[str, Any]:
         }
         for name, metrics in per_method.items()
     }
+    drops: dict[str, list[float]] = {}
+    for result in results.values():
+        average = (result.get("ablation") or {}).get("average") or {}
+        for _, own, others in ABLATION_ROWS:
+            for key in (own, others):
+                if isinstance(average.get(key), int | float):
+                    drops.setdefault(key, []).append(float(average[key]))
+    ablation = {
+        key: {"mean": _mean(values), "std": _std(values), "n": len(values)}
+        for key, values in drops.items()
+    }
     return {
         "table": table,
         "seeds": sorted(results),
@@ -283,6 +302,7 @@ def aggregate(table: str, results: dict[int, dict[str, Any]]) -> dict[str, Any]:
             seed: (r.get("metrics") or {}).get("test/acc") for seed, r in sorted(results.items())
         },
         "methods": summary,
+        "ablation": ablation,
         "noted": {name: sorted(whys) for name, whys in noted.items() if name not in summary},
         "method_notes": {name: sorted(items) for name, items in method_notes.items()},
     }
@@ -339,6 +359,25 @@ def markdown(board: dict[str, Any]) -> str:
         lines.append(f"| {name} | " + " | ".join(["–"] * len(keys)) + " |")
     notes = [f"- {name}: {why}" for name, whys in board["noted"].items() for why in whys]
     notes += [f"- {name}: {n}" for name, items in board["method_notes"].items() for n in items]
+    ablation = board.get("ablation") or {}
+    if ablation:
+        lines += [
+            "",
+            "Relevance by ablation: accuracy drop (percentage points, mean over the classes; "
+            "mean ± std over the seeds) when a class's set of features is zeroed",
+            "",
+            "| feature set | drop on the class ↑ | drop on the other classes ↓ |",
+            "|---|---|---|",
+        ]
+        for label, own, others in ABLATION_ROWS:
+            cells = []
+            for key in (own, others):
+                cell = ablation.get(key)
+                text = "–" if cell is None else f"{100 * cell['mean']:.2f}"
+                if cell is not None and cell["n"] > 1:
+                    text += f" ± {100 * cell['std']:.2f}"
+                cells.append(text)
+            lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
     accuracy = [f"{100 * a:.2f} %" for a in board["accuracy"].values() if a is not None]
     if accuracy:
         notes.insert(0, f"- test accuracy of the networks: {', '.join(accuracy)}")
