@@ -10,7 +10,7 @@ the number of test images.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import cast
 
@@ -186,16 +186,18 @@ class ClassImages:
     fewer; none when it has none). Labels are read once, without the images where the data
     set keeps them; the images are read only when asked for."""
 
-    def __init__(self, dataset: Dataset, seed: int = 0) -> None:
-        self.dataset = dataset
+    def __init__(self, dataset: Dataset | Callable[[], Dataset], seed: int = 0) -> None:
+        self.dataset = dataset  # or a function that makes it, called on first use
         self.seed = seed
         self._images: EvaluationSet | None = None
 
     @property
     def images(self) -> EvaluationSet:
-        """The whole data set, its labels read on first use."""
+        """The whole data set, made (where given as a function) and its labels read on first
+        use: a job that needs no training images never sets up the training split."""
         if self._images is None:
-            self._images = EvaluationSet.from_dataset(self.dataset)
+            dataset = self.dataset if isinstance(self.dataset, Dataset) else self.dataset()
+            self._images = EvaluationSet.from_dataset(dataset)
         return self._images
 
     def __call__(self, class_id: int, count: int) -> torch.Tensor:

@@ -124,12 +124,15 @@ def build_methods(
 
 def training_images(cfg: DictConfig, datamodule: ClassificationData | None) -> ClassImages | None:
     """The training images of each class, for the methods that learn from them (a seeded
-    pick of the mining split); None without a data module."""
+    pick of the mining split, set up only when first asked for); None without a data module."""
     if datamodule is None:
         return None
-    datamodule.setup("fit")
-    dataset, _ = mining_datasets(datamodule)
-    return ClassImages(dataset, seed=int(cfg.seed))
+
+    def mining_split() -> torch.utils.data.Dataset:
+        datamodule.setup("fit")
+        return mining_datasets(datamodule)[0]
+
+    return ClassImages(mining_split, seed=int(cfg.seed))
 
 
 def run_evaluators(
@@ -166,15 +169,10 @@ def run_evaluators(
             ablation.draws,
             ablation.other_images or "all",
         )
-        compare = {}
+        compare: dict[str, CRPClassPick] = {}
         if ablation.crp_images:
-            try:
-                training = training_images(cfg, datamodule)
-                if training is None:
-                    raise PeerUnavailable("no training images to rank CRP's channels on")
-                compare["crp"] = CRPClassPick(net, training, ablation.crp_images)
-            except PeerUnavailable as error:
-                notes.append(f"ablation of CRP's class-level pick skipped: {error}")
+            compare, skipped = _crp_class_pick(net, relevant, cfg, datamodule, ablation.crp_images)
+            notes += skipped
         records = ablation(net, relevant, test, compare=compare)
         results["ablation"] = {
             "draws": ablation.draws,
@@ -233,6 +231,29 @@ def run_evaluators(
             )
         progress.done("dissection")
     return results, panels, notes
+
+
+def _crp_class_pick(
+    net: torch.nn.Module,
+    relevant: RelevantFeatures,
+    cfg: DictConfig,
+    datamodule: ClassificationData | None,
+    images_per_class: int,
+) -> tuple[dict[str, CRPClassPick], list[str]]:
+    """({"crp": CRP's class-level pick} to ablate next to the relevant features, or nothing and
+    a note saying why: zennit-crp missing, no training split, CRP refusing the network (tried
+    on the first class with relevant features before the ablation starts)."""
+    try:
+        training = training_images(cfg, datamodule)
+        if training is None:
+            raise PeerUnavailable("no training images to rank CRP's channels on")
+        pick = CRPClassPick(net, training, images_per_class)
+        first = next((c for c in range(relevant.num_classes) if relevant.relevant(c)), None)
+        if first is not None:
+            pick(first, {relevant.relevant(first)[0].layer: 1})
+    except Exception as error:  # a peer refusing the model: the comparison is a note
+        return {}, [f"ablation of CRP's class-level pick skipped: {type(error).__name__}: {error}"]
+    return {"crp": pick}, []
 
 
 def run_sanity(
