@@ -172,3 +172,22 @@ def test_a_missing_peer_is_skipped_with_a_note_and_a_failing_one_is_a_noted_row(
     scores = scorer(model, methods, data, progress=False)
     assert list(scores) == ["gradcam"]
     assert scorer.failed == {"crp": "RuntimeError: no canonizer for this block"}
+
+
+def test_crafts_split_of_the_network_is_exact_and_refuses_a_reused_layer(setup) -> None:
+    from vebi.evaluation.peers import _SplitNetwork
+
+    model = _small_vgg()
+    images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    split = _SplitNetwork(model, "relu3", (3, 64, 64))
+    try:
+        assert split._blank == (3, 16, 16)  # the wasted work before the layer, 16x smaller
+        with torch.no_grad():
+            a = split.input_to_latent(images)
+            assert torch.allclose(split.latent_to_logit(a), model(images), atol=1e-5)
+    finally:
+        split.close()
+    reused = nn.ReLU()
+    twice = nn.Sequential(nn.Conv2d(3, 4, 3), reused, nn.Conv2d(4, 4, 3), reused, nn.Flatten())
+    with pytest.raises(VebiError, match="runs 2 times"):
+        _SplitNetwork(twice, "1", (3, 8, 8))

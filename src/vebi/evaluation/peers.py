@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vebi.errors import VebiError
-from vebi.evaluation.methods import HeatmapMethod, last_spatial_layer
+from vebi.evaluation.methods import HeatmapMethod, last_spatial_layer, spatial_layers
 from vebi.explain.explainer import Explainer
 from vebi.explain.heatmaps import min_max_scale, signal_to_heatmap
 from vebi.mining.relevant import RelevantFeatures
@@ -200,9 +200,12 @@ class _StopForward(Exception):
 class _SplitNetwork:
     """``model`` split at the output of ``layer`` (CRAFT's g and h), through one forward hook:
     ``input_to_latent(x)`` runs the network until the layer and returns its output;
-    ``latent_to_logit(a)`` runs the network on blank images of ``image_shape`` with the
-    layer's output replaced by ``a`` (the layers before it are computed and discarded: any
-    network splits this way, whatever its forward does)."""
+    ``latent_to_logit(a)`` runs the network on blank images with the layer's output replaced
+    by ``a`` (the layers before it are computed and discarded: any network splits this way,
+    whatever its forward does, as long as nothing after the layer reads a tensor from before
+    it). The blank images are a quarter of the side where the network accepts that (the
+    work before the layer is wasted; 16x less of it), else of ``image_shape``. The layer must
+    run once per forward pass (a ReLU module reused inside a block is refused)."""
 
     def __init__(self, model: nn.Module, layer: str, image_shape: tuple[int, ...]) -> None:
         self.model, self.image_shape = model, tuple(image_shape)
@@ -210,7 +213,40 @@ class _SplitNetwork:
         self._replacement: torch.Tensor | None = None
         self._captured: torch.Tensor | None = None
         module = dict(model.named_modules())[layer]
+        calls: list[int] = []
+        probe = module.register_forward_hook(lambda *_: calls.append(1))
+        try:
+            with torch.no_grad():
+                model(torch.zeros(1, *self.image_shape, device=self.device))
+        finally:
+            probe.remove()
+        if len(calls) != 1:
+            raise VebiError(
+                f"CRAFT splits the network at {layer}, which runs {len(calls)} times per forward "
+                "pass: choose a layer that runs once (evaluation.methods.craft.layer=<block>)"
+            )
         self._handle = module.register_forward_hook(self._hook)
+        side = self.image_shape[-1]
+        self._blank = self.image_shape
+        if side >= 64:
+            small = (*self.image_shape[:-2], max(16, self.image_shape[-2] // 4), side // 4)
+            if self._reduced_blank_works(small):
+                self._blank = small
+
+    def _reduced_blank_works(self, shape: tuple[int, ...]) -> bool:
+        """Whether a forward pass on blank images of ``shape`` with the layer's output replaced
+        gives the logits the full-size blank gives (it must: the layer's output is all that
+        reaches them)."""
+        with torch.no_grad():
+            a = self.input_to_latent(torch.rand(2, *self.image_shape, device=self.device))
+            self._blank = self.image_shape
+            full = self.latent_to_logit(a)
+            self._blank = shape
+            try:
+                small = self.latent_to_logit(a)
+            except (RuntimeError, ValueError):
+                return False
+        return small.shape == full.shape and torch.allclose(small, full, atol=1e-5, rtol=1e-4)
 
     def _hook(self, _module: nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor | None:
         if self._replacement is not None:
@@ -228,7 +264,7 @@ class _SplitNetwork:
     def latent_to_logit(self, a: torch.Tensor) -> torch.Tensor:
         self._replacement = torch.as_tensor(a).to(self.device)
         try:
-            blank = torch.zeros(len(a), *self.image_shape, device=self.device)
+            blank = torch.zeros(len(a), *self._blank, device=self.device)
             return self.model(blank)
         finally:
             self._replacement = None
@@ -499,7 +535,7 @@ class CaptumPathAttribution(PeerMethod, HeatmapMethod):
 
 class CRAFTConcepts(PeerMethod, HeatmapMethod):
     """CRAFT (craft-xai's torch ``Craft``): per class, ``concepts`` concepts by NMF of the
-    activations at ``layer`` (default: the last layer with a spatial map) of crops of the
+    activations at ``layer`` (default: the deepest mined layer with a spatial map) of crops of the
     class's training images (``images_per_class`` of them, crops of ``patch_fraction`` of the
     image side: the library's 64 px at 224 px), their Sobol importance for the class
     (``estimate_importance``); an image's map is the importance-weighted sum of its concept
@@ -531,14 +567,15 @@ class CRAFTConcepts(PeerMethod, HeatmapMethod):
 
     @contextlib.contextmanager
     def _split(self, image_shape: tuple[int, ...]) -> Iterator[_SplitNetwork]:
-        """The network split at ``layer`` for images of ``image_shape`` (C, H, W)."""
+        """The network split at ``layer`` for images of ``image_shape`` (C, H, W), in eval
+        mode (batch norms use and keep their running statistics)."""
         assert self.layer is not None
-        split = _SplitNetwork(self.model, self.layer, image_shape)
-        try:
-            with eval_mode(self.model):
+        with eval_mode(self.model):
+            split = _SplitNetwork(self.model, self.layer, image_shape)
+            try:
                 yield split
-        finally:
-            split.close()
+            finally:
+                split.close()
 
     def fit(self, training: Callable[[int, int], torch.Tensor]) -> None:
         """Concepts and importances of every class from ``training(class_id, count)`` (that
@@ -548,8 +585,15 @@ class CRAFTConcepts(PeerMethod, HeatmapMethod):
             if len(images) == 0:
                 continue
             if self.layer is None:
-                self.layer = last_spatial_layer(self.model, images)
+                self.layer = self._default_layer(images)
             self.fitted[c] = self._fit_class(images, c)
+
+    def _default_layer(self, images: torch.Tensor) -> str:
+        """The deepest mined layer with a spatial map (a block's output where vebi mines whole
+        blocks), else the last leaf with one."""
+        spatial = spatial_layers(self.model, self.relevant.layers, images)
+        mined = [layer for layer in self.relevant.layers if layer in spatial]
+        return mined[-1] if mined else last_spatial_layer(self.model, images)
 
     def _fit_class(self, images: torch.Tensor, c: int) -> tuple[Any, np.ndarray]:
         if images.shape[1] != 3:
