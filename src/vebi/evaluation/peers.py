@@ -593,7 +593,9 @@ class CaptumPathAttribution(PeerMethod, HeatmapMethod):
                     inputs,
                     nt_type="smoothgrad",
                     nt_samples=self.samples,
-                    nt_samples_batch_size=max(1, min(self.samples, 4096 // len(images))),
+                    # noisy copies per pass: at most about 256 images forwarded at once (4,096
+                    # SmallVGG images at 112 px took 21 GB and were killed)
+                    nt_samples_batch_size=max(1, min(self.samples, 256 // len(images))),
                     stdevs=self.noise,
                     target=classes,
                     abs=False,
