@@ -39,10 +39,8 @@ import contextlib
 import importlib.util
 import io
 import shutil
-import statistics
 import tempfile
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -52,6 +50,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from explain import timed  # the same side-by-side timer (benchmarks/ is the script's path)
 from vebi import load_classifier
 from vebi.data import MNISTDataModule
 from vebi.evaluation.peers import CRPConditional, frozen_parameters, lrp_composite
@@ -65,24 +64,6 @@ from vebi.utils.allocator import reuse_freed_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CKPT = ROOT / "logs/leaderboard/mnist/seed_301/train/checkpoints/best.ckpt"
-
-
-def timed(functions: dict[str, Callable[[], Any]], device: str, repeats: int) -> dict[str, float]:
-    """Median wall time of each function over ``repeats`` rounds, after a warm-up round; the
-    functions take turns within each round (in order: a later one may use an earlier one's
-    result), so drifts of the machine hit all of them alike."""
-    times: dict[str, list[float]] = {name: [] for name in functions}
-    for round_number in range(repeats + 1):
-        for name, function in functions.items():
-            if device == "cuda":
-                torch.cuda.synchronize()
-            started = time.perf_counter()
-            function()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            if round_number:  # round 0 warms up
-                times[name].append(time.perf_counter() - started)
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 @contextlib.contextmanager

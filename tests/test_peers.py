@@ -64,7 +64,7 @@ def test_crp_conditional_maps_add_up_to_the_lrp_map(setup) -> None:
 
     model, images, classes = setup
     relevant = _random_relevant(model, images, 4)
-    lrp = ZennitLRP(model, relevant).relevance(images[:2], classes[:2]).sum(dim=1)
+    lrp = ZennitLRP(model, relevant)._signal(images[:2], classes[:2]).sum(dim=1)
     captured = {}
     handle = model.relu2.register_forward_hook(lambda m, i, o: captured.setdefault("a", o))
     with torch.no_grad():

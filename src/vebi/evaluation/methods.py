@@ -70,6 +70,27 @@ class HeatmapMethod(ABC):
         return self(images, classes), None
 
 
+class SignalMethod(HeatmapMethod):
+    """A method whose map comes from one signed (N, C, H, W) input-space signal: subclasses
+    give :meth:`_signal` and, where it is not :func:`signal_to_heatmap`, :meth:`_heatmap`;
+    the map and the sanity check's signal (summed over colours) come from one computation."""
+
+    @abstractmethod
+    def _signal(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor: ...
+
+    def _heatmap(self, signal: torch.Tensor) -> torch.Tensor:
+        return signal_to_heatmap(signal)
+
+    def __call__(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+        return self._heatmap(self._signal(images, classes))
+
+    def maps_and_signal(
+        self, images: torch.Tensor, classes: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        signal = self._signal(images, classes)
+        return self._heatmap(signal), signal.sum(dim=1)
+
+
 class VebiExplanation(HeatmapMethod):
     """Ours: the top-k relevant features that fire, propagated with ``rules`` (None: the
     project default; see :mod:`vebi.explain.rules`). In a config ``rules`` is a rules config
@@ -100,7 +121,7 @@ class VebiExplanation(HeatmapMethod):
         return explanation.combined if self.combine == "max" else explanation.maps[:, 0]
 
 
-class CaptumAttribution(HeatmapMethod):
+class CaptumAttribution(SignalMethod):
     """A Captum attribution of the class logit: ``deconvolution`` (standard deconvnet),
     ``guided_backprop``, or ``gradient`` (|d logit / d pixel|, Simonyan et al.)."""
 
@@ -143,17 +164,8 @@ class CaptumAttribution(HeatmapMethod):
     def _heatmap(self, signal: torch.Tensor) -> torch.Tensor:
         return signal_to_heatmap(signal.abs() if self.algorithm == "gradient" else signal)
 
-    def __call__(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-        return self._heatmap(self._signal(images, classes))
 
-    def maps_and_signal(
-        self, images: torch.Tensor, classes: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        signal = self._signal(images, classes)
-        return self._heatmap(signal), signal.sum(dim=1)
-
-
-class RulesAttribution(HeatmapMethod):
+class RulesAttribution(SignalMethod):
     """Guided backpropagation or deconvnet that are what they say on every network: vebi's
     own backward rules (``rules``: ``guided`` or ``deconvnet``, no stride fix) installed in
     every activation (ReLU, ReLU6, SiLU, GELU, Hardswish, functional calls; see
@@ -171,15 +183,6 @@ class RulesAttribution(HeatmapMethod):
             chosen = logits.gather(1, classes.view(-1, 1).to(logits.device)).sum()
             (grad,) = torch.autograd.grad(chosen, inputs)
         return grad.detach()
-
-    def __call__(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-        return signal_to_heatmap(self._signal(images, classes))
-
-    def maps_and_signal(
-        self, images: torch.Tensor, classes: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        signal = self._signal(images, classes)
-        return signal_to_heatmap(signal), signal.sum(dim=1)
 
 
 def captum_uncovered_activations(model: nn.Module) -> list[str]:

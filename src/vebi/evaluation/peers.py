@@ -40,7 +40,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from vebi.errors import VebiError
-from vebi.evaluation.methods import HeatmapMethod, last_spatial_layer, spatial_layers
+from vebi.evaluation.methods import (
+    HeatmapMethod,
+    SignalMethod,
+    last_spatial_layer,
+    spatial_layers,
+)
 from vebi.explain.explainer import Explainer
 from vebi.explain.heatmaps import min_max_scale, signal_to_heatmap
 from vebi.mining.relevant import RelevantFeatures
@@ -352,7 +357,7 @@ class _SplitNetwork:
         self._handle.remove()
 
 
-class ZennitLRP(PeerMethod, HeatmapMethod):
+class ZennitLRP(PeerMethod, SignalMethod):
     """LRP through zennit: ``composite`` ``epsilon_plus_flat`` (epsilon in dense layers, z+ in
     convolutions, flat in the first layer) or ``epsilon_gamma_box`` (epsilon, gamma = 0.25,
     z^B with the pixel bounds in the first layer), with :func:`zennit_canonizers`. Relevance
@@ -378,11 +383,10 @@ class ZennitLRP(PeerMethod, HeatmapMethod):
                 "zennit cannot merge them and passes their gradient"
             )
 
-    def relevance(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+    def _signal(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         """The (N, C, H, W) pixel relevance of the class logits."""
         attribution = import_peer("zennit.attribution", "zennit")
         composite = lrp_composite(self.composite_name, self.model, images)
-        one_hot = F.one_hot(classes, num_classes=_num_outputs(self.model, images)).float()
         inputs = images.detach().clone().requires_grad_(True)
         with (
             eval_mode(self.model),
@@ -390,22 +394,15 @@ class ZennitLRP(PeerMethod, HeatmapMethod):
             torch.enable_grad(),
             attribution.Gradient(self.model, composite) as attributor,
         ):
-            _, relevance = attributor(inputs, lambda output: output * one_hot.to(output))
+            # R_c = z_c at the class logit, 0 elsewhere (no extra forward for the class count)
+            _, relevance = attributor(
+                inputs,
+                lambda output: output * F.one_hot(classes, output.shape[1]).to(output),
+            )
         return relevance.detach()
 
-    def __call__(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-        return positive_relevance_map(self.relevance(images, classes))
-
-    def maps_and_signal(
-        self, images: torch.Tensor, classes: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        relevance = self.relevance(images, classes)
-        return positive_relevance_map(relevance), relevance.sum(dim=1)
-
-
-def _num_outputs(model: nn.Module, images: torch.Tensor) -> int:
-    with torch.no_grad(), eval_mode(model):
-        return int(model(images[:1]).shape[1])
+    def _heatmap(self, signal: torch.Tensor) -> torch.Tensor:
+        return positive_relevance_map(signal)
 
 
 class CRPConditional(PeerMethod, HeatmapMethod):
@@ -549,7 +546,7 @@ class PytorchGradCAM(PeerMethod, HeatmapMethod):
         return maps.nan_to_num(0.0).clamp(0, 1)
 
 
-class CaptumPathAttribution(PeerMethod, HeatmapMethod):
+class CaptumPathAttribution(PeerMethod, SignalMethod):
     """Captum's ``integrated_gradients`` (``IntegratedGradients``: the black-image baseline,
     ``steps`` = 50 Riemann steps, its default) or ``smoothgrad`` (``NoiseTunnel`` over
     ``Saliency``: the mean gradient over ``samples`` = 50 copies with Gaussian noise of std
@@ -604,15 +601,6 @@ class CaptumPathAttribution(PeerMethod, HeatmapMethod):
 
     def _heatmap(self, signal: torch.Tensor) -> torch.Tensor:
         return signal_to_heatmap(signal.abs() if self.algorithm == "smoothgrad" else signal)
-
-    def __call__(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-        return self._heatmap(self._signal(images, classes))
-
-    def maps_and_signal(
-        self, images: torch.Tensor, classes: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        signal = self._signal(images, classes)
-        return self._heatmap(signal), signal.sum(dim=1)
 
 
 class CRAFTConcepts(PeerMethod, HeatmapMethod):
