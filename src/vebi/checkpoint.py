@@ -43,12 +43,25 @@ def _trusted_module_class(target: str) -> type[nn.Module]:
     return candidate
 
 
+#: Hydra's instantiation keys an architecture may hold (``_partial_``, ``_convert_``,
+#: ``_recursive_`` change what is built: refused).
+ARCHITECTURE_SPECIAL_KEYS = ("_target_", "_args_")
+
+
 def _check_architecture(node: Any) -> None:
-    """Refuse configs that name anything but trusted ``nn.Module`` classes or interpolate."""
+    """Refuse configs that name anything but trusted ``nn.Module`` classes, use Hydra's other
+    instantiation keys, or interpolate."""
     if isinstance(node, Mapping):
         for key, value in node.items():
             if key == "_target_":
                 _trusted_module_class(str(value))
+            elif isinstance(key, str) and key.startswith("_") and key.endswith("_"):
+                if key not in ARCHITECTURE_SPECIAL_KEYS:
+                    raise CheckpointError(
+                        f"the checkpoint's architecture holds {key}: {value!r}; only _target_ "
+                        "and _args_ build a network from a checkpoint"
+                    )
+                _check_architecture(value)
             else:
                 _check_architecture(value)
     elif isinstance(node, list | tuple):
@@ -56,6 +69,20 @@ def _check_architecture(node: Any) -> None:
             _check_architecture(value)
     elif isinstance(node, str) and "${" in node:
         raise CheckpointError(f"the checkpoint's architecture holds an interpolation {node!r}")
+
+
+def without_downloads(node: Any) -> Any:
+    """A copy of an architecture config with ``pretrained`` false at every level (a network
+    wrapped in ``nn.Sequential`` too): a checkpoint's network gets its weights from the file,
+    never from a download."""
+    if isinstance(node, Mapping):
+        return {
+            key: False if key == "pretrained" else without_downloads(value)
+            for key, value in node.items()
+        }
+    if isinstance(node, list | tuple):
+        return [without_downloads(value) for value in node]
+    return node
 
 
 def build_network(
@@ -167,8 +194,7 @@ def load_classifier(
             )
         if not isinstance(architecture, Mapping):
             raise CheckpointError(f"{path}: its architecture is not a config mapping")
-        if architecture.get("pretrained"):  # the weights come from the checkpoint: no download
-            architecture = {**architecture, "pretrained": False}
+        architecture = without_downloads(architecture)  # the weights are the checkpoint's
         # shapes first, on the meta device: a network of absurd size is refused unbuilt
         _check_shapes(build_network(architecture, device="meta"), checkpoint["state_dict"], path)
         net = build_network(architecture)
@@ -195,6 +221,27 @@ PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 DATA_OVERRIDE_KEY = re.compile(r"data(\.[A-Za-z][A-Za-z0-9_]*)+")
 
 
+#: ``data.*`` keys a checkpoint may not carry: where data lives or comes from, and download
+#: switches (the machine's own settings, never the training run's): these names, and any
+#: name ending in ``_dir``, ``_path``, ``_file``, ``_root`` or ``_url``.
+LOCATION_KEYS = frozenset({"data_dir", "root", "sources", "mirrors", "download", "url", "urls"})
+LOCATION_SUFFIXES = ("_dir", "_path", "_file", "_root", "_url", "_urls")
+
+
+def _names_a_location(key: str) -> bool:
+    last = key.rsplit(".", 1)[-1]
+    return last in LOCATION_KEYS or last.endswith(LOCATION_SUFFIXES)
+
+
+def _looks_like_a_path(value: Any) -> bool:
+    """A string value that names a place: a path separator, ``..``, ``~`` or a URL scheme."""
+    if isinstance(value, list):
+        return any(_looks_like_a_path(v) for v in value)
+    return isinstance(value, str) and (
+        any(mark in value for mark in ("/", "\\", "..", "://")) or value.startswith("~")
+    )
+
+
 def _plain_name(value: Any) -> bool:
     return isinstance(value, str) and bool(PLAIN_NAME.fullmatch(value)) and ".." not in value
 
@@ -213,7 +260,9 @@ def _plain_value(value: Any) -> bool:
 def check_data_override(override: Any) -> tuple[str, Any]:
     """``(key, value)`` of a stored ``data.<key>=<value>`` override; :class:`ValueError` saying
     why for anything else: another key, a Hydra prefix (``+``, ``~``), a ``_target_``-like
-    key, a sweep or function (``choice(...)``), an interpolation, a nested value."""
+    key, a sweep or function (``choice(...)``), an interpolation, a nested value, a key that
+    names where data lives or comes from (:data:`LOCATION_KEYS`), a value that is a path or a
+    URL. train.py stores only the overrides that pass, so each one it stores is accepted."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.core.override_parser.types import OverrideType, ValueType
 
@@ -232,9 +281,16 @@ def check_data_override(override: Any) -> tuple[str, Any]:
         raise ValueError("only plain changes of a value are allowed")
     if parsed.value_type != ValueType.ELEMENT:
         raise ValueError("sweeps are not allowed")
+    if _names_a_location(key):
+        raise ValueError(
+            "data locations, sources and download switches are the machine's own settings, "
+            "not a checkpoint's"
+        )
     value = parsed.value()
     if not _plain_value(value):
         raise ValueError("the value must be a plain scalar or a list of scalars")
+    if _looks_like_a_path(value):
+        raise ValueError("a stored value may not name a path or a URL")
     return key, value
 
 

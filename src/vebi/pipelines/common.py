@@ -100,6 +100,23 @@ def run_settings(cfg: DictConfig, datamodule: Any) -> dict[str, Any]:
 CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs"
 
 
+def data_config_keys(config_dir: Path, name: str, seen: frozenset[str] = frozenset()) -> set[str]:
+    """The keys of the data config ``name`` of ``config_dir``: its own and those it inherits
+    through its defaults list (``an8flower_single`` -> ``an8flower_double``)."""
+    path = config_dir / "data" / f"{name}.yaml"
+    if name in seen or not path.is_file():
+        return set()
+    config = OmegaConf.to_container(OmegaConf.load(path))
+    if not isinstance(config, dict):
+        return set()
+    keys = {str(key) for key in config if key != "defaults"}
+    for entry in config.get("defaults") or []:
+        parent = entry if isinstance(entry, str) else None
+        if parent and parent != "_self_" and "/" not in parent and ":" not in parent:
+            keys |= data_config_keys(config_dir, parent.removeprefix("data/"), seen | {name})
+    return keys
+
+
 def _check_settings_exist(settings: dict[str, Any], ckpt: str, config_dir: Path) -> None:
     """The experiment and data choices a checkpoint names must be configs of ``config_dir``,
     and its ``data.*`` overrides keys of that data config."""
@@ -113,8 +130,7 @@ def _check_settings_exist(settings: dict[str, Any], ckpt: str, config_dir: Path)
     overrides = settings.get("data_overrides") or []
     if not overrides:
         return
-    data_file = config_dir / "data" / f"{settings.get('data') or 'mnist'}.yaml"
-    data_keys = set(OmegaConf.load(data_file)) if data_file.is_file() else set()
+    data_keys = data_config_keys(config_dir, settings.get("data") or "mnist")
     for position, override in enumerate(overrides):
         key = override.split("=", 1)[0].split(".")[1]
         if key not in data_keys:
@@ -147,7 +163,10 @@ def with_checkpoint_settings(argv: list[str], config_dir: Path = CONFIG_DIR) -> 
     if not settings:
         return argv
     _check_settings_exist(settings, ckpt, config_dir)
-    added = [f"experiment={settings.get('experiment') or 'null'}"]
+    # a run trained without an experiment is composed without one (``experiment=null`` is no
+    # Hydra override: a config group cannot be set to None)
+    experiment = settings.get("experiment")
+    added = [f"experiment={experiment}" if experiment else "~experiment"]
     if settings.get("data") and "data" not in given:
         added.append(f"data={settings['data']}")
     added += [o for o in settings.get("data_overrides") or [] if _override_key(o) not in given]

@@ -22,6 +22,7 @@ import functools
 import html
 import json
 import os
+import urllib.parse
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +39,13 @@ from vebi.utils.log import get_logger
 log = get_logger(__name__)
 
 REPORT_NAME = "report.html"
-CLASS_PAGES = "report"
+#: The marker in the head of every page this module writes: ``--out`` replaces only files
+#: that carry it (a report made before), never another file.
+GENERATOR_MARK = '<meta name="generator" content="vebi report">'
+#: Largest run file read (results.json, summary.json, ...): jobs write a few MB at most.
+MAX_RUN_FILE_BYTES = 64 * 2**20
+#: Largest ``.hydra/*.yaml`` read (Hydra writes a few kB).
+MAX_CONFIG_BYTES = 2 * 2**20
 
 #: The numbers shown first in the overview, and those left out (steps, duplicates).
 HEADLINE = (
@@ -107,19 +114,85 @@ class RunFiles:
     summary: dict[str, Any] | None = None  # train.py's summary.json
 
 
-def _read_json(path: Path) -> Any:
+def _read_limited(path: Path, limit: int) -> str:
+    """The text of ``path``, refused beyond ``limit`` bytes (said before anything is read)."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise VebiError(f"cannot read {path}: {error}") from None
+        size = path.stat().st_size
+        if size > limit:
+            raise VebiError(
+                f"cannot read {path}: {size / 2**20:.1f} MB, more than a vebi job writes "
+                f"({limit / 2**20:.0f} MB at most); is it the file the job wrote?"
+            )
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise VebiError(f"cannot read {path}: not UTF-8 text ({error.reason})") from None
+    except OSError as error:
+        raise VebiError(f"cannot read {path}: {error.strerror or error}") from None
+
+
+def _read_json(path: Path, kind: type = dict) -> Any:
+    """A run file written by a vebi job: JSON whose top level is a ``kind``."""
+    try:
+        value = json.loads(_read_limited(path, MAX_RUN_FILE_BYTES))
+    except json.JSONDecodeError as error:
+        raise VebiError(f"cannot read {path}: not JSON ({error})") from None
+    except RecursionError:
+        raise VebiError(f"cannot read {path}: nested too deeply") from None
+    if not isinstance(value, kind):
+        raise VebiError(
+            f"cannot read {path}: a {type(value).__name__} where the job writes a "
+            f"{kind.__name__}; rerun the job that wrote it"
+        )
+    return value
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML without anchors and aliases: Hydra never writes them, and nested aliases expand
+    into gigabytes (a "billion laughs" file)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            raise yaml.YAMLError("YAML aliases are not allowed in a run's Hydra files")
+        return super().compose_node(parent, index)
+
+
+def _read_yaml(path: Path, kind: type) -> Any:
+    """A ``.hydra/*.yaml`` file: plain YAML whose top level is a ``kind`` (empty: one)."""
+    try:
+        value = yaml.load(_read_limited(path, MAX_CONFIG_BYTES), Loader=_NoAliasLoader)
+    except yaml.YAMLError as error:
+        reason = " ".join(str(error).split())
+        raise VebiError(f"cannot read {path}: not valid YAML ({reason})") from None
+    if value is None:
+        return kind()
+    if not isinstance(value, kind):
+        raise VebiError(f"cannot read {path}: a {type(value).__name__}, not a {kind.__name__}")
+    return value
 
 
 def _relevant_summary(folder: Path, used: Sequence[Path]) -> Path | None:
     """The relevant_features.json of a run: its own, else the one its job used (the
-    evaluation's features, the training run of the explained checkpoint)."""
+    evaluation's features, the training run of the explained checkpoint). A path a run file
+    names counts only when it is a mining artefact (``relevant_features.h5`` or ``.json``),
+    so a results.json cannot pull another JSON file into the page."""
     candidates = [folder / "relevant_features.json", folder / "mining" / "relevant_features.json"]
-    candidates += [path.with_suffix(".json") for path in used]
+    candidates += [
+        path.with_suffix(".json") for path in used if path.stem == Path(ARTEFACT_NAME).stem
+    ]
     return next((path for path in candidates if path.is_file()), None)
+
+
+def _job_directory(folder: Path) -> Path | None:
+    """The working directory the run's job was started from (Hydra keeps it in
+    ``.hydra/hydra.yaml``): relative paths in its files are relative to it."""
+    hydra_file = folder / ".hydra" / "hydra.yaml"
+    if not hydra_file.is_file():
+        return None
+    try:
+        cwd = ((_read_yaml(hydra_file, dict).get("hydra") or {}).get("runtime") or {}).get("cwd")
+    except (VebiError, AttributeError):
+        return None
+    return Path(cwd) if isinstance(cwd, str) and cwd else None
 
 
 #: What each job leaves in its run dir (a folder with none of them is no run dir).
@@ -157,11 +230,11 @@ def read_run(folder: str | os.PathLike[str]) -> RunFiles:
             f"{', '.join(RUN_ARTEFACTS)}): pass the folder a job printed as its run files, "
             "e.g. logs/train/mnist/<timestamp>"
         )
-    config = (yaml.safe_load(config_file.read_text()) or {}) if config_file.is_file() else {}
+    config = _read_yaml(config_file, dict) if config_file.is_file() else {}
     overrides_file = folder / ".hydra" / "overrides.yaml"
-    overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
+    overrides = _read_yaml(overrides_file, list) if overrides_file.is_file() else []
     task = config.get("task_name") or _task_of(artefacts)
-    run = RunFiles(folder, str(task), config, list(overrides or []))
+    run = RunFiles(folder, str(task), config, [str(o) for o in overrides])
     if (folder / "results.json").is_file():
         run.results = _read_json(folder / "results.json")
     if (folder / "summary.json").is_file():
@@ -173,12 +246,16 @@ def read_run(folder: str | os.PathLike[str]) -> RunFiles:
     if explanations.is_file():
         written = _read_json(explanations)
         records = written.get("explanations", [])
+        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+            raise VebiError(f"cannot read {explanations}: 'explanations' is not a list of records")
         for record in records:
             record["figure_path"] = explanations.parent / Path(str(record.get("figure"))).name
         run.explanations = records
         if written.get("checkpoint"):  # the features mined in the checkpoint's training run
-            used.append(Path(written["checkpoint"]).parent.parent / "mining" / ARTEFACT_NAME)
-    used += [Path.cwd() / path for path in used if not path.is_absolute()]
+            used.append(Path(str(written["checkpoint"])).parent.parent / "mining" / ARTEFACT_NAME)
+    # relative paths were written relative to the directory the job ran from
+    started_in = _job_directory(folder) or Path.cwd()
+    used = [path if path.is_absolute() else started_in / path for path in used]
     run.relevant_path = _relevant_summary(folder, used)
     if run.relevant_path is not None:
         run.relevant = _read_json(run.relevant_path)
@@ -228,7 +305,9 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
 
 
 def _image(path: Path, page_dir: Path, alt: str) -> str:
-    link = Path(os.path.relpath(path, page_dir)).as_posix()
+    """An ``<img>`` whose relative link is URL-encoded (a run path with ``#``, ``?`` or ``%``
+    is a path, not a fragment, a query or an escape)."""
+    link = urllib.parse.quote(Path(os.path.relpath(path, page_dir)).as_posix())
     return f'<img src="{_e(link)}" alt="{_e(alt)}" loading="lazy">'
 
 
@@ -236,7 +315,7 @@ def _page(title: str, subtitle: str, body: str, script: str = "") -> str:
     tail = f"<script>{script}</script>" if script else ""
     return (
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">'
-        '<meta name="viewport" content="width=device-width,initial-scale=1">'
+        f'{GENERATOR_MARK}<meta name="viewport" content="width=device-width,initial-scale=1">'
         f"<title>{_e(title)}</title><style>{STYLE}</style></head><body>"
         f"<header><h1>{_e(title)}</h1><p>{_e(subtitle)}</p></header><main>{body}</main>"
         f"{tail}</body></html>"
@@ -252,6 +331,12 @@ def _note(text: str) -> str:
 class _Report:
     runs: list[RunFiles]
     out: Path
+
+    @property
+    def pages(self) -> Path:
+        """The folder of the class pages: the report's name without ``.html`` (``report.html``
+        -> ``report/``), so two reports in one folder never share a page."""
+        return class_pages(self.out)
 
     @property
     def relevant(self) -> dict[str, Any] | None:
@@ -503,8 +588,9 @@ class _Report:
             return ""
         relevant = self.relevant or {}
         counts = {n: len(v) for n, v in relevant.get("relevant", {}).items()}
+        folder = _e(urllib.parse.quote(self.pages.name))
         items = "".join(
-            f'<li data-name="{_e(name.lower())}"><a href="{CLASS_PAGES}/class_{c}.html">'
+            f'<li data-name="{_e(name.lower())}"><a href="{folder}/class_{c}.html">'
             f"{_e(name)}</a> <small>{counts.get(name, 0)} features</small></li>"
             for c, name in enumerate(names)
         )
@@ -550,8 +636,9 @@ class _Report:
     def class_page(self, class_id: int, shared: dict[tuple[str, int], list[int]]) -> str:
         names = self.class_names
         name = names[class_id]
-        page_dir = self.out.parent / CLASS_PAGES
-        parts = [f'<p><a href="../{REPORT_NAME}">&larr; all classes</a></p>']
+        page_dir = self.pages
+        back = _e(urllib.parse.quote(self.out.name))
+        parts = [f'<p><a href="../{back}">&larr; all classes</a></p>']
         relevant = self.relevant
         if relevant:
             features = relevant.get("relevant", {}).get(name, [])
@@ -689,25 +776,103 @@ def _panel_name(names: Sequence[str], class_id: int) -> str:
     return _panel_names(tuple(names))[class_id]
 
 
+def class_pages(report: Path) -> Path:
+    """Where the class pages of the report file ``report`` go (see :attr:`_Report.pages`)."""
+    return report.with_suffix("")
+
+
+def _made_by_vebi(page: Path) -> bool:
+    try:
+        with page.open("rb") as handle:
+            return GENERATOR_MARK.encode() in handle.read(4096)
+    except OSError:
+        return False
+
+
+def check_report_target(target: Path, default: bool) -> None:
+    """Refuse to write a report anywhere but a new ``.html`` file or a report written before:
+    never through a link, onto a folder or a device, nor over another file (``default``: the
+    run dir's own ``report.html``, replaced whatever it holds); its pages folder must be one
+    this module made (class pages only)."""
+    if target.suffix.lower() != ".html":
+        raise VebiError(f"--out {target}: the report is an .html file; give a name ending in .html")
+    pages = class_pages(target)
+    for path, what in ((target, "the report"), (pages, "its class pages' folder")):
+        if path.is_symlink():
+            raise VebiError(
+                f"{path} ({what}) is a symbolic link: refusing to write through it; remove the "
+                "link or give --out another file name"
+            )
+    if target.exists():
+        if not target.is_file():
+            raise VebiError(
+                f"{target} exists and is not a file (a folder or a device): give --out a new "
+                "file name ending in .html"
+            )
+        if not default and not _made_by_vebi(target):
+            raise VebiError(
+                f"{target} exists and is not a report written by vebi: refusing to overwrite it; "
+                "give --out a new file name (or delete that file yourself)"
+            )
+    if pages.exists():
+        stray = (
+            [pages.name]
+            if not pages.is_dir()
+            else [
+                p.name
+                for p in pages.iterdir()
+                if not (p.name.startswith("class_") and p.suffix == ".html" and p.is_file())
+                and not p.name.endswith(".tmp")
+                and not p.is_symlink()
+            ]
+        )
+        linked = [p.name for p in pages.iterdir() if p.is_symlink()] if pages.is_dir() else []
+        if stray or linked:
+            raise VebiError(
+                f"{pages} (where the class pages of {target.name} go) holds "
+                f"{', '.join((stray + linked)[:3])}, which are not class pages of a vebi "
+                "report: give --out another file name"
+            )
+
+
 def write_report(
     folders: Sequence[str | os.PathLike[str]], out: str | os.PathLike[str] | None = None
 ) -> Path:
     """Write the report of ``folders`` (one or more run dirs: e.g. a training run and the
     evaluation of its checkpoint) as ``<out>`` (default ``<first run dir>/report.html``) and
-    its class pages next to it; every file written to a temporary name, then renamed."""
+    its class pages in the folder of the same name (:func:`class_pages`); every file written
+    to a temporary name, then renamed; pages of classes the runs no longer have removed.
+
+    Run files that are not what vebi's jobs write (another JSON shape, values of the wrong
+    type, too large, not UTF-8) are a :class:`VebiError` naming the run, never a traceback."""
     if not folders:
         raise VebiError("give at least one run dir")
     runs = [read_run(folder) for folder in folders]
     target = Path(out) if out else runs[0].folder / REPORT_NAME
+    check_report_target(target, default=out is None)
     report = _Report(runs, target)
-    shared = report.shared_features()
-    pages = target.parent / CLASS_PAGES
     try:
-        for class_id in range(len(report.class_names)):
-            with atomic_path(pages / f"class_{class_id}.html") as tmp:
-                tmp.write_text(report.class_page(class_id, shared), encoding="utf-8")
+        shared = report.shared_features()
+        pages = {
+            class_id: report.class_page(class_id, shared)
+            for class_id in range(len(report.class_names))
+        }
+        index = report.index_page()
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as error:
+        raise VebiError(
+            f"the run files of {', '.join(str(f) for f in folders)} are not what vebi's jobs "
+            f"write ({type(error).__name__}: {error}); rerun the job that wrote them"
+        ) from None
+    folder = report.pages
+    try:
+        for class_id, page in pages.items():
+            with atomic_path(folder / f"class_{class_id}.html") as tmp:
+                tmp.write_text(page, encoding="utf-8", errors="replace")
+        for old in folder.glob("class_*.html") if folder.is_dir() else ():
+            if old.stem.removeprefix("class_").isdigit() and int(old.stem[6:]) >= len(pages):
+                old.unlink()  # a class the runs no longer have
         with atomic_path(target) as tmp:
-            tmp.write_text(report.index_page(), encoding="utf-8")
+            tmp.write_text(index, encoding="utf-8", errors="replace")
     except PermissionError as error:
         raise VebiError(
             f"cannot write the report into {target.parent}: {error.strerror} (the run dir is "

@@ -43,7 +43,9 @@ CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 def printable(text: str) -> str:
     """``text`` with control characters written as escapes (``\x1b``), so that names from the
     data (class folders, file names) cannot move the cursor or recolour the terminal."""
-    return CONTROL_CHARACTERS.sub(lambda m: m.group().encode("unicode_escape").decode(), text)
+    escaped = CONTROL_CHARACTERS.sub(lambda m: m.group().encode("unicode_escape").decode(), text)
+    # lone surrogates (undecodable file names, JSON escapes) cannot be printed: escape them
+    return escaped.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class ConsoleFormatter(logging.Formatter):
