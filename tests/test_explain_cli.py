@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,10 @@ def test_explain_cli_writes_overlays_and_json(
     (digits / "readme.md").write_text("# not an image")
     frames = [Image.fromarray(np.full((28, 28), v, dtype=np.uint8)) for v in (0, 255)]
     frames[0].save(digits / "moving.gif", save_all=True, append_images=frames[1:])
+    # names are text, never mathtext, and a Latin-1 file name is drawn, not a crash
+    Image.fromarray(np.zeros((28, 28), dtype=np.uint8)).save(digits / "$\\undefinedcmd$.png")
+    with open(os.fsencode(digits) + b"/caf\xe9.png", "wb") as latin1:
+        Image.fromarray(np.zeros((28, 28), dtype=np.uint8)).save(latin1, format="PNG")
     result = run_cli(
         "explain.py",
         f"ckpt_path={short_run['best_checkpoint']}",
@@ -76,9 +81,12 @@ def test_explain_cli_writes_overlays_and_json(
     records = json.loads((folder / "explanations.json").read_text())["explanations"]
     notes = {r["image"]: r.get("note") for r in records}
     assert notes == {
+        "$\\undefinedcmd$.png": None,
         "blank.jpg": None,
+        "caf\udce9.png": None,
         "moving.gif": "animated (2 frames): the first frame is explained",
     }
+    assert len(list(folder.glob("*.png"))) == 4
     result = run_cli(
         "explain.py",
         f"ckpt_path={short_run['best_checkpoint']}",

@@ -413,3 +413,35 @@ def test_every_override_train_stores_round_trips(tmp_path: Path) -> None:
         )
         key, value = check_data_override(override)
         assert OmegaConf.select(composed, key) == value, (data, override)
+
+
+# ------------------------------------------------------------------ 4. names are text
+ODD_NAMES = ["$\\notacmd$", "caf\udce9", "50% $x^2$ {a}", "\\\\server\\share"]
+
+
+def test_every_figure_draws_odd_names_as_text(tmp_path: Path) -> None:
+    """Class names, file names and layer names reach figure titles: never mathtext, and a
+    lone surrogate (a Latin-1 file name) is drawn as an escape, not a crash."""
+    from PIL import Image
+
+    from vebi.explain.figures import (
+        explanation_figure,
+        gallery_figure,
+        save_figure,
+        top_images_figure,
+    )
+
+    image, maps = torch.rand(3, 16, 16), torch.rand(2, 16, 16)
+    figures = {
+        "explanation": explanation_figure(image, maps, maps[0], ODD_NAMES[:2], ODD_NAMES[2]),
+        "gallery": gallery_figure([maps[0]] * 4, [image] * 4, ODD_NAMES, ODD_NAMES[0]),
+        "top": top_images_figure([[image, image]] * 4, ODD_NAMES, ODD_NAMES[1]),
+    }
+    axes = figures["gallery"].axes[0]
+    axes.set_xticks([0, 1])
+    axes.set_xticklabels(ODD_NAMES[:2])
+    for name, figure in figures.items():
+        path = save_figure(figure, tmp_path / f"{name}.png")
+        assert Image.open(path).size[0] > 50, name
+    texts = [t.get_text() for t in figures["gallery"].findobj(lambda a: hasattr(a, "get_text"))]
+    assert "$\\notacmd$" in texts and "caf\\udce9" in texts

@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import matplotlib.text
+import matplotlib.ticker
 import numpy as np
 import torch
 from matplotlib.figure import Figure
@@ -33,10 +35,53 @@ def overlay(image: torch.Tensor, heatmap: torch.Tensor, alpha: float = 0.5) -> n
     return (1 - alpha) * to_rgb(image) + alpha * colours
 
 
+def drawable(text: str) -> str:
+    """``text`` as a font can draw it: lone surrogates (the undecodable bytes of a Latin-1
+    file name) written as ``\\udce9`` escapes."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+class _DrawableLabels(matplotlib.ticker.Formatter):
+    """A tick formatter whose labels pass through :func:`drawable`."""
+
+    def __init__(self, inner: matplotlib.ticker.Formatter) -> None:
+        self.inner = inner
+
+    def set_axis(self, axis: Any) -> None:
+        super().set_axis(axis)
+        self.inner.set_axis(axis)
+
+    def __call__(self, x: float, pos: int | None = None) -> str:
+        return drawable(str(self.inner(x, pos)))
+
+    def format_ticks(self, values: Any) -> list[str]:
+        return [drawable(str(label)) for label in self.inner.format_ticks(values)]
+
+    def get_offset(self) -> str:
+        return drawable(str(self.inner.get_offset()))
+
+
+def as_plain_text(figure: Figure) -> Figure:
+    """Every text of ``figure`` drawn as the characters it holds: names from the data (class
+    folders, file names) are never read as mathtext (``$\\notacmd$`` used to fail the whole
+    job) and never hold characters no font can draw. Texts made while drawing (tick labels)
+    are plain too when the figure is saved by :func:`save_figure`."""
+    for text in figure.findobj(matplotlib.text.Text):
+        text.set_parse_math(False)
+        text.set_text(drawable(text.get_text()))
+    for axes in figure.axes:
+        for axis in (axes.xaxis, axes.yaxis):
+            formatter = axis.get_major_formatter()
+            if not isinstance(formatter, _DrawableLabels):
+                axis.set_major_formatter(_DrawableLabels(formatter))
+    return figure
+
+
 def save_figure(figure: Figure, path: str | Path, dpi: int = 120) -> Path:
-    """Save atomically as PNG."""
+    """Save atomically as PNG, every text as plain text (:func:`as_plain_text`)."""
     path = Path(path)
-    with atomic_path(path) as tmp:
+    as_plain_text(figure)
+    with atomic_path(path) as tmp, matplotlib.rc_context({"text.parse_math": False}):
         figure.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
     return path
 
