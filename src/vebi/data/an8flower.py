@@ -36,12 +36,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from matplotlib.colors import hsv_to_rgb
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from vebi.data.base import SplitDataModule
 from vebi.errors import VebiError
+from vebi.utils.io import IMAGE_READ_ERRORS, image_error_reason
 from vebi.utils.log import get_logger
 
 log = get_logger(__name__)
@@ -270,7 +271,7 @@ class An8FlowerGenerator:
             )
         target, target_masks, target_parts = targets
         root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=root))
+        staging = staging_folder(root, name)
         try:
             total = self.variant.num_classes * self.images_per_class
             with tqdm(
@@ -354,7 +355,7 @@ class An8FlowerGenerator:
         if target.exists():
             raise VebiError(f"{target} already exists: delete it to write it again")
         self.check_folder(folder)
-        staging = Path(tempfile.mkdtemp(prefix=f".{name}_PARTS.", dir=root))
+        staging = staging_folder(root, f"{name}_PARTS")
         try:
             total = self.variant.num_classes * self.images_per_class
             with tqdm(
@@ -378,12 +379,36 @@ class An8FlowerGenerator:
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
 
 
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def staging_folder(root: Path, name: str) -> Path:
+    """A new folder ``<root>/.<name>.<pid>.<random>`` to generate into before the rename;
+    the staging folders of earlier generations whose process is gone (killed with SIGKILL,
+    the machine lost power: no ``finally`` ran) are removed first, those of running ones
+    kept."""
+    for stale in root.glob(f".{name}.*"):
+        parts = stale.name[len(name) + 2 :].split(".")
+        if stale.is_dir() and parts[0].isdigit() and not _running(int(parts[0])):
+            shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f".{name}.{os.getpid()}.", dir=root))
+
+
 def _read(path: Path, mode: str) -> np.ndarray:
     try:
         with Image.open(path) as image:
             return np.asarray(image.convert(mode))
-    except (UnidentifiedImageError, OSError) as error:
-        raise VebiError(f"cannot read {path}: {error}; delete or replace the file") from error
+    except IMAGE_READ_ERRORS as error:
+        raise VebiError(
+            f"cannot read {path}: {image_error_reason(error)}; delete or replace the file"
+        ) from error
 
 
 def read_an8flower_folder(
@@ -474,8 +499,8 @@ def read_part_labels(
             with Image.open(path) as label_image:
                 mode = label_image.mode
                 label = np.asarray(label_image)
-        except (UnidentifiedImageError, OSError) as error:
-            raise VebiError(f"cannot read {path}: {error}; {hint}") from error
+        except IMAGE_READ_ERRORS as error:
+            raise VebiError(f"cannot read {path}: {image_error_reason(error)}; {hint}") from error
         if mode not in ("L", "P"):
             raise VebiError(f"{path} is a {mode} image, not one 8-bit channel of labels; {hint}")
         if label.shape != (height, width):

@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Subset
 from torchvision import datasets
 
 from vebi.data.base import SplitDataModule, image_transforms
 from vebi.errors import VebiError
+from vebi.utils.io import IMAGE_READ_ERRORS, image_error_reason
 
 
 def read_rgb(path: str) -> Image.Image:
@@ -18,8 +19,10 @@ def read_rgb(path: str) -> Image.Image:
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as error:
-        raise VebiError(f"cannot read image {path}: {error}; delete or replace the file") from error
+    except IMAGE_READ_ERRORS as error:
+        raise VebiError(
+            f"cannot read image {path}: {image_error_reason(error)}; delete or replace the file"
+        ) from error
 
 
 class ImageFolderDataModule(SplitDataModule):

@@ -149,6 +149,10 @@ def stratified_sample(labels: torch.Tensor, size: int, seed: int) -> torch.Tenso
     return torch.sort(torch.cat(chosen)).values
 
 
+#: Most random sets per class (each one a forward pass over the images per class).
+MAX_DRAWS = 1000
+
+
 class AblationRelevance:
     """``AblationRelevance(draws=5, seed=0)(model, relevant, images, labels)`` -> per-class
     :class:`ClassAblation` records (relevant set vs ``draws`` random sets); module doc for the
@@ -162,11 +166,12 @@ class AblationRelevance:
         other_images: int | None = 1000,
         crp_images: int | None = None,
     ) -> None:
-        if draws < 1:
+        if not 1 <= draws <= MAX_DRAWS:
             raise VebiError(
-                f"evaluation.ablation.draws must be >= 1, got {draws}; 5 (the default) or more "
-                "gives a standard deviation of the random sets' drop that tells a real gap "
-                "from noise"
+                f"evaluation.ablation.draws must be in 1..{MAX_DRAWS}, got {draws}; 5 (the "
+                "default) or more gives a standard deviation of the random sets' drop that "
+                "tells a real gap from noise, and each draw costs one pass over the images per "
+                "class"
             )
         if other_images is not None and other_images < 1:
             raise VebiError(

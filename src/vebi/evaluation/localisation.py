@@ -130,6 +130,11 @@ class ThresholdIoU(_LocalisationMetric):
             if thresholds is None
             else torch.as_tensor(thresholds, dtype=torch.float32)
         )
+        if values.ndim != 1 or not len(values) or not bool(((values >= 0) & (values <= 1)).all()):
+            raise VebiError(
+                f"evaluation.thresholds must be a non-empty list of numbers in [0, 1] (maps are "
+                f"scaled to [0, 1]), got {values.tolist()}"
+            )
         super().__init__(score_shape=(len(values),), **kwargs)
         self.register_buffer("thresholds", values)
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 import errno
 import stat
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
 from vebi.errors import VebiError
+from vebi.utils.io import IMAGE_READ_ERRORS, image_error_reason
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
@@ -20,21 +22,25 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
-def _high_depth_grey(image: Image.Image) -> np.ndarray | None:
-    """(H, W) float32 in [0, 1] for 16-bit, 32-bit integer and float images; None otherwise.
+def _high_depth_grey(image: Image.Image, size: tuple[int, int]) -> np.ndarray | None:
+    """(H, W) float32 in [0, 1] at ``size`` = (W, H) for 16-bit, 32-bit integer and float
+    images; None otherwise.
 
     16-bit images are divided by 65535; 32-bit integer ones (how PIL opens some 16-bit files)
     must hold values in 0..65535 and are divided by 65535 too; float images must hold values
-    in [0, 1]. Anything else is refused rather than silently clipped.
+    in [0, 1]. Anything else is refused rather than silently clipped. Integer images are
+    checked (``getextrema``) and resized in their own mode before any float copy: a
+    12000 x 12000 16-bit PNG costs its own 288 MB, not gigabytes of float64.
     """
     if image.mode in SIXTEEN_BIT_MODES or image.mode == "I":
-        values = np.asarray(image).astype(np.float64)
-        if values.size and (values.min() < 0 or values.max() > 65535):
+        low, high = cast(tuple[float, float], image.getextrema())  # one band
+        if low < 0 or high > 65535:
             raise VebiError(
-                f"32-bit integer image with values {values.min():g}..{values.max():g}: only "
+                f"32-bit integer image with values {low:g}..{high:g}: only "
                 "values in 0..65535 (16-bit) are understood; save it as an 8- or 16-bit image"
             )
-        return (values / 65535.0).astype(np.float32)
+        resized = image.resize(size, Image.Resampling.BILINEAR)
+        return np.asarray(resized, dtype=np.float32) / np.float32(65535.0)
     if image.mode == "F":
         values = np.asarray(image, dtype=np.float32)
         if not np.isfinite(values).all() or (
@@ -44,7 +50,7 @@ def _high_depth_grey(image: Image.Image) -> np.ndarray | None:
                 "floating-point image with values outside [0, 1] (or NaN/Inf): scale it to "
                 "[0, 1] or save it as an 8- or 16-bit image"
             )
-        return values
+        return np.asarray(image.resize(size, Image.Resampling.BILINEAR), dtype=np.float32)
     return None
 
 
@@ -60,10 +66,9 @@ def image_to_tensor(image: Image.Image, shape: tuple[int, int, int]) -> torch.Te
     channels, height, width = shape
     if channels not in (1, 3):
         raise VebiError(f"models with {channels} input channels are not supported for image files")
-    grey = _high_depth_grey(image)
+    grey = _high_depth_grey(image, (width, height))
     if grey is not None:
-        resized = Image.fromarray(grey).resize((width, height), Image.Resampling.BILINEAR)
-        array = np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)[None]
+        array = np.clip(grey, 0.0, 1.0)[None]
         array = np.repeat(array, channels, axis=0)
         return torch.from_numpy(np.ascontiguousarray(array))
     converted = image.convert("L" if channels == 1 else "RGB").resize(
@@ -156,19 +161,8 @@ class ImageFiles(Dataset):
         try:
             with Image.open(path) as image:
                 return image_to_tensor(image, self.shape), _conversion_note(image) or ""
-        except (
-            UnidentifiedImageError,
-            Image.DecompressionBombError,
-            OSError,
-            ValueError,
-            VebiError,
-        ) as error:
-            reason = str(error)
-            if isinstance(error, Image.DecompressionBombError):
-                reason = (
-                    f"{error} (PIL refuses images this large as a possible decompression bomb; "
-                    "shrink it, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file)"
-                )
+        except (*IMAGE_READ_ERRORS, VebiError) as error:
+            reason = image_error_reason(error)
             raise UnreadableImage(path, reason, type(error).__name__) from error
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, str, str]:

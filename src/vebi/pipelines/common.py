@@ -284,6 +284,26 @@ def _first_conv_channels(net: nn.Module) -> int | None:
     return None if conv is None else int(conv.in_channels)
 
 
+def check_class_count(module: ClassifierModule, datamodule: Any, source: str) -> None:
+    """The data may not have more classes than the network has outputs (a 7th class folder
+    next to a 6-class checkpoint used to give a raw ``IndexError: Target 6 is out of
+    bounds``, or nothing at all when that class had no test images)."""
+    try:
+        count = int(datamodule.num_classes)
+        names = [str(n) for n in datamodule.class_names]
+    except (VebiError, AttributeError, TypeError, ValueError, RuntimeError, OSError):
+        return  # not known before the data is read: the data module says so itself
+    outputs = int(module.hparams.num_classes)
+    if count <= outputs:
+        return
+    extra = ", ".join(names[outputs:][:5]) or "?"
+    raise VebiError(
+        f"the data has {count} classes but {source} has {outputs} outputs (classes "
+        f"beyond them: {extra}): use the data the network was trained on, remove the extra "
+        "class folders, or train a network on these classes"
+    )
+
+
 def check_model_takes_data(net: nn.Module, datamodule: Any, source: str) -> None:
     """One forward pass of a blank image shaped like the data's (C, H, W), before any work:
     a network that cannot take them (3-channel ResNet, 1-channel MNIST digits) is one clear
@@ -339,6 +359,7 @@ def load_model(cfg: DictConfig, datamodule: Any = None) -> LoadedModel:
         module = load_classifier(ckpt_path)
         if datamodule is not None:
             _check_input_shape(module, datamodule, ckpt_path)
+            check_class_count(module, datamodule, str(ckpt_path))
             check_model_takes_data(module.net, datamodule, str(ckpt_path))
         return LoadedModel(module, ckpt_path, str(ckpt_path))
     if kind != "config":

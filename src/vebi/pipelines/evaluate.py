@@ -51,7 +51,13 @@ from vebi.mining.reporting import console_summary
 from vebi.mining.reuse import load_or_mine
 from vebi.models.hooks import to_device
 from vebi.modules.classifier import ClassifierModule
-from vebi.pipelines.common import LoadedModel, instantiate_data, load_model, mined_features_path
+from vebi.pipelines.common import (
+    LoadedModel,
+    check_class_count,
+    instantiate_data,
+    load_model,
+    mined_features_path,
+)
 from vebi.pipelines.report import report_run
 from vebi.utils.distributed import ShardSampler, is_main_process
 from vebi.utils.instantiate import device_for, instantiate_checked, instantiate_trainer
@@ -371,6 +377,10 @@ def _panels(
     return class_panels(shown, positions, maps, class_names)
 
 
+#: Most deletion / insertion steps (:func:`_check_settings`).
+MAX_CURVE_STEPS = 1000
+
+
 def _check_settings(settings: DictConfig) -> None:
     """Refuse impossible evaluation settings before any work is done."""
     unknown = set(settings.evaluators) - set(EVALUATORS)
@@ -380,7 +390,9 @@ def _check_settings(settings: DictConfig) -> None:
         "evaluation.heatmap_images", settings.get("heatmap_images"), 1, allow_none=True
     )
     require_int_in_range("evaluation.max_images", settings.get("max_images"), 1, allow_none=True)
-    require_int_in_range("evaluation.steps", settings.get("steps"), 1)
+    # every step is one forward pass of every scored image per method and curve; beyond a
+    # thousand the curves' AUC no longer moves (a step is then under a tenth of a percent)
+    require_int_in_range("evaluation.steps", settings.get("steps"), 1, MAX_CURVE_STEPS)
     require_int_in_range("evaluation.batch_size", settings.get("batch_size"), 1)
     require_int_in_range("evaluation.batch_size_inference", settings.get("batch_size_inference"), 1)
     require_int_in_range(
@@ -465,6 +477,7 @@ def _test_network(
     )
     datamodule.prepare_data()
     datamodule.setup("test")
+    check_class_count(module, datamodule, "the network")  # the folders are read now
     test_dataset = datamodule.test_dataloader().dataset
     # refuses an empty test split before anything runs
     test = EvaluationSet.from_dataset(

@@ -19,7 +19,12 @@ from vebi.explain.inputs import ImageFiles
 from vebi.explain.rules import Rules
 from vebi.mining.miner import model_fingerprint
 from vebi.mining.relevant import RelevantFeatures
-from vebi.pipelines.common import instantiate_data, load_model, relevant_features_for
+from vebi.pipelines.common import (
+    check_class_count,
+    instantiate_data,
+    load_model,
+    relevant_features_for,
+)
 from vebi.pipelines.report import report_run
 from vebi.utils.distributed import ShardSampler, gather_objects, is_main_process
 from vebi.utils.instantiate import instantiate_trainer
@@ -73,6 +78,8 @@ def _first_image(images: ImageFiles | _TestImages) -> torch.Tensor:
         image, _, _, problem = images[index]
         if not problem:
             return image[None]
+        if isinstance(images, ImageFiles) and not images.source.is_dir():
+            images.read(index)  # one file given: its whole reason (PIL's explanation too)
         skipped.append(f"{images.names[index]}: {problem}")
     source = getattr(images, "source", "the test split")
     raise VebiError(f"no readable image in {source} (skipped: {', '.join(skipped) or 'none'})")
@@ -175,6 +182,8 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
         log.warning("the relevant features were mined from other weights than %s", model.source)
     labels: dict[str, int] = {}
     images = _inputs(cfg, datamodule, labels)
+    if str(cfg.input) == "test":  # the data's folders are read now
+        check_class_count(module, datamodule, model.source)
     names = images.names
     relevant.check_model(module.net, _first_image(images))
     rules = Rules.from_config(cfg.rules)

@@ -14,6 +14,7 @@ from vebi.mining.miner import FeatureMiner
 from vebi.mining.reporting import console_summary, save_and_log
 from vebi.pipelines.common import (
     NO_GALLERIES,
+    check_class_count,
     instantiate_data,
     load_model,
     make_galleries,
@@ -37,6 +38,7 @@ def mine(cfg: DictConfig) -> dict[str, Any]:
     module = model.module.to(device_for(cfg.trainer))
     datamodule.prepare_data()
     datamodule.setup("fit")
+    check_class_count(module, datamodule, model.source)  # the folders are read now
     miner = instantiate_checked(cfg.mining, FeatureMiner, "mining")
     galleries = (cfg.get("interpretation") or {}).get("galleries", True)
     planned = ["mining", "saving the relevant features", *(["galleries"] if galleries else [])]

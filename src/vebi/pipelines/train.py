@@ -45,7 +45,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if max_epochs is not None and max_epochs < 1 and (cfg.trainer.get("max_steps") or -1) < 1:
         raise VebiError(
             f"trainer.max_epochs must be >= 1, got {max_epochs} (Lightning reads -1 as 'train "
-            "forever'); to train by steps set trainer.max_steps instead"
+            "forever'); to train by steps add +trainer.max_steps=<steps> instead"
         )
     resume = cfg.get("ckpt_path")
     if resume:

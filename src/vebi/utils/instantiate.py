@@ -66,7 +66,29 @@ def instantiate_checked(config: Mapping[str, Any], kind: type, where: str, **kwa
     """``hydra.utils.instantiate(config, **kwargs)`` once :func:`check_target` has accepted its
     ``_target_`` as a ``kind`` class (so a wrong target is refused before it runs)."""
     check_target(config, kind, where)
-    return instantiate(config, **kwargs)
+    return _unwrapped(lambda: instantiate(config, **kwargs), where)
+
+
+def _unwrapped(build: Any, where: str) -> Any:
+    """``build()``; the settings error a constructor raised (a :class:`VebiError`, or a
+    ``ValueError`` about its arguments) comes out as one :class:`VebiError`, not inside
+    Hydra's multi-line ``InstantiationException`` (which the jobs would print as a
+    traceback)."""
+    from hydra.errors import InstantiationException
+
+    from vebi.errors import VebiError
+
+    try:
+        return build()
+    except InstantiationException as error:
+        cause: BaseException | None = error
+        while cause is not None and not isinstance(cause, VebiError | ValueError):
+            cause = cause.__cause__
+        if isinstance(cause, VebiError):
+            raise cause from None
+        if isinstance(cause, ValueError):
+            raise VebiError(f"{where}: {cause}") from None
+        raise
 
 
 def instantiate_group(group: DictConfig | None, kind: type) -> list[Any]:

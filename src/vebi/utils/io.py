@@ -12,6 +12,21 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from PIL import Image, UnidentifiedImageError
+
+#: What opening and decoding an image file can raise (a decompression bomb is no OSError).
+IMAGE_READ_ERRORS = (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError)
+
+
+def image_error_reason(error: BaseException) -> str:
+    """Why an image file could not be read, with what to do for a decompression bomb."""
+    if isinstance(error, Image.DecompressionBombError):
+        return (
+            f"{error} (PIL refuses images this large as a possible decompression bomb; shrink "
+            "it, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file)"
+        )
+    return str(error)
+
 
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
