@@ -111,8 +111,8 @@ def training_run(table: str, seed: int, runs: Path, extra: list[str]) -> Path:
     if checkpoint.is_file() and (folder / "features.done").is_file():
         return checkpoint
     overrides = [f"experiment={table}", f"seed={seed}", f"hydra.run.dir={folder}"]
-    if table.startswith("an8flower"):
-        overrides.append(f"data.generator_seed={seed}")
+    if table.startswith("an8flower"):  # data of its own per seed, next to the others
+        overrides += [f"data.generator_seed={seed}", f"data.name={table}_seed{seed}"]
     _run([sys.executable, "train.py", *overrides, *extra], folder.with_suffix(".log"))
     if not checkpoint.is_file():
         raise SystemExit(f"train.py wrote no checkpoint at {checkpoint}")
