@@ -98,8 +98,14 @@ def test_gradcam_matches_the_hand_computed_formula() -> None:
     low = cam.flatten(1).min(1).values.view(-1, 1, 1)
     high = cam.flatten(1).max(1).values.view(-1, 1, 1)
     expected = (cam - low) / (high - low)
-    maps = GradCAM(model, None)(images, classes)
+    maps = GradCAM(model, None, calibration="min_max")(images, classes)
     assert torch.allclose(maps, expected.detach(), atol=1e-5)
+    # the default calibration: divided by the 99.5th percentile (numpy's inverted-CDF
+    # quantile: the smallest pixel value with at least 99.5 % of the pixels at or below it)
+    quantile = np.quantile(cam.detach().flatten(1).numpy(), 0.995, axis=1, method="inverted_cdf")
+    expected = (cam.detach() / torch.as_tensor(quantile).view(-1, 1, 1).float()).clamp(0, 1)
+    assert (quantile > 0).all()
+    torch.testing.assert_close(GradCAM(model, None)(images, classes), expected)
 
 
 def test_gradient_is_the_absolute_input_gradient() -> None:

@@ -46,8 +46,9 @@ def _correlation(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_gradcam_of_pytorch_grad_cam_agrees_with_captums(setup) -> None:
     model, images, classes = setup
     relevant = _random_relevant(model, images, 4)
-    captum = GradCAM(model, relevant)(images, classes)
-    theirs = PytorchGradCAM(model, relevant, "gradcam")(images, classes)
+    # both as the libraries scale them (min-max); the evaluation calibrates both alike
+    captum = GradCAM(model, relevant, calibration="min_max")(images, classes)
+    theirs = PytorchGradCAM(model, relevant, "gradcam", calibration="min_max")(images, classes)
     assert theirs.shape == captum.shape
     # the same ReLU(sum_k alpha_k A_k), scaled per image; bilinear resizing by OpenCV and by
     # torch differ only in rounding

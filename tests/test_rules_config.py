@@ -16,7 +16,7 @@ from torch import nn
 
 from tests.conftest import CONFIG_DIR
 from vebi.errors import VebiError
-from vebi.explain import backprop_feature
+from vebi.explain import PAPER_STYLE, ExplanationStyle, backprop_feature
 from vebi.explain.rules import (
     NAMED_RULES,
     PRESETS,
@@ -185,15 +185,17 @@ def test_the_explanations_take_the_runs_rules(
     path = relevant.save(tmp_path / "relevant_features.h5")
     seen = []
 
-    def explainer(net, relevant, k, rules):
-        seen.append(rules)
+    def explainer(net, relevant, k, rules, style):
+        seen.append((rules, style))
         raise _Stop
 
     monkeypatch.setattr(explain_pipeline, "Explainer", explainer)
     overrides = [*_config_lenet(mnist_root), f"relevant_features={path}", "num_images=2"]
     with pytest.raises(_Stop):
         explain_pipeline.explain(compose_cfg("explain", [*overrides, *CHOSEN]))
-    assert seen == [EXPECTED]
+    with pytest.raises(_Stop):  # and the run's explanation style: the paper's preset
+        explain_pipeline.explain(compose_cfg("explain", [*overrides, *CHOSEN, "explanation=paper"]))
+    assert seen == [(EXPECTED, ExplanationStyle()), (EXPECTED, PAPER_STYLE)]
 
 
 USER_MODULE = """

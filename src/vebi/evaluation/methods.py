@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vebi.errors import VebiError
-from vebi.explain.explainer import Explainer
-from vebi.explain.heatmaps import min_max_scale, signal_to_heatmap
+from vebi.explain.explainer import Explainer, ExplanationStyle
+from vebi.explain.heatmaps import CALIBRATIONS, calibrate, signal_to_heatmap
 from vebi.explain.rules import Rules, backward_rules
 from vebi.mining.relevant import RelevantFeatures
 from vebi.models.hooks import capture_outputs, eval_mode, trace_leaf_calls
@@ -95,8 +95,10 @@ class VebiExplanation(HeatmapMethod):
     """Ours: the top-k relevant features that fire, propagated with ``rules`` (None: the
     project default; see :mod:`vebi.explain.rules`). In a config ``rules`` is a rules config
     (the run's ``${rules}``, or one with some of its choices replaced), built with
-    :meth:`Rules.from_config`. ``combine="max"`` is the combined map (pixel-wise max of the k
-    maps), ``combine="best"`` the map of the single highest-scoring feature."""
+    :meth:`Rules.from_config`. ``combine="all"`` is the combined map of the k features (as
+    ``style`` combines them: :class:`~vebi.explain.explainer.ExplanationStyle`, a config
+    mapping of its fields, or None for the default), ``combine="best"`` the map of the single
+    highest-scoring feature."""
 
     uses_relevant_features = True
 
@@ -106,19 +108,33 @@ class VebiExplanation(HeatmapMethod):
         relevant: RelevantFeatures,
         k: int = 3,
         rules: Rules | Mapping[str, Any] | None = None,
-        combine: str = "max",
+        combine: str = "all",
+        style: ExplanationStyle | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(model, relevant)
-        if combine not in ("max", "best"):
-            raise VebiError(f"combine must be 'max' or 'best', got {combine!r}")
+        if combine not in ("all", "best"):
+            raise VebiError(f"combine must be 'all' (k features) or 'best', got {combine!r}")
         self.combine = combine
+        if style is not None and not isinstance(style, ExplanationStyle):
+            style = ExplanationStyle(**{k: v for k, v in style.items() if k != "_target_"})
         self.explainer = Explainer(
-            model, relevant, k=1 if combine == "best" else k, rules=Rules.from_config(rules)
+            model,
+            relevant,
+            k=1 if combine == "best" else k,
+            rules=Rules.from_config(rules),
+            style=style,
         )
 
     def __call__(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         explanation = self.explainer(images, classes)
-        return explanation.combined if self.combine == "max" else explanation.maps[:, 0]
+        return explanation.combined if self.combine == "all" else explanation.maps[:, 0]
+
+
+def checked_calibration(calibration: str) -> str:
+    """``calibration`` if it names one of :data:`vebi.explain.heatmaps.CALIBRATIONS`."""
+    if calibration not in CALIBRATIONS:
+        raise VebiError(f"calibration must be one of {list(CALIBRATIONS)}, got {calibration!r}")
+    return calibration
 
 
 class CaptumAttribution(SignalMethod):
@@ -219,13 +235,19 @@ def captum_uncovered_activations(model: nn.Module) -> list[str]:
 
 class GradCAM(HeatmapMethod):
     """Grad-CAM (Captum ``LayerGradCam``) at ``layer`` (default: the last layer with a spatial
-    map), ReLU, bilinearly upsampled to the image and min-max scaled."""
+    map), ReLU, bilinearly upsampled to the image and calibrated (``calibration``, as every
+    method's map: :func:`vebi.explain.heatmaps.calibrate`)."""
 
     def __init__(
-        self, model: nn.Module, relevant: RelevantFeatures, layer: str | None = None
+        self,
+        model: nn.Module,
+        relevant: RelevantFeatures,
+        layer: str | None = None,
+        calibration: str = "percentile",
     ) -> None:
         super().__init__(model, relevant)
         self.layer = layer
+        self.calibration = checked_calibration(calibration)
 
     def __call__(self, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
         from captum.attr import LayerAttribution, LayerGradCam
@@ -241,7 +263,7 @@ class GradCAM(HeatmapMethod):
                 relu_attributions=True,
             )
         cam = LayerAttribution.interpolate(cam.detach(), tuple(images.shape[-2:]), "bilinear")
-        return min_max_scale(cam[:, 0].clamp_min(0))
+        return calibrate(cam[:, 0].clamp_min(0), self.calibration)
 
 
 class TopUnitActivation(HeatmapMethod):
@@ -292,7 +314,7 @@ class TopUnitActivation(HeatmapMethod):
                 activation, size=tuple(images.shape[-2:]), mode="bilinear", align_corners=False
             )
             maps[n] = upsampled[0, 0]
-        return min_max_scale(maps.clamp_min(0))
+        return calibrate(maps.clamp_min(0))
 
 
 class CentreGaussian(HeatmapMethod):
@@ -309,7 +331,7 @@ class CentreGaussian(HeatmapMethod):
         ys = (torch.arange(height, dtype=torch.float32) - (height - 1) / 2) / (self.sigma * height)
         xs = (torch.arange(width, dtype=torch.float32) - (width - 1) / 2) / (self.sigma * width)
         gaussian = torch.exp(-0.5 * (ys[:, None] ** 2 + xs[None, :] ** 2))
-        return min_max_scale(gaussian.expand(len(images), height, width).to(images.device))
+        return calibrate(gaussian.expand(len(images), height, width).to(images.device))
 
 
 class UniformRandom(HeatmapMethod):

@@ -43,11 +43,12 @@ from vebi.errors import VebiError
 from vebi.evaluation.methods import (
     HeatmapMethod,
     SignalMethod,
+    checked_calibration,
     last_spatial_layer,
     spatial_layers,
 )
 from vebi.explain.explainer import Explainer
-from vebi.explain.heatmaps import min_max_scale, signal_to_heatmap
+from vebi.explain.heatmaps import calibrate, signal_to_heatmap
 from vebi.mining.relevant import RelevantFeatures
 from vebi.models.hooks import eval_mode
 from vebi.models.normalize import Normalize
@@ -109,7 +110,7 @@ def positive_relevance_map(relevance: torch.Tensor) -> torch.Tensor:
     the colour channels (relevance is additive), positive part, scaled by its maximum per image
     (the usual LRP heatmap of positive evidence; an all-non-positive map is all zero)."""
     summed = relevance.sum(dim=1) if relevance.ndim == 4 else relevance
-    return min_max_scale(summed.clamp_min(0))
+    return calibrate(summed.clamp_min(0))
 
 
 def input_bounds(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -497,7 +498,8 @@ class PytorchGradCAM(PeerMethod, HeatmapMethod):
     with its defaults: ``gradcam``, ``gradcam_plus_plus``, ``layercam``, ``scorecam``,
     ``eigencam`` (the target class through ``ClassifierOutputTarget``; EigenCAM ignores it, as
     it is class-agnostic). The library returns maps min-max scaled per image and resized to
-    the image."""
+    the image; they are then calibrated as every method's (``calibration``; ``min_max`` keeps
+    the library's maps)."""
 
     ALGORITHMS: ClassVar[dict[str, str]] = {
         "gradcam": "GradCAM",
@@ -513,8 +515,10 @@ class PytorchGradCAM(PeerMethod, HeatmapMethod):
         relevant: RelevantFeatures,
         algorithm: str = "gradcam",
         layer: str | None = None,
+        calibration: str = "percentile",
     ) -> None:
         super().__init__(model, relevant)
+        self.calibration = checked_calibration(calibration)
         if algorithm not in self.ALGORITHMS:
             raise VebiError(
                 f"unknown pytorch-grad-cam algorithm {algorithm!r}; use one of "
@@ -543,7 +547,7 @@ class PytorchGradCAM(PeerMethod, HeatmapMethod):
                 inputs = images.detach().clone().requires_grad_(True)
                 maps = cam(input_tensor=inputs, targets=targets)
         maps = torch.as_tensor(np.asarray(maps), dtype=torch.float32, device=images.device)
-        return maps.nan_to_num(0.0).clamp(0, 1)
+        return calibrate(maps.nan_to_num(0.0).clamp(0, 1), self.calibration)
 
 
 class CaptumPathAttribution(PeerMethod, SignalMethod):
@@ -717,7 +721,7 @@ class CRAFTConcepts(PeerMethod, HeatmapMethod):
                     align_corners=False,
                 )
                 maps[rows] = upsampled[:, 0]
-        return min_max_scale(maps.clamp_min(0))
+        return calibrate(maps.clamp_min(0))
 
 
 class CRPClassPick:

@@ -12,10 +12,51 @@ import torch
 from torch import nn
 
 from vebi.errors import VebiError
-from vebi.explain.heatmaps import signal_to_heatmap
+from vebi.explain.heatmaps import calibrate, signal_to_heatmap
 from vebi.explain.rules import Rules, backward_rules, check_rule_coverage
 from vebi.mining.relevant import RelevantFeatures
 from vebi.models.hooks import capture_outputs, eval_mode, network_of
+
+COMBINATIONS = ("score", "max")
+CONDITIONINGS = ("class", "activation")
+
+
+@dataclass(frozen=True)
+class ExplanationStyle:
+    """How the k chosen features become maps and one combined map (docs/method.md, 4).
+
+    * ``conditioning``: ``class`` (default) starts each feature's backward pass from the part
+      of its channel map that raises the class's score, max(a, 0) max(g, 0) with a the
+      channel's forward activation and g the backward signal of the class logit at that layer
+      under the same rules (max(a g, 0) after a ReLU; the idea of CRP, with vebi's rules and
+      stride fix); ``activation`` (the
+      paper's) starts from the forward activation a itself.
+    * ``calibration``: ``percentile`` (default) or ``min_max`` (the paper's), how each map is
+      brought to [0, 1] (:func:`vebi.explain.heatmaps.calibrate`).
+    * ``combination``: ``score`` (default) sums the calibrated maps weighted by their share of
+      the score, sum_j (s_j / sum_i s_i) m_j (the weights w_c when no feature fires), and
+      calibrates the sum, so a feature of score 0.03 cannot take over one of 0.62; ``max``
+      (the paper's) is the pixel-wise maximum of the k maps.
+    """
+
+    conditioning: str = "class"
+    calibration: str = "percentile"
+    combination: str = "score"
+
+    def __post_init__(self) -> None:
+        from vebi.explain.heatmaps import CALIBRATIONS
+
+        for name, value, allowed in (
+            ("conditioning", self.conditioning, CONDITIONINGS),
+            ("calibration", self.calibration, CALIBRATIONS),
+            ("combination", self.combination, COMBINATIONS),
+        ):
+            if value not in allowed:
+                raise VebiError(f"explanation.{name} must be one of {list(allowed)}, got {value!r}")
+
+
+#: The paper's explanation: activation maps, min-max scaled, combined by their maximum.
+PAPER_STYLE = ExplanationStyle(conditioning="activation", calibration="min_max", combination="max")
 
 
 @dataclass(frozen=True)
@@ -34,7 +75,7 @@ class Explanation:
 
     ``maps`` (N, k, H, W): one map in [0, 1] per chosen feature ("decoupled"; zeros where an
     image has fewer than k features; k = the explainer's effective ``k``); ``combined``
-    (N, H, W): their pixel-wise max.
+    (N, H, W): their combination (:class:`ExplanationStyle`).
     ``fallback[n]`` is True when no relevant feature of the class fired for image n, so the
     class's highest-weight features were used instead.
     """
@@ -60,7 +101,12 @@ class Explainer:
     """
 
     def __init__(
-        self, model: nn.Module, relevant: RelevantFeatures, k: int = 3, rules: Rules | None = None
+        self,
+        model: nn.Module,
+        relevant: RelevantFeatures,
+        k: int = 3,
+        rules: Rules | None = None,
+        style: ExplanationStyle | None = None,
     ) -> None:
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
             raise VebiError(
@@ -76,6 +122,7 @@ class Explainer:
         most = int(mask.sum(axis=0).max()) if mask.size else 0
         self.k: int = max(1, min(int(k), most))
         self.rules: Rules = rules or Rules()
+        self.style: ExplanationStyle = style or ExplanationStyle()
         check_rule_coverage(model, self.rules)  # every unsupported module named, up front
         used = mask.any(axis=1).nonzero()[0]
         self.layers: list[str] = list(dict.fromkeys(relevant.index.locate(int(f))[0] for f in used))
@@ -236,18 +283,62 @@ class Explainer:
                 )
             classes = logits.argmax(1) if targets is None else targets
             chosen, fallback = self._choose(x.detach(), classes)
+            starts = self._starting_maps(outputs, logits, classes, chosen)
             maps = torch.zeros(len(images), self.k, *images.shape[-2:], device=images.device)
             for slot in range(self.k):
-                self._backprop_slot(slot, chosen, outputs, inputs, maps, last=slot == self.k - 1)
+                self._backprop_slot(slot, chosen, starts, outputs, inputs, maps, self.k - 1 == slot)
         features = self._describe(chosen, x, classes)
+        maps = maps.detach()
         return Explanation(
             classes=classes.detach().cpu(),
             features=features,
-            maps=maps.detach(),
-            combined=maps.detach().amax(dim=1),
+            maps=maps,
+            combined=self._combine(maps, chosen, x.detach(), classes, fallback),
             fallback=fallback,
             logits=logits.detach(),
         )
+
+    def _starting_maps(
+        self,
+        outputs: dict[str, torch.Tensor],
+        logits: torch.Tensor,
+        classes: torch.Tensor,
+        chosen: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """Per layer holding a chosen feature, the maps its backward passes start from: the
+        forward activation a (``activation``), or max(a, 0) max(g, 0) with g the backward signal
+        of the class logit at that layer under the rules (``class``; a channel where that is
+        zero everywhere starts from a in :meth:`_backprop_slot`)."""
+        ids = chosen[chosen >= 0].unique().cpu()
+        layers = list(dict.fromkeys(self.relevant.index.layers[i] for i in self._layer_id[ids]))
+        if self.style.conditioning == "activation" or not layers:
+            return {name: outputs[name].detach() for name in layers}
+        score = logits.gather(1, classes.view(-1, 1).to(logits.device)).sum()
+        grads = torch.autograd.grad(score, [outputs[name] for name in layers], retain_graph=True)
+        return {
+            name: outputs[name].detach().clamp_min(0) * grad.detach().clamp_min(0)
+            for name, grad in zip(layers, grads, strict=True)
+        }
+
+    def _combine(
+        self,
+        maps: torch.Tensor,
+        chosen: torch.Tensor,
+        x: torch.Tensor,
+        classes: torch.Tensor,
+        fallback: torch.Tensor,
+    ) -> torch.Tensor:
+        """The combined map of the k maps (:class:`ExplanationStyle`, ``combination``)."""
+        if self.style.combination == "max":
+            return maps.amax(dim=1)
+        ids = chosen.clamp_min(0)
+        weights = self.weights.to(x.device)[ids, classes.view(-1, 1)]  # (N, k)
+        scores = x.gather(1, ids) * weights
+        fell_back = fallback.to(x.device).view(-1, 1)
+        shares = torch.where(fell_back, weights, scores).clamp_min(0) * (chosen >= 0)
+        shares = shares / shares.sum(dim=1, keepdim=True).clamp_min(1e-30)
+        summed = (maps * shares.to(maps.dtype)[:, :, None, None]).sum(dim=1)
+        return calibrate(summed, self.style.calibration)
 
     def _describe(
         self, chosen: torch.Tensor, x: torch.Tensor, classes: torch.Tensor
@@ -273,12 +364,14 @@ class Explainer:
         self,
         slot: int,
         chosen: torch.Tensor,
+        starts: dict[str, torch.Tensor],
         outputs: dict[str, torch.Tensor],
         inputs: torch.Tensor,
         maps: torch.Tensor,
         last: bool,
     ) -> None:
-        """One backward pass for the slot-th feature of every image (layers may differ)."""
+        """One backward pass for the slot-th feature of every image (layers may differ),
+        each starting from its channel of ``starts`` (:meth:`_starting_maps`)."""
         features = chosen[:, slot].cpu()
         present = features >= 0
         if not present.any():
@@ -288,15 +381,27 @@ class Explainer:
         rows = torch.arange(len(features))
         tensors, signals = [], []
         for layer_id in layer_ids[present].unique().tolist():
-            output = outputs[self.relevant.index.layers[layer_id]]
+            name = self.relevant.index.layers[layer_id]
+            output = outputs[name]
             mine = layer_ids == layer_id
             # each image's own channel map where this layer holds its feature, zeros elsewhere
             images_here = rows[mine].to(output.device)
             channels_here = channels[mine].to(output.device)
             signal = torch.zeros_like(output)
-            signal[images_here, channels_here] = output.detach()[images_here, channels_here]
+            start = starts[name][images_here, channels_here]
+            # a channel of which no part raises the class (max(a, 0) max(g, 0) = 0 everywhere)
+            # starts from its activation, as the paper's maps do, rather than from nothing
+            silent = start.flatten(1).amax(dim=1) <= 0
+            if silent.any():
+                activation = output.detach()[images_here, channels_here]
+                start = torch.where(silent.view(-1, *([1] * (start.ndim - 1))), activation, start)
+            # each start scaled to a maximum of 1 (a map's calibration does not see its scale,
+            # and a class signal of 1e-15, as in an untrained network, would underflow below)
+            peak = start.flatten(1).abs().amax(dim=1).clamp_min(1e-30)
+            start = start / peak.view(-1, *([1] * (start.ndim - 1)))
+            signal[images_here, channels_here] = start
             tensors.append(output)
             signals.append(signal)
         (grad,) = torch.autograd.grad(tensors, inputs, grad_outputs=signals, retain_graph=not last)
         rows = present.to(inputs.device)
-        maps[rows, slot] = signal_to_heatmap(grad[rows])
+        maps[rows, slot] = signal_to_heatmap(grad[rows], self.style.calibration)

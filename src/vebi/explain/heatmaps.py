@@ -2,19 +2,58 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 
+#: How input-space maps are brought to [0, 1] before they are compared, thresholded or combined.
+CALIBRATIONS = ("percentile", "min_max")
+#: The percentile calibration divides by this quantile of a map's pixels: at most 0.5 % of
+#: them saturate at 1, so a few hot pixels cannot push the rest of the map towards 0.
+CALIBRATION_QUANTILE = 0.995
 
-def signal_to_heatmap(signal: torch.Tensor) -> torch.Tensor:
+
+def signal_to_heatmap(signal: torch.Tensor, calibration: str = "percentile") -> torch.Tensor:
     """(N, C, H, W) input-space signal -> (N, H, W) map in [0, 1] (docs/method.md, 4, step 4).
 
-    Positive part per colour channel, L2 norm over the colour channels, min-max per image
-    (an all-zero signal gives an all-zero map).
+    Positive part per colour channel, L2 norm over the colour channels, then
+    :func:`calibrate` per image (an all-zero signal gives an all-zero map).
     """
-    return min_max_scale(signal.clamp_min(0).pow(2).sum(dim=1).sqrt())
+    positive = signal.clamp_min(0)
+    # scaled to a maximum of 1 first (calibration does not see the scale): squares of a
+    # 1e-20 signal would underflow to 0 in float32
+    peak = positive.flatten(1).amax(dim=1).clamp_min(1e-30) if positive.numel() else None
+    if peak is not None:
+        positive = positive / peak.view(-1, *([1] * (positive.ndim - 1)))
+    return calibrate(positive.pow(2).sum(dim=1).sqrt(), calibration)
+
+
+def calibrate(maps: torch.Tensor, calibration: str = "percentile") -> torch.Tensor:
+    """Each (H, W) map of (N, H, W) brought to [0, 1].
+
+    ``percentile`` (the default): m -> min(max(m, 0) / q, 1) with q the
+    :data:`CALIBRATION_QUANTILE` quantile of max(m, 0) over the map's P pixels (its
+    ceil(0.995 P)-th smallest value) (its maximum when
+    that quantile is 0: a map with fewer non-zero pixels than 0.5 %). Robust to a few hot
+    pixels, as Captum's and Zennit's visualisers scale (by a high percentile), and a map's
+    zero stays zero. ``min_max`` (the paper's): (m - min) / (max - min). Constant maps become 0.
+    """
+    if calibration == "min_max":
+        return min_max_scale(maps)
+    if calibration != "percentile":
+        raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {calibration!r}")
+    positive = maps.clamp_min(0)
+    flat = positive.flatten(1).float()
+    if flat.shape[1] == 0:
+        return positive
+    rank = max(1, math.ceil(round(CALIBRATION_QUANTILE * flat.shape[1], 6)))  # order statistic
+    high = flat.kthvalue(rank, dim=1).values
+    top = flat.max(dim=1).values
+    scale = torch.where(high > 0, high, top).view(-1, *([1] * (maps.ndim - 1)))
+    scaled = torch.where(scale > 0, positive / scale.clamp_min(1e-30), torch.zeros_like(positive))
+    return scaled.clamp(0, 1).to(maps.dtype)
 
 
 def min_max_scale(maps: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from vebi.data.base import ClassificationData
 from vebi.errors import VebiError, require_int_in_range
-from vebi.explain.explainer import Explainer
+from vebi.explain.explainer import Explainer, ExplanationStyle
 from vebi.explain.figures import explanation_figure, save_figure
 from vebi.explain.inputs import ImageFiles
 from vebi.explain.rules import Rules
@@ -27,7 +27,7 @@ from vebi.pipelines.common import (
 )
 from vebi.pipelines.report import report_run
 from vebi.utils.distributed import ShardSampler, gather_objects, is_main_process
-from vebi.utils.instantiate import instantiate_trainer
+from vebi.utils.instantiate import instantiate_checked, instantiate_trainer
 from vebi.utils.io import atomic_path, unique_file_names
 from vebi.utils.log import get_logger
 from vebi.utils.task import task
@@ -187,7 +187,8 @@ def explain(cfg: DictConfig) -> dict[str, Any]:
     names = images.names
     relevant.check_model(module.net, _first_image(images))
     rules = Rules.from_config(cfg.rules)
-    explainer = Explainer(module.net, relevant, k=int(cfg.k), rules=rules)
+    style = instantiate_checked(cfg.explanation, ExplanationStyle, "explanation")
+    explainer = Explainer(module.net, relevant, k=int(cfg.k), rules=rules, style=style)
     output_dir = Path(cfg.paths.output_dir) / "explanations"
     step = ExplanationStep(explainer, names, unique_file_names(names), output_dir, target)
     loader = DataLoader(images, batch_size=batch_size, sampler=ShardSampler(len(images)))
