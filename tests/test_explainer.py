@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from tests.mining_models import mnist_subset, planted_colour_data, planted_colour_model
 from vebi.errors import VebiError
-from vebi.explain import PAPER_STYLE, Explainer, Rules, backprop_feature
+from vebi.explain import PAPER_STYLE, Explainer, ExplanationStyle, Rules, backprop_feature
 from vebi.explain.heatmaps import checkerboard_score, signal_to_heatmap, stride_periods
 from vebi.mining import FeatureMiner
 from vebi.models import SmallVGG
@@ -177,7 +177,8 @@ def test_class_conditioned_maps_start_from_gradient_times_activation() -> None:
     images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     classes = torch.arange(4)
     gradient = Rules(relu="gradient", conv="standard", pool="standard")
-    explanation = Explainer(model, relevant, k=2, rules=gradient)(images, classes)
+    by_class = ExplanationStyle(conditioning="class")
+    explanation = Explainer(model, relevant, k=2, rules=gradient, style=by_class)(images, classes)
     paper = Explainer(model, relevant, k=2, rules=gradient, style=PAPER_STYLE)(images, classes)
     modules = dict(model.named_modules())
     checked = 0
@@ -207,7 +208,6 @@ def test_class_conditioned_maps_start_from_gradient_times_activation() -> None:
 
 def test_combined_map_weights_each_map_by_its_share_of_the_score() -> None:
     """combined = calibrate(sum_j s_j / sum_i s_i m_j), s_j = x_j w_jc; the paper's: max_j m_j."""
-    from vebi.explain import ExplanationStyle
     from vebi.explain.heatmaps import calibrate
 
     model, relevant = _small_vgg_relevant()
@@ -228,8 +228,6 @@ def test_combined_map_weights_each_map_by_its_share_of_the_score() -> None:
 
 
 def test_explanation_style_is_checked() -> None:
-    from vebi.explain import ExplanationStyle
-
     for field in ("conditioning", "calibration", "combination"):
         with pytest.raises(VebiError, match=f"explanation.{field} must be one of"):
             ExplanationStyle(**{field: "sideways"})

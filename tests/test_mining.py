@@ -35,10 +35,15 @@ def test_planted_channel_is_mined_first(tmp_path: Path) -> None:
         top = report.relevant.relevant(c)[0]
         assert (top.layer, top.channel) == ("feat", c)
     # over all default layers the deciding colour channel still ranks first
-    report = FeatureMiner(mu=5.0, cache_dir=tmp_path, progress=False).mine(model, data)
+    every = FeatureMiner(mu=5.0, views="every", cache_dir=tmp_path, progress=False)
+    report = every.mine(model, data)
     assert report.relevant.layers == ("feat", "relu", "pool")
     for c in range(3):
         assert report.relevant.relevant(c)[0].channel == c
+    # one view per tensor: feat goes straight into relu, pool is a global pooling of relu
+    one = FeatureMiner(mu=5.0, cache_dir=tmp_path, progress=False).mine(model, data).relevant
+    assert one.layers == ("relu",)
+    assert [one.relevant(c)[0].channel for c in range(3)] == [0, 1, 2]
     assert report.relevant.metrics["network_accuracy_train"] == 1.0
 
 
@@ -56,8 +61,10 @@ class _CountingModel(torch.nn.Module):
 
 
 def _miner(cache_dir: Path, **kwargs) -> FeatureMiner:
+    # every view of LeNet's default layers (m = 1140): these tests are about the solve and
+    # the cache, not the layer choice
     options = {"batch_size": 50, "chunk_rows": 200, "progress": False, "cache_dir": cache_dir}
-    return FeatureMiner(**{**options, **kwargs})
+    return FeatureMiner(**{"views": "every", **options, **kwargs})
 
 
 def test_interrupted_extraction_resumes(mnist_root: Path, tmp_path: Path, monkeypatch) -> None:
@@ -155,7 +162,7 @@ def test_mu_chosen_by_held_out_accuracy(mnist_root: Path, tmp_path: Path) -> Non
 
 
 def test_relevant_features_round_trip(tmp_path: Path) -> None:
-    report = FeatureMiner(mu=5.0, cache_dir=tmp_path, progress=False).mine(
+    report = FeatureMiner(mu=5.0, views="every", cache_dir=tmp_path, progress=False).mine(
         planted_colour_model(), planted_colour_data(), class_names=["red", "green", "blue"]
     )
     path = report.relevant.save(tmp_path / "out" / "relevant_features.h5")

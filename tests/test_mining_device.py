@@ -23,8 +23,10 @@ LENET_FEATURES = 1140  # m of the seeded LeNet's default layers
 
 
 def _miner(cache_dir: Path, **kwargs) -> FeatureMiner:
+    # every view of LeNet's default layers (m = 1140): these tests are about the solve and
+    # the cache, not the layer choice
     options = {"batch_size": 50, "chunk_rows": 200, "progress": False, "cache_dir": cache_dir}
-    return FeatureMiner(**{**options, **kwargs})
+    return FeatureMiner(**{"views": "every", **options, **kwargs})
 
 
 @pytest.fixture(scope="module")

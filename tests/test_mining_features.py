@@ -30,17 +30,41 @@ def test_feature_index_round_trip() -> None:
 
 
 def test_default_layers_of_lenet() -> None:
+    every = default_feature_layers(seeded_lenet(), torch.rand(1, 1, 28, 28), views="every")
+    assert every == ["conv1", "pool1", "conv2", "pool2", "conv3", "relu3"]
+    # one view per tensor: conv3 goes straight into relu3, one feature layer (relu3's)
     layers = default_feature_layers(seeded_lenet(), torch.rand(1, 1, 28, 28))
-    assert layers == ["conv1", "pool1", "conv2", "pool2", "conv3", "relu3"]
+    assert layers == ["conv1", "pool1", "conv2", "pool2", "relu3"]
+
+
+def test_one_view_per_tensor() -> None:
+    """conv -> bn -> relu is one layer (the relu's), in place or not; a global pooling of a
+    layer is left out, a pooling that keeps a map is not; views=every keeps them all."""
+    from vebi.models import SmallVGG
+
+    net = SmallVGG(num_classes=4, in_channels=3).eval()
+    images = torch.rand(1, 3, 32, 32)
+    assert default_feature_layers(net, images) == ["relu1", "relu2", "pool2", "relu3"]
+    every = default_feature_layers(net, images, views="every")
+    assert every == [
+        "conv1", "relu1", "conv2", "relu2", "pool2", "conv3", "bn3", "relu3", "gmp"
+    ]  # fmt: skip
+    in_place = SmallVGG(num_classes=4, in_channels=3, inplace=True).eval()
+    assert default_feature_layers(in_place, images) == ["relu1", "relu2", "pool2", "relu3"]
+    resnet = torchvision.models.resnet18(num_classes=5).eval()  # in-place ReLU after bn1
+    layers = default_feature_layers(resnet, torch.rand(1, 3, 64, 64))
+    assert layers[:2] == ["relu", "maxpool"] and layers[-1] == "layer4.1"  # avgpool: a copy
+    with pytest.raises(VebiError, match="views must be one of"):
+        default_feature_layers(net, images, views="some")
 
 
 def test_default_layers_of_resnet_and_vgg() -> None:
     resnet = torchvision.models.resnet18(num_classes=5).eval()
-    layers = default_feature_layers(resnet, torch.rand(1, 3, 64, 64))
+    layers = default_feature_layers(resnet, torch.rand(1, 3, 64, 64), views="every")
     assert layers[0] == "conv1" and "fc" not in layers and layers[-1] == "avgpool"
     assert "layer4.1" in layers and not any(name.startswith("layer4.1.") for name in layers)
     vgg = torchvision.models.vgg11(num_classes=4).eval()
-    layers = default_feature_layers(vgg, torch.rand(1, 3, 32, 32))
+    layers = default_feature_layers(vgg, torch.rand(1, 3, 32, 32), views="every")
     assert "classifier.6" not in layers and "classifier.5" not in layers  # logits, dropout
     assert layers[-1] == "classifier.4" and "avgpool" in layers
 
@@ -167,12 +191,14 @@ def test_default_layers_of_a_resnet_are_its_block_outputs() -> None:
     torch.manual_seed(0)
     model = TorchvisionClassifier("resnet18", num_classes=5).eval()
     images = torch.rand(1, 3, 64, 64)
-    layers = default_feature_layers(model, images)
+    layers = default_feature_layers(model, images, views="every")
     blocks = [f"net.layer{i}.{j}" for i in range(1, 5) for j in range(2)]
     assert layers == ["net.conv1", "net.bn1", "net.relu", "net.maxpool", *blocks, "net.avgpool"]
     with FeatureExtractor(model, layers) as extractor:
         x, _ = extractor(images)
     assert x.shape == (1, 4 * 64 + 2 * (64 + 128 + 256 + 512) + 512)
+    one = default_feature_layers(model, images)  # one view per tensor: the stem's relu
+    assert one == ["net.relu", "net.maxpool", *blocks]
 
 
 def test_layers_selected_by_glob_type_or_name() -> None:

@@ -25,12 +25,13 @@ CONDITIONINGS = ("class", "activation")
 class ExplanationStyle:
     """How the k chosen features become maps and one combined map (docs/method.md, 4).
 
-    * ``conditioning``: ``class`` (default) starts each feature's backward pass from the part
+    * ``conditioning``: ``activation`` (default, the paper's) starts each feature's backward
+      pass from its forward activation map a; ``class`` starts it from the part
       of its channel map that raises the class's score, max(a, 0) max(g, 0) with a the
-      channel's forward activation and g the backward signal of the class logit at that layer
-      under the same rules (max(a g, 0) after a ReLU; the idea of CRP, with vebi's rules and
-      stride fix); ``activation`` (the
-      paper's) starts from the forward activation a itself.
+      channel's forward activation and g = dz_c / da the gradient of the class logit at that
+      layer (Gradient x Activation's positive part after a ReLU; the idea of CRP), then carried
+      down by the rules with the stride fix (on networks that end in a global max pool, g
+      is non-zero at one position per channel, and so is the start).
     * ``calibration``: ``percentile`` (default) or ``min_max`` (the paper's), how each map is
       brought to [0, 1] (:func:`vebi.explain.heatmaps.calibrate`).
     * ``combination``: ``score`` (default) sums the calibrated maps weighted by their share of
@@ -39,7 +40,7 @@ class ExplanationStyle:
       (the paper's) is the pixel-wise maximum of the k maps.
     """
 
-    conditioning: str = "class"
+    conditioning: str = "activation"
     calibration: str = "percentile"
     combination: str = "score"
 
@@ -260,6 +261,8 @@ class Explainer:
     def _explain(self, images: torch.Tensor, targets: torch.Tensor | None) -> Explanation | None:
         relevant = self.relevant
         copied = self._copied
+        by_class = self.style.conditioning == "class"
+        signals = self._class_signals(images, targets) if by_class else None
         with (
             eval_mode(self.model),
             backward_rules(self.model, self.rules),
@@ -283,7 +286,7 @@ class Explainer:
                 )
             classes = logits.argmax(1) if targets is None else targets
             chosen, fallback = self._choose(x.detach(), classes)
-            starts = self._starting_maps(outputs, logits, classes, chosen)
+            starts = self._starting_maps(outputs, signals, chosen)
             maps = torch.zeros(len(images), self.k, *images.shape[-2:], device=images.device)
             for slot in range(self.k):
                 self._backprop_slot(slot, chosen, starts, outputs, inputs, maps, self.k - 1 == slot)
@@ -298,26 +301,44 @@ class Explainer:
             logits=logits.detach(),
         )
 
+    def _class_signals(
+        self, images: torch.Tensor, targets: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        """The gradient g = dz_c / da of the class logit at every layer holding a relevant
+        feature, from a forward pass without the rules (the rules' backward signals of the
+        deconvnet family hardly depend on the class); c the target or the predicted class."""
+        with (
+            eval_mode(self.model),
+            capture_outputs(self.model, self.layers) as outputs,
+            torch.enable_grad(),
+        ):
+            logits = self.model(images.detach().requires_grad_(True))
+            classes = logits.argmax(1) if targets is None else targets.to(logits.device)
+            score = logits.gather(1, classes.view(-1, 1)).sum()
+            tensors = [outputs[name] for name in self.layers]
+            grads = torch.autograd.grad(score, tensors, allow_unused=True)
+        return {
+            name: torch.zeros_like(tensor) if grad is None else grad.detach()
+            for name, tensor, grad in zip(self.layers, tensors, grads, strict=True)
+        }
+
     def _starting_maps(
         self,
         outputs: dict[str, torch.Tensor],
-        logits: torch.Tensor,
-        classes: torch.Tensor,
+        signals: dict[str, torch.Tensor] | None,
         chosen: torch.Tensor,
     ) -> dict[str, torch.Tensor]:
         """Per layer holding a chosen feature, the maps its backward passes start from: the
-        forward activation a (``activation``), or max(a, 0) max(g, 0) with g the backward signal
-        of the class logit at that layer under the rules (``class``; a channel where that is
-        zero everywhere starts from a in :meth:`_backprop_slot`)."""
+        forward activation a (``activation``, ``signals`` None), or max(a, 0) max(g, 0) with g
+        the class logit's gradient at that layer (``class``: :meth:`_class_signals`; a channel
+        where that is zero everywhere starts from a in :meth:`_backprop_slot`)."""
         ids = chosen[chosen >= 0].unique().cpu()
         layers = list(dict.fromkeys(self.relevant.index.layers[i] for i in self._layer_id[ids]))
-        if self.style.conditioning == "activation" or not layers:
+        if signals is None:
             return {name: outputs[name].detach() for name in layers}
-        score = logits.gather(1, classes.view(-1, 1).to(logits.device)).sum()
-        grads = torch.autograd.grad(score, [outputs[name] for name in layers], retain_graph=True)
         return {
-            name: outputs[name].detach().clamp_min(0) * grad.detach().clamp_min(0)
-            for name, grad in zip(layers, grads, strict=True)
+            name: outputs[name].detach().clamp_min(0) * signals[name].clamp_min(0)
+            for name in layers
         }
 
     def _combine(

@@ -28,11 +28,15 @@ from vebi.errors import VebiError
 from vebi.models.hooks import (
     check_layer_names,
     class_names,
+    eval_mode,
     leaf_modules,
     refuse_attention,
     trace_leaf_calls,
 )
 from vebi.models.normalize import Normalize
+from vebi.utils.log import get_logger
+
+log = get_logger(__name__)
 
 AGGREGATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "energy": lambda a: torch.linalg.vector_norm(a, dim=(2, 3)).square(),
@@ -52,6 +56,39 @@ NON_FEATURE_MODULES = (
     nn.ReflectionPad2d,
     nn.ReplicationPad2d,
 )
+#: Leaf modules whose output is another view of their input's channels (a per-channel affine
+#: map or a monotone elementwise activation): channel k before and after is one feature.
+VIEW_MODULES: tuple[type[nn.Module], ...] = (
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.ELU,
+    nn.CELU,
+    nn.SELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Hardswish,
+    nn.Hardtanh,
+    nn.Softplus,
+    nn.Sigmoid,
+    nn.Tanh,
+)
+#: Leaf modules that pool a map: a global one (output 1 x 1, or a vector) is a copy of its input.
+POOLING_MODULES: tuple[type[nn.Module], ...] = (
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+    nn.AvgPool2d,
+    nn.MaxPool2d,
+)
+#: How many views of one tensor the default layers take: ``one`` (a conv, the batch norm and
+#: the activation after it are one feature layer, the activation's; a global pooling of a
+#: feature layer is left out) or ``every`` (each of them, as in the paper).
+VIEWS = ("one", "every")
+
 #: Blocks whose output is one feature layer and whose inner layers are not: residual blocks
 #: (inside them the signal is only half of what the network passes on), inverted residuals,
 #: dense layers, inception modules, conv-norm-activation groups. Extend with
@@ -204,7 +241,7 @@ class FeatureIndex:
 
 
 def default_feature_layers(
-    model: nn.Module, images: torch.Tensor, blocks: Sequence[str] = ()
+    model: nn.Module, images: torch.Tensor, blocks: Sequence[str] = (), views: str = "one"
 ) -> list[str]:
     """The feature layers when none are named (docs/method.md, section 1):
 
@@ -219,7 +256,15 @@ def default_feature_layers(
     The logits layer is the last leaf module with parameters; it and everything after it are
     left out, and so are modules that only copy, pad or reshape (normalisation of the input,
     dropout, flatten, identity, padding). Outputs must be (N, K, H, W) or (N, K).
+
+    ``views="one"`` (the default) keeps one view per tensor (:func:`views_of_one_tensor`): a
+    layer whose output goes straight into a batch norm or an activation (:data:`VIEW_MODULES`)
+    is left out for the last of that chain (conv -> bn -> relu: relu), and so is a global
+    pooling of a feature layer (a ResNet's ``avgpool``, a global max pool). ``views="every"``
+    keeps them all (the paper's every-layer choice).
     """
+    if views not in VIEWS:
+        raise VebiError(f"mining.views must be one of {list(VIEWS)}, got {views!r}")
     refuse_attention(model)
     leaves = leaf_modules(model)
     candidates = {n: m for n, m in model.named_modules() if n and is_feature_block(m, blocks)}
@@ -246,7 +291,66 @@ def default_feature_layers(
         if isinstance(leaves.get(name), NON_FEATURE_MODULES) or len(shape) not in (2, 4):
             continue
         layers.append(name)
+    if views == "one":
+        modules = dict(model.named_modules())
+        left_out = views_of_one_tensor(model, images, {n: modules[n] for n in layers})
+        layers = [name for name in layers if name not in left_out]
+        if left_out:
+            log.info(
+                "Feature layers: one view per tensor (mining.views=one; every: the paper's "
+                "every layer): %d layers, left out %s",
+                len(layers),
+                ", ".join(f"{name} ({why})" for name, why in left_out.items()),
+            )
     return layers
+
+
+def views_of_one_tensor(
+    model: nn.Module, images: torch.Tensor, modules: dict[str, nn.Module]
+) -> dict[str, str]:
+    """Among ``modules`` (feature layers), those that are another view of one of them, as
+    ``{name: why}``: a layer whose output is the input of a :data:`VIEW_MODULES` layer (its
+    channels are the same features before a per-channel affine map or a monotone activation;
+    the last of such a chain stays), and a global pooling (:data:`POOLING_MODULES` with a
+    1 x 1 or vector output) of a layer's output. Traced by tensor identity on ``images``."""
+    produced: dict[int, str] = {}  # id of an output tensor -> the layer that returned it
+    inputs: dict[str, tuple[int | None, torch.Size | None]] = {}
+    outputs: dict[str, torch.Size] = {}
+    keep: list[torch.Tensor] = []  # the traced tensors stay alive: ids are not re-used
+
+    def record(name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            inputs[name] = (
+                None if first is None else id(first),
+                None if first is None else first.shape,
+            )
+            if isinstance(output, torch.Tensor):
+                keep.extend(t for t in (first, output) if t is not None)
+                produced.setdefault(id(output), name)  # in place: the first producer
+                outputs[name] = output.shape
+
+        return hook
+
+    with contextlib.ExitStack() as stack:
+        for name, module in modules.items():
+            stack.callback(module.register_forward_hook(record(name)).remove)
+        with torch.no_grad(), eval_mode(model):
+            model(images)
+    left_out: dict[str, str] = {}
+    for name, module in modules.items():
+        source_id, shape = inputs.get(name, (None, None))
+        source = produced.get(source_id) if source_id is not None else None
+        if source is None or source == name:
+            continue
+        if isinstance(module, VIEW_MODULES):
+            left_out[source] = f"a view of {name}'s tensor"
+        elif isinstance(module, POOLING_MODULES) and shape is not None and len(shape) == 4:
+            pooled = outputs.get(name)
+            is_global = pooled is not None and (len(pooled) == 2 or pooled[-2:] == (1, 1))
+            if is_global and shape[-2:] != (1, 1):
+                left_out[name] = f"a global pooling of {source}"
+    return left_out
 
 
 def select_feature_layers(
@@ -254,9 +358,10 @@ def select_feature_layers(
     images: torch.Tensor,
     specs: Sequence[str] | None,
     blocks: Sequence[str] = (),
+    views: str = "one",
 ) -> list[str]:
     """The layers named by ``specs``, or :func:`default_feature_layers` (with the extra
-    ``blocks``, qualified class names) when there are none.
+    ``blocks``, qualified class names, and its ``views``) when there are none.
 
     A spec is a module name (``features.29``), a glob over module names (``net.layer4.*``,
     ``features.*``) or a module type (``type:Conv2d``, ``type:Bottleneck``). Module names
@@ -264,7 +369,7 @@ def select_feature_layers(
     they run. A spec that matches nothing is an error listing the model's layers.
     """
     if not specs:
-        return default_feature_layers(model, images, blocks)
+        return default_feature_layers(model, images, blocks, views)
     refuse_attention(model)
     if not any("*" in s or "?" in s or "[" in s or s.startswith("type:") for s in specs):
         check_layer_names(model, specs)

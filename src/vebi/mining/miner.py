@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from vebi.errors import VebiError, require_number
 from vebi.mining.cache import ActivationCache
-from vebi.mining.features import FeatureExtractor, FeatureIndex, select_feature_layers
+from vebi.mining.features import VIEWS, FeatureExtractor, FeatureIndex, select_feature_layers
 from vebi.mining.relevant import LABEL_SOURCES, RelevantFeatures
 from vebi.mining.solver import (
     DEFAULT_SOLVERS,
@@ -353,6 +353,9 @@ class FeatureMiner:
             (every layer output up to the logits; a residual, inverted-residual, dense or
             inception block counts as one layer).
         feature_blocks: more block types for the defaults, by qualified class name.
+        views: with the default layers, ``one`` (default) view per tensor (a conv, its batch
+            norm and its activation are one layer, the activation's; a global pooling of a
+            layer is left out) or ``every`` one (the paper's every-layer choice).
         aggregation: ``energy`` (default), ``mean`` or ``max`` per channel.
         nonnegative: constrain the weights to w >= 0.
         labels: ``ground_truth`` or ``predicted`` labels as the regression targets. The data
@@ -395,6 +398,7 @@ class FeatureMiner:
         mu: float = 10.0,
         layers: Sequence[str] | None = None,
         feature_blocks: Sequence[str] = (),
+        views: str = "one",
         aggregation: str = "energy",
         normalize_layers: bool = True,
         normalize_global: bool = True,
@@ -467,6 +471,9 @@ class FeatureMiner:
             raise VebiError("batch_size and chunk_rows must be >= 1")
         self.layers = list(layers) if layers else None
         self.feature_blocks = tuple(str(block) for block in feature_blocks or ())
+        if views not in VIEWS:
+            raise VebiError(f"mining.views must be one of {list(VIEWS)}, got {views!r}")
+        self.views = views
         self.aggregation = aggregation
         self.normalize_layers = normalize_layers
         self.normalize_global = normalize_global
@@ -595,7 +602,7 @@ class FeatureMiner:
         first = next(iter(self._loader(dataset, [0])))
         probe = _images(first)
         probe = probe.to(device)
-        layers = select_feature_layers(model, probe, self.layers, self.feature_blocks)
+        layers = select_feature_layers(model, probe, self.layers, self.feature_blocks, self.views)
         with self._extractor(model, layers) as extractor:
             num_classes = int(extractor(probe, " in the first image")[1].shape[1])
             index = extractor.index
