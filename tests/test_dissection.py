@@ -106,14 +106,23 @@ def test_a_channel_that_fires_everywhere_gets_no_label_and_a_constant_one_is_sai
     assert relaxed["features"][0]["part"] == "background"
 
 
-def test_vector_features_are_not_labelled_and_random_sets_are_drawn() -> None:
+def test_pooled_features_are_placed_through_the_map_they_pool() -> None:
+    """pool/0 (a global max pool of detect) is dissected as detect/0: petals, IoU 1; a vector
+    that is not a pooling of a map (flatten) gets no label; random sets are drawn."""
     result = _run(_relevant([[0, 4], [1]]), draws=20)
     pooled = next(e for e in result["features"] if e["layer"] == "pool")
-    assert pooled["part"] is None and pooled["note"].startswith("no spatial map")
+    assert pooled["part"] == "petals" and pooled["iou"] == pytest.approx(1.0)
     row = result["per_class"][0]
-    assert row["features"] == 2 and row["spatial_features"] == 1 and row["deciding_share"] == 1.0
-    # random sets of one detect and one pool channel: petals with probability 1/4
+    assert row["features"] == 2 and row["spatial_features"] == 2 and row["deciding_share"] == 1.0
+    # random sets of one detect and one pool channel: each petals with probability 1/4
     assert 0.05 < row["random_deciding_share_mean"] < 0.6
+    index = FeatureIndex(("detect", "flatten"), (4, 4))
+    weights = np.zeros((8, 2))
+    weights[[0, 4], 0] = [1.0, 0.9]
+    weights[1, 1] = 1.0
+    flat = _run(RelevantFeatures(weights, index, ["0", "1"], mu=1.0))
+    vector = next(e for e in flat["features"] if e["layer"] == "flatten")
+    assert vector["part"] is None and vector["note"].startswith("no spatial map")
 
 
 def test_bad_settings_and_inputs_are_refused() -> None:

@@ -11,8 +11,10 @@ p over a set of images I is
 
 (P_p^n: the pixels of part p, background included). A relevant feature of class c is dissected
 on c's images; its label is the part of highest IoU when that IoU is at least the floor (0.04,
-Network Dissection's), else none. Features of layers without a spatial map (1 x 1: pooled or
-fully connected outputs) and features whose map is constant on all images get no label, said
+Network Dissection's), else none. A feature of a global pooling of a map (a global max or
+average pool, 1 x 1 or vector output) is dissected through the map it pools (gmp/23 through
+relu3/23: the same channel before pooling). Features of other layers without a spatial map
+(fully connected outputs) and features whose map is constant on all images get no label, said
 so. Per class: the share of its spatial relevant features labelled with a deciding part and the
 share of their summed lasso weight on them; the same for ``draws`` random sets with as many
 channels per layer (drawn as the ablation draws them), each random channel taking the weight of
@@ -36,6 +38,7 @@ from vebi.errors import VebiError, require_int_in_range
 from vebi.evaluation.ablation import random_feature_set
 from vebi.evaluation.data import EvaluationSet
 from vebi.evaluation.methods import spatial_layers
+from vebi.mining.features import pooled_sources
 from vebi.mining.relevant import RelevantFeatures
 from vebi.models.hooks import capture_outputs, eval_mode
 
@@ -230,7 +233,17 @@ class FeatureDissection:
             {f for s in sets for f, _ in s}
             | {f for draws in random_sets for s in draws for f, _ in s}
         )
-        features = [_Feature(*relevant.index.locate(f)) for f in ids]
+        # a global pooling's channel is placed through the map it pools (gmp/23: relu3/23)
+        sources = {
+            layer: source
+            for layer, source in pooled_sources(model, probe, relevant.layers).items()
+            if layer not in spatial
+        }
+        spatial |= spatial_layers(model, sorted(set(sources.values())), probe)
+        features = []
+        for feature_id in ids:
+            layer, channel = relevant.index.locate(feature_id)
+            features.append(_Feature(sources.get(layer, layer), channel))
         measured = [f for f in features if f.layer in spatial]
         if measured:
             self._thresholds(model, measured, data)

@@ -305,30 +305,38 @@ def default_feature_layers(
     return layers
 
 
-def views_of_one_tensor(
-    model: nn.Module, images: torch.Tensor, modules: dict[str, nn.Module]
-) -> dict[str, str]:
-    """Among ``modules`` (feature layers), those that are another view of one of them, as
-    ``{name: why}``: a layer whose output is the input of a :data:`VIEW_MODULES` layer (its
-    channels are the same features before a per-channel affine map or a monotone activation;
-    the last of such a chain stays), and a global pooling (:data:`POOLING_MODULES` with a
-    1 x 1 or vector output) of a layer's output. Traced by tensor identity on ``images``."""
-    produced: dict[int, str] = {}  # id of an output tensor -> the layer that returned it
-    inputs: dict[str, tuple[int | None, torch.Size | None]] = {}
-    outputs: dict[str, torch.Size] = {}
+@dataclass
+class _Flow:
+    """Which traced module returned the tensor each module took (tensor identity)."""
+
+    first_producer: dict[str, str]  # of the input object: the module that made it
+    last_producer: dict[str, str]  # ... the last one that returned it (in place: the activation)
+    input_shapes: dict[str, torch.Size]
+    output_shapes: dict[str, torch.Size]
+
+
+def _trace_flow(model: nn.Module, images: torch.Tensor, modules: dict[str, nn.Module]) -> _Flow:
+    """One forward pass on ``images`` with hooks on ``modules`` (each module's last call)."""
+    first: dict[int, str] = {}
+    last: dict[int, str] = {}
+    taken: dict[str, int] = {}
+    input_shapes: dict[str, torch.Size] = {}
+    output_shapes: dict[str, torch.Size] = {}
     keep: list[torch.Tensor] = []  # the traced tensors stay alive: ids are not re-used
 
     def record(name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any, output: Any) -> None:
-            first = args[0] if args and isinstance(args[0], torch.Tensor) else None
-            inputs[name] = (
-                None if first is None else id(first),
-                None if first is None else first.shape,
-            )
+            source = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            if source is not None:
+                taken[name], input_shapes[name] = id(source), source.shape
+                keep.append(source)
+            else:
+                taken.pop(name, None)
             if isinstance(output, torch.Tensor):
-                keep.extend(t for t in (first, output) if t is not None)
-                produced.setdefault(id(output), name)  # in place: the first producer
-                outputs[name] = output.shape
+                keep.append(output)
+                first.setdefault(id(output), name)  # in place: the first producer
+                last[id(output)] = name
+                output_shapes[name] = output.shape
 
         return hook
 
@@ -337,20 +345,56 @@ def views_of_one_tensor(
             stack.callback(module.register_forward_hook(record(name)).remove)
         with torch.no_grad(), eval_mode(model):
             model(images)
+    return _Flow(
+        {n: first[i] for n, i in taken.items() if i in first and first[i] != n},
+        {n: last[i] for n, i in taken.items() if i in last and last[i] != n},
+        input_shapes,
+        output_shapes,
+    )
+
+
+def _is_global_pooling(module: nn.Module, flow: _Flow, name: str) -> bool:
+    """A pooling whose map input (larger than 1 x 1) comes out 1 x 1 or as a vector."""
+    taken, pooled = flow.input_shapes.get(name), flow.output_shapes.get(name)
+    if not isinstance(module, POOLING_MODULES) or taken is None or pooled is None:
+        return False
+    return len(taken) == 4 and taken[-2:] != (1, 1) and (len(pooled) == 2 or pooled[-2:] == (1, 1))
+
+
+def views_of_one_tensor(
+    model: nn.Module, images: torch.Tensor, modules: dict[str, nn.Module]
+) -> dict[str, str]:
+    """Among ``modules`` (feature layers), those that are another view of one of them, as
+    ``{name: why}``: a layer whose output is the input of a :data:`VIEW_MODULES` layer (its
+    channels are the same features before a per-channel affine map or a monotone activation;
+    the last of such a chain stays), and a global pooling (:data:`POOLING_MODULES` with a
+    1 x 1 or vector output) of a layer's output. Traced by tensor identity on ``images``."""
+    flow = _trace_flow(model, images, modules)
     left_out: dict[str, str] = {}
     for name, module in modules.items():
-        source_id, shape = inputs.get(name, (None, None))
-        source = produced.get(source_id) if source_id is not None else None
-        if source is None or source == name:
+        source = flow.first_producer.get(name)
+        if source is None:
             continue
         if isinstance(module, VIEW_MODULES):
             left_out[source] = f"a view of {name}'s tensor"
-        elif isinstance(module, POOLING_MODULES) and shape is not None and len(shape) == 4:
-            pooled = outputs.get(name)
-            is_global = pooled is not None and (len(pooled) == 2 or pooled[-2:] == (1, 1))
-            if is_global and shape[-2:] != (1, 1):
-                left_out[name] = f"a global pooling of {source}"
+        elif _is_global_pooling(module, flow, name):
+            left_out[name] = f"a global pooling of {source}"
     return left_out
+
+
+def pooled_sources(model: nn.Module, images: torch.Tensor, layers: Sequence[str]) -> dict[str, str]:
+    """``{layer: source}`` for those of ``layers`` that globally pool (1 x 1 or vector output)
+    the map of another module, ``source`` (the last module that returned that map: after an
+    in-place activation, the activation): channel k of the layer is channel k of the source's
+    map, pooled (``gmp``/23 is ``relu3``/23's maximum)."""
+    modules = dict(model.named_modules())
+    traced = {**leaf_modules(model), **{name: modules[name] for name in layers}}
+    flow = _trace_flow(model, images, {name: m for name, m in traced.items() if name})
+    return {
+        name: flow.last_producer[name]
+        for name in layers
+        if name in flow.last_producer and _is_global_pooling(modules[name], flow, name)
+    }
 
 
 def select_feature_layers(
