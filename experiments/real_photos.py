@@ -57,7 +57,7 @@ def summary_figure(
         axes[row, 0].imshow(to_rgb(images[n]))
         axes[row, 0].set_title(titles[n], fontsize=7)
         axes[row, 1].imshow(vebi.overlay(images[n], explanation.combined[n]))
-        axes[row, 1].set_title("combined (max of the maps)", fontsize=7)
+        axes[row, 1].set_title("combined (by score share)", fontsize=7)
         for slot in range(k):
             axis = axes[row, 2 + slot]
             if slot < len(chosen):
