@@ -17,6 +17,8 @@ from vebi.mining.relevant import RelevantFeatures
 #: every configured method but CRAFT, which crops colour images only (a noted row on MNIST)
 METHODS = [
     "vebi",
+    "vebi_paper",
+    "vebi_class_conditioned",
     "vebi_standard_conv",
     "vebi_deconvnet_relu",
     "vebi_best_feature",

@@ -95,3 +95,32 @@ def test_mine_cli_bad_settings_exit_nonzero(short_run: dict, tmp_path: Path) -> 
     result = run_cli("mine.py", *common, "mining.layers=[conv1,conv7]")
     assert result.returncode == 1 and "unknown layer(s) ['conv7']" in result.stderr
     assert "conv1, pool1, conv2" in result.stderr
+
+
+def test_a_runs_features_are_mined_again_when_the_layer_settings_differ(
+    short_run: dict, mnist_root: Path, tmp_path: Path, caplog
+) -> None:
+    """The training run's file is reused when this run's mining settings read the same layers
+    (and mu); with mining.views=every (other layers) it is mined again, said so."""
+    import logging
+
+    from vebi.data import MNISTDataModule
+    from vebi.mining import FeatureMiner
+    from vebi.mining.reuse import load_or_mine
+
+    saved = Path(short_run["relevant_features"])
+    net = load_classifier(short_run["best_checkpoint"]).net
+    names = [str(c) for c in range(10)]
+
+    def obtain(**options):
+        miner = FeatureMiner(mu=10.0, cache_dir=tmp_path / "cache", progress=False, **options)
+        data = MNISTDataModule(data_dir=mnist_root, train_subset=600, val_size=200)
+        return load_or_mine(miner, net, names, data, saved, False, tmp_path / "out")
+
+    relevant, path, how = obtain()
+    assert how == "loaded" and path == saved
+    with caplog.at_level(logging.INFO):
+        relevant, path, how = obtain(views="every")
+    assert how == "mined" and path == tmp_path / "out" / "relevant_features.h5"
+    assert relevant.index.size == 1140 and "relu3" in relevant.layers
+    assert "this run's mining settings" in caplog.text and "mining again" in caplog.text

@@ -594,6 +594,13 @@ class FeatureMiner:
         targets = self._targets(block["labels"], block["predictions"])
         stats.update(torch.from_numpy(block["features"]), torch.from_numpy(targets))
 
+    def feature_layers(self, model: nn.Module, dataset: Dataset) -> list[str]:
+        """The layers this miner reads on ``model`` (its ``layers``, or the defaults with its
+        ``feature_blocks`` and ``views``), traced on the first image of ``dataset``."""
+        device = next(model.parameters()).device
+        probe = _images(next(iter(self._loader(dataset, [0])))).to(device)
+        return select_feature_layers(model, probe, self.layers, self.feature_blocks, self.views)
+
     # ------------------------------------------------------------------ stages
     def _prepare(
         self, model: nn.Module, dataset: Dataset, world: tuple[int, int], cache_dir: Path

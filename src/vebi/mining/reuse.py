@@ -73,14 +73,29 @@ def load_or_mine(
         same_mu = miner.mu_candidates is not None or math.isclose(
             relevant.mu, miner.mu, rel_tol=1e-9
         )
-        if explicit or same_mu:
+        layers = None if explicit or not same_mu else _layers_of(miner, model, datamodule)
+        if explicit or (same_mu and layers == list(relevant.layers)):
             check_classes(relevant, num_classes, named_classes, saved)
             if relevant.fingerprint.get("model") not in (None, model_fingerprint(model)):
                 log.warning("%s was mined from other weights than the model's", saved)
             return relevant, saved, "loaded"
-        log.info(
-            "%s was mined with mu = %g; mining again with mu = %g", saved, relevant.mu, miner.mu
-        )
+        if not same_mu:
+            log.info(
+                "%s was mined with mu = %g; mining again with mu = %g",
+                saved,
+                relevant.mu,
+                miner.mu,
+            )
+        else:
+            log.info(
+                "%s was mined on %d layers (%s); this run's mining settings (mining.layers, "
+                "mining.views, mining.feature_blocks) read %d (%s): mining again",
+                saved,
+                len(relevant.layers),
+                _short(relevant.layers),
+                len(layers or ()),
+                _short(layers or ()),
+            )
     else:
         where = saved or "hand (a network without training run)"
         log.info("No relevant features at %s: mining them now", where)
@@ -94,3 +109,16 @@ def load_or_mine(
         path = save_and_log(report, output_dir, list(loggers))
     check_classes(report.relevant, num_classes, named_classes, path)
     return report.relevant, path, "mined"
+
+
+def _layers_of(miner: FeatureMiner, model: nn.Module, datamodule: Any) -> list[str]:
+    """The layers ``miner`` would read on ``model`` (traced on the first training image)."""
+    datamodule.setup("fit")
+    dataset, _ = mining_datasets(datamodule)
+    return miner.feature_layers(model, dataset)
+
+
+def _short(layers: Sequence[str], most: int = 6) -> str:
+    """The first ``most`` layer names, and how many more."""
+    shown = ", ".join(layers[:most])
+    return shown + (f", +{len(layers) - most} more" if len(layers) > most else "")
