@@ -41,7 +41,7 @@ def test_mnist_experiment_reaches_99_percent(mnist_root: Path, tmp_path: Path) -
     assert str(checkpoint) in evaluated.stdout
     assert _percent("test acc:", evaluated.stdout) >= 99.0
     # the run ends with the mined features per class, reloaded from the training run's artefact
-    assert "Relevant features (mu = 10, 1140 features)" in evaluated.stdout
+    assert "Relevant features (mu = 10, 640 features)" in evaluated.stdout  # one view per tensor
     assert all(f"class {digit}:" in evaluated.stdout for digit in range(10))
     assert (checkpoint.parent.parent / "mining" / "relevant_features.h5").is_file()
     (results,) = (logs / "evaluate" / "mnist").glob("*/results.json")

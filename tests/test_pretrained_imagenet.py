@@ -112,7 +112,8 @@ def test_mine_and_explain_a_model_without_checkpoint(tmp_path: Path) -> None:
     mined = run_cli("mine.py", *common, "mining.progress=false", "interpretation.top_n=2")
     assert mined.returncode == 0, mined.stderr[-3000:]
     assert "no checkpoint" in mined.stdout and "random weights" in mined.stdout
-    assert "Mining 2688 features of 13 layers for 1000 classes" in mined.stdout
+    # one view per tensor: the stem's relu, its max pool, 8 blocks (2688 and 13 with every view)
+    assert "Mining 2048 features of 10 layers for 1000 classes" in mined.stdout
     features = sorted((tmp_path / "logs").glob("mine/imagenet/*/relevant_features.h5"))
     assert len(features) == 1
     summary = json.loads(features[0].with_suffix(".json").read_text())

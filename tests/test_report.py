@@ -185,18 +185,21 @@ def test_report_of_what_is_not_a_run_or_lacks_parts(report_runs: dict, tmp_path:
 def test_report_on_a_read_only_run_dir_is_one_clear_error(
     report_runs: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import tempfile
+    import os
 
     folder = tmp_path / "readonly"
     shutil.copytree(report_runs["explain"], folder)
     (folder / "report.html").unlink()
     shutil.rmtree(folder / "report", ignore_errors=True)
+    real_open = os.open
 
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise PermissionError(13, "Permission denied")
+    def refuse(path: object, *args: object, **kwargs: object) -> int:
+        if str(path).endswith(".tmp"):  # the temporary file every write goes through
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, *args, **kwargs)  # type: ignore[arg-type]
 
     # the tests run as root, whom no permission bit stops: the refusal the OS gives others
-    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(os, "open", refuse)
     with pytest.raises(VebiError, match="cannot write the report .* read-only"):
         write_report([folder])
     monkeypatch.undo()
